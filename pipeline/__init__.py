@@ -1,0 +1,1 @@
+"""Control plane of the faster-qat study pipeline (never imports torch)."""

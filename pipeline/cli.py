@@ -1,0 +1,278 @@
+"""`python -m pipeline ...`: validate, run, submit, render, status, logs, cancel, report, sync, config.
+
+Bad input of any kind ends in one line on stderr and exit code 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from pipeline.backends import CLUSTERS, backend_for, renderable_clusters
+from pipeline.errors import BackendError, ConfigError
+from pipeline.layout import RunLayout, list_runs
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True,
+                        help="profile name (smoke, h100, qwen3-8b-b200) or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K.PATH=V",
+                        help="override a config value, e.g. --set runs.fp8.train.lr=2e-5")
+
+
+def _root_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, default=Path("runs"),
+                        help="artifact root (default ./runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    validate = commands.add_parser("validate", help="check a config and print its DAG")
+    _config_args(validate)
+
+    run = commands.add_parser("run", help="run the study here, showing live stage states")
+    _config_args(run)
+    _root_arg(run)
+    run.add_argument("--run-id", help="run id (default: the study name)")
+    run.add_argument("--max-parallel", type=int, default=None, help="stages at once (default: cores, at most 4)")
+    run.add_argument("--plain", action="store_true", help="plain lines instead of a live table")
+
+    submit = commands.add_parser("submit", help="hand the whole DAG to a cluster and return")
+    submit.add_argument("--cluster", required=True, choices=sorted(CLUSTERS))
+    _config_args(submit)
+    _root_arg(submit)
+    submit.add_argument("--run-id", help="run id (default: the study name)")
+    submit.add_argument("--max-parallel", type=int, default=None, help="local: stages at once")
+
+    clusters = renderable_clusters()
+    if clusters:
+        render = commands.add_parser("render", help="write the cluster jobs to files, submit nothing")
+        render.add_argument("--cluster", required=True, choices=clusters)
+        _config_args(render)
+        _root_arg(render)
+        render.add_argument("--run-id", help="run id (default: the study name)")
+        render.add_argument("-o", "--output", type=Path, required=True, help="folder for the files")
+
+    for name, text in (("status", "stage states of a run"), ("cancel", "stop a run"),
+                       ("report", "print the study table of a run"),
+                       ("sync", "send tracking events buffered during an MLflow outage")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("run_id", nargs="?", help="run id (default: the latest run)")
+        _root_arg(command)
+    logs = commands.add_parser("logs", help="print a stage's log")
+    logs.add_argument("run_id", help="run id")
+    logs.add_argument("stage", help="stage name")
+    logs.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    _root_arg(logs)
+
+    config = commands.add_parser("config", help="describe every config field, or show a resolved config")
+    config.add_argument("-c", "--config", help="show this profile/YAML resolved (with --set)")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="K.PATH=V")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = _HANDLERS[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, BackendError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.loader import load_config
+    from pipeline.study import build_study_graph
+
+    loaded = load_config(args.config, args.overrides)
+    return loaded, build_study_graph(loaded.config)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    loaded, graph = _load(args)
+    config = loaded.config
+    print(f"study {config.study}: {len(graph)} stages, in the order they can run")
+    width = max(len(stage.name) for stage in graph)
+    for stage in graph:
+        res = stage.resources
+        where = f"{res.nodes}x{res.gpus_per_node} gpu" if res.gpus_per_node else "cpu"
+        after = ", ".join(stage.dependencies) or "-"
+        print(f"  {stage.name:<{width}}  {stage.kind:<10} {where:<10} after: {after}")
+    print(f"ok: {loaded.source} is valid")
+    return EXIT_OK
+
+
+def _prepare(args: argparse.Namespace, cluster: str):
+    from pipeline.prepare import prepare_run
+    from pipeline.study import image_refs
+    from pipeline.tracking import open_parent_run, resolve_tracking_uri
+
+    loaded, graph = _load(args)
+    config = loaded.config
+    layout = RunLayout(args.root.resolve(), args.run_id or config.study)
+    uri = resolve_tracking_uri(layout.root, config.tracking.uri)
+    experiment = config.tracking.experiment or config.study
+    prepared = prepare_run(
+        graph, layout, image_refs(config), cluster,
+        lambda lay: open_parent_run(lay, uri, experiment),
+        config.model_dump(mode="json"),
+    )
+    if prepared.to_run:
+        from stages.contract import write_atomic
+
+        write_atomic(layout.config_path, yaml.safe_dump(loaded.raw, sort_keys=False))
+    return prepared
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.backends.local import default_max_parallel, visible_gpu_ids
+    from pipeline.backends.local_driver import LocalDriver
+    from pipeline.display import StatusView
+    from pipeline.tracking import close_parent_run
+
+    prepared = _prepare(args, "local")
+    layout = prepared.layout
+    if not prepared.to_run:
+        print(f"{layout.run_id}: all {len(prepared.graph)} stages already succeeded (cached)")
+        return EXIT_OK
+    view = StatusView(f"{layout.run_id} ({layout.run_dir})", live=False if args.plain else None)
+    driver = LocalDriver(prepared, args.max_parallel or default_max_parallel(), visible_gpu_ids(),
+                         on_change=view.update)
+    with view:
+        states = driver.run()
+    failed = [name for name, state in states.items() if state.value in ("failed", "blocked")]
+    interrupted = [name for name, state in states.items() if state.value == "interrupted"]
+    if prepared.tracking:
+        close_parent_run(prepared.tracking, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    if interrupted:
+        print(f"{layout.run_id}: interrupted; `python -m pipeline run` again resumes it")
+        return EXIT_INTERRUPTED
+    if failed:
+        print(f"{layout.run_id}: {len(failed)} stage(s) did not succeed: {', '.join(failed)}; "
+              f"see `python -m pipeline logs {layout.run_id} <stage>`")
+        return EXIT_FAILED
+    print(f"{layout.run_id}: all {len(states)} stages succeeded; artifacts in {layout.run_dir}")
+    return EXIT_OK
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    backend_class = backend_for(args.cluster)
+    backend = backend_class(max_parallel=args.max_parallel) if args.cluster == "local" else backend_class()
+    prepared = _prepare(args, args.cluster)
+    if not prepared.to_run:
+        print(f"{prepared.layout.run_id}: all stages already succeeded (cached); nothing submitted")
+        return EXIT_OK
+    print(f"{prepared.layout.run_id}: submitted {len(prepared.to_run)} stage(s): {backend.submit(prepared)}")
+    return EXIT_OK
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from pipeline.study import image_refs
+
+    loaded, graph = _load(args)
+    backend = backend_for(args.cluster)()
+    layout = RunLayout(args.root, args.run_id or loaded.config.study)
+    written = backend.render(graph, layout, image_refs(loaded.config), loaded, args.output)  # type: ignore[attr-defined]
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def _layout_for(args: argparse.Namespace) -> RunLayout:
+    root = args.root.resolve()
+    run_id = args.run_id
+    if run_id is None:
+        runs = list_runs(root)
+        if not runs:
+            raise FileNotFoundError(f"no runs under {root}")
+        run_id = runs[0]
+    return RunLayout(root, run_id)
+
+
+def _backend_of(layout: RunLayout):
+    cluster = layout.read_run().get("cluster", "local")
+    return backend_for(cluster)()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pipeline.display import status_table
+
+    layout = _layout_for(args)
+    statuses = _backend_of(layout).status(layout)
+    Console().print(status_table(statuses, f"{layout.run_id} ({layout.run_dir})"))
+    return EXIT_OK
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    layout = _layout_for(args)
+    if args.stage not in layout.read_run()["stages"]:
+        raise ConfigError(f"logs: run {layout.run_id} has no stage '{args.stage}'")
+    text = _backend_of(layout).logs(layout, args.stage)
+    lines = text.splitlines()
+    print("\n".join(lines[-args.tail:] if args.tail else lines))
+    return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    layout = _layout_for(args)
+    stopped = _backend_of(layout).cancel(layout)
+    print(f"{layout.run_id}: cancelled {', '.join(stopped) if stopped else 'nothing (no stage was running)'}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import print_report
+
+    return print_report(_layout_for(args))
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from pipeline.sync import sync_run
+
+    return sync_run(_layout_for(args))
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.config:
+        from pipeline.loader import load_config
+
+        loaded = load_config(args.config, args.overrides)
+        print(yaml.safe_dump(loaded.config.model_dump(mode="json"), sort_keys=False), end="")
+        return EXIT_OK
+    from pipeline.config_doc import describe_config
+
+    print(describe_config())
+    return EXIT_OK
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": _cmd_validate,
+    "run": _cmd_run,
+    "submit": _cmd_submit,
+    "render": _cmd_render,
+    "status": _cmd_status,
+    "logs": _cmd_logs,
+    "cancel": _cmd_cancel,
+    "report": _cmd_report,
+    "sync": _cmd_sync,
+    "config": _cmd_config,
+}

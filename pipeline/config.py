@@ -1,0 +1,235 @@
+"""The study configuration: pydantic models composed from the stages' own parameter models.
+
+Each stage kind owns its parameters (`stages/<kind>/params.py`); this module only composes
+them into a study: one dataset, a set of runs (recipe x backend x method), and where things run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.resources import Resources
+from pipeline.stage_kinds import STAGE_KINDS
+from stages.contract import is_dns1123_label
+from stages.eval.params import EvalParams
+from stages.export.params import ExportParams
+from stages.precision.recipe import RecipeError, load_recipe
+from stages.preprocess.params import PreprocessParams
+from stages.ptq.params import PtqParams
+from stages.report.params import ReportParams
+from stages.train.params import TrainParams
+
+# Stage names are `<prefix>-<run>` and k8s Job names `<run_id>-<stage>`: keep both in 63.
+MAX_RUN_NAME = 24
+BASE_MODEL = "base"
+
+
+class RunConfig(BaseModel):
+    """One fine-tuning run of the study, e.g. `fp8` = SFT under the fp8 recipe on TE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="false drops the run (and its stages) from the graph.")
+    method: Literal["sft", "qat", "qad"] = Field(
+        "sft", description="sft: fine-tune; qat: fake-quant training; qad: QAT with distillation."
+    )
+    recipe: str = Field(description="Precision recipe: a built-in name or a recipe YAML path.")
+    backend: Literal["emulated", "te", "modelopt", "torchao"] = Field(
+        description="Who runs the recipe; recorded in MLflow, never swapped silently."
+    )
+    init_from: str = Field(
+        BASE_MODEL,
+        description="Start from the base model ('base') or from another run's trained model.",
+    )
+    ptq: bool = Field(
+        False, description="Calibrate (PTQ) and evaluate before training; training starts from it."
+    )
+    teacher: str = Field(
+        BASE_MODEL, description="QAD only: the teacher, 'base' or another run's trained model."
+    )
+    export: bool = Field(True, description="Export a deployable checkpoint after training.")
+    evaluate: bool = Field(True, description="Evaluate the exported model (requires export).")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the study's `train` settings for this run."
+    )
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of resources.train for this run's training."
+    )
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str) -> str:
+        try:
+            load_recipe(value)
+        except RecipeError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+
+class ImagesConfig(BaseModel):
+    """Container images, pinned by digest; which image each stage kind runs in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strict: bool = Field(
+        False, description="Refuse image references without an @sha256: digest (use on clusters)."
+    )
+    refs: dict[str, str] = Field(
+        default_factory=lambda: {
+            "cpu": "faster-qat-cpu:dev",
+            "train": "faster-qat-train:dev",
+        },
+        description="Image name -> reference (repository[:tag]@sha256:digest).",
+    )
+    stages: dict[str, str] = Field(
+        default_factory=lambda: {
+            "preprocess": "cpu",
+            "report": "cpu",
+            "probe": "cpu",
+            "train": "train",
+            "ptq": "train",
+            "export": "train",
+            "eval": "train",
+        },
+        description="Stage kind -> image name (a key of refs).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImagesConfig:
+        for kind, image in self.stages.items():
+            if kind not in STAGE_KINDS:
+                raise ValueError(f"stages.{kind}: unknown stage kind; known: {', '.join(STAGE_KINDS)}")
+            if image not in self.refs:
+                raise ValueError(f"stages.{kind}: image '{image}' is not a key of refs")
+        if self.strict:
+            for name, ref in self.refs.items():
+                if "@sha256:" not in ref:
+                    raise ValueError(
+                        f"refs.{name}: '{ref}' has no @sha256: digest (images.strict is on; "
+                        "run `python -m pipeline images lock` or pin it by hand)"
+                    )
+        return self
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; MLFLOW_TRACKING_URI wins; default: sqlite under the root.",
+    )
+    experiment: str | None = Field(None, description="Experiment name; default: the study name.")
+
+
+def _default_resources() -> dict[str, Resources]:
+    return {kind: Resources() for kind in STAGE_KINDS}
+
+
+class StudyConfig(BaseModel):
+    """A quantization study: one dataset, several training runs, their evaluation and report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study: str = Field(description="Study name (DNS-1123): the MLflow experiment and default run id.")
+    description: str = Field("", description="Free text shown in the report.")
+    model: str = Field(
+        description="Base model: Hugging Face id (Qwen/Qwen3-8B) or a path (./, ../ or /) "
+        "relative to this config file."
+    )
+    data: PreprocessParams = Field(description="Dataset and preprocessing (the preprocess stage).")
+    train: TrainParams = Field(
+        default_factory=TrainParams, description="Training settings shared by every run."
+    )
+    eval_base: bool = Field(True, description="Evaluate the base model before any training.")
+    runs: dict[str, RunConfig] = Field(description="The runs to compare, by name (DNS-1123).")
+    ptq: PtqParams = Field(default_factory=PtqParams, description="PTQ calibration settings.")
+    export: ExportParams = Field(default_factory=ExportParams, description="Export settings.")
+    eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation settings.")
+    report: ReportParams = Field(default_factory=ReportParams, description="Report settings.")
+    resources: dict[str, Resources] = Field(
+        default_factory=_default_resources,
+        description="Per stage kind: nodes, GPUs, CPUs, memory, time limit.",
+    )
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description="Container images.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+
+    @field_validator("study")
+    @classmethod
+    def _dns_study(cls, value: str) -> str:
+        if not is_dns1123_label(value) or len(value) > 40:
+            raise ValueError(f"'{value}' must be a DNS-1123 label of at most 40 characters")
+        return value
+
+    @field_validator("runs")
+    @classmethod
+    def _run_names(cls, runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
+        for name in runs:
+            if not is_dns1123_label(name) or len(name) > MAX_RUN_NAME:
+                raise ValueError(
+                    f"run name '{name}' must be a DNS-1123 label (lowercase, digits, '-') "
+                    f"of at most {MAX_RUN_NAME} characters"
+                )
+        if not any(run.enabled for run in runs.values()):
+            raise ValueError("no enabled run: enable at least one")
+        return runs
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _resources_for_every_kind(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        unknown = sorted(set(value) - set(STAGE_KINDS))
+        if unknown:
+            raise ValueError(f"unknown stage kind '{unknown[0]}'; known: {', '.join(STAGE_KINDS)}")
+        return {kind: value.get(kind, {}) for kind in STAGE_KINDS}
+
+    @model_validator(mode="after")
+    def _run_references(self) -> StudyConfig:
+        enabled = {name for name, run in self.runs.items() if run.enabled}
+        for name, run in self.runs.items():
+            if not run.enabled:
+                continue
+            for field_name in ("init_from", "teacher"):
+                target = getattr(run, field_name)
+                if target != BASE_MODEL and target not in enabled:
+                    raise ValueError(
+                        f"runs.{name}.{field_name}: '{target}' is not 'base' or an enabled run "
+                        f"({', '.join(sorted(enabled))})"
+                    )
+            if run.evaluate and not run.export:
+                raise ValueError(f"runs.{name}.evaluate: needs export: true (eval reads the export)")
+            try:
+                self.train_params(name)
+            except ValueError as error:
+                raise ValueError(f"runs.{name}.train: {error}") from None
+        return self
+
+    def train_params(self, run_name: str) -> TrainParams:
+        """The study's train settings with the run's overrides, recipe, backend and method."""
+        run = self.runs[run_name]
+        merged = {
+            **self.train.model_dump(),
+            **run.train,
+            "recipe": run.recipe,
+            "backend": run.backend,
+            "method": run.method,
+        }
+        try:
+            return TrainParams.model_validate(merged)
+        except Exception as error:
+            raise ValueError(_first_error(error)) from None
+
+    def run_resources(self, run_name: str) -> Resources:
+        base = self.resources["train"].model_dump()
+        return Resources.model_validate({**base, **self.runs[run_name].resources})
+
+
+def _first_error(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(error).splitlines()[0]

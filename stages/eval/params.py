@@ -1,0 +1,29 @@
+"""Parameters of the `eval` stage: validation loss in the deployed precision, optional MCQ."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EvalParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    micro_batch: int = Field(4, ge=1, description="Sequences per forward pass.")
+    max_batches: int | None = Field(
+        None, ge=1, description="Cap on validation batches (null: the whole val split)."
+    )
+    precision: Literal["deployed", "bf16"] = Field(
+        "deployed",
+        description="deployed: weights as exported, activations per the recipe; bf16: plain bf16.",
+    )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval-harness tasks for multiple-choice accuracy (e.g. mmlu); empty: none.",
+    )
+    lm_eval_task_dir: str | None = Field(
+        None, description="Folder of local lm-eval task YAMLs/data (no hub downloads)."
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Cap on examples per task.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")

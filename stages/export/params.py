@@ -1,0 +1,25 @@
+"""Parameters of the `export` stage: deployable checkpoints of a trained model."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ExportParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bf16_checkpoint: bool = Field(
+        True, description="Write a bf16 Hugging Face checkpoint (every run gets one)."
+    )
+    quantized_checkpoint: bool = Field(
+        True,
+        description="For quantized recipes also write ModelOpt's unified HF format "
+        "(packed weights + scales, hf_quant_config.json).",
+    )
+    packer: Literal["auto", "modelopt", "ours"] = Field(
+        "auto",
+        description="Who packs the quantized checkpoint: ModelOpt's exporter (GPU), our packer "
+        "(anywhere), or auto = modelopt where it runs, ours otherwise (recorded).",
+    )

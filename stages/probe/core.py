@@ -1,0 +1,25 @@
+"""The probe stage: concatenates its inputs' output.txt with its payload, optionally sleeping
+or failing. Real file work with no ML, so the orchestration can be tested on its own."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from stages.contract import write_atomic
+from stages.probe.params import ProbeParams
+from stages.runtime import StageContext
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    params = ProbeParams.model_validate(ctx.params)
+    deadline = time.monotonic() + params.sleep_s
+    while time.monotonic() < deadline:
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    if params.fail:
+        raise RuntimeError("probe asked to fail")
+    parts = [(ctx.input_dir(role) / "output.txt").read_text() for role in sorted(ctx.spec.inputs)]
+    text = "".join(parts) + params.payload
+    write_atomic(ctx.output_dir / "output.txt", text)
+    ctx.tracker.log_metrics({"chars": len(text)})
+    return {"chars": len(text)}

@@ -1,0 +1,13 @@
+"""Parameters of the `probe` stage: small, real file work for orchestration tests and benches."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ProbeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sleep_s: float = Field(0.0, ge=0, description="Seconds to sleep (in 0.05 s slices, interruptible).")
+    fail: bool = Field(False, description="Raise an error instead of succeeding.")
+    payload: str = Field("", description="Text written to output.txt, after the inputs' texts.")

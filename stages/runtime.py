@@ -1,0 +1,241 @@
+"""Runs one stage under the contract: read the spec, do the work, mark the result.
+
+Each stage module is `python -m stages.<kind> --spec FILE`, whose `__main__` calls
+`stage_main(work)` with a function `work(ctx) -> summary metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from stages.contract import (
+    LOG_FILE,
+    MANIFEST_FILE,
+    UPSTREAM_FAILED_EXIT,
+    StageSpec,
+    clear_markers,
+    load_spec,
+    mark_failed,
+    mark_succeeded,
+    read_marker,
+    write_json_atomic,
+)
+from stages.tracking import StageTracker
+
+
+class StageInterrupted(Exception):
+    """SIGTERM/SIGINT/SIGUSR1 arrived: stop at a safe point, leave no marker, resume later."""
+
+
+class StageInputError(Exception):
+    """Bad input data or params: reported as one line, no traceback."""
+
+
+@dataclass
+class StageContext:
+    spec: StageSpec
+    tracker: StageTracker
+    log: logging.Logger
+    interrupted: bool = False
+    # A stage that checkpoints sets this, then calls check_interrupted() at safe points;
+    # otherwise the first signal stops the stage at once.
+    defer_signals: bool = False
+
+    @property
+    def output_dir(self) -> Path:
+        return self.spec.output_dir
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.spec.params
+
+    def input_dir(self, role: str) -> Path:
+        try:
+            return self.spec.inputs[role]
+        except KeyError:
+            raise StageInputError(
+                f"spec.inputs: stage {self.spec.stage} needs an input '{role}', "
+                f"has {sorted(self.spec.inputs)}"
+            ) from None
+
+    def check_interrupted(self) -> None:
+        """Call at safe points (e.g. after a checkpoint) to stop when a signal came."""
+        if self.interrupted:
+            raise StageInterrupted("stopped by signal")
+
+
+Work = Callable[[StageContext], dict[str, Any]]
+
+
+def stage_main(work: Work, argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run one pipeline stage from its spec file.")
+    parser.add_argument("--spec", required=True, type=Path, help="path to the stage's spec.json")
+    args = parser.parse_args(argv)
+    sys.exit(run_stage(args.spec, work))
+
+
+def run_stage(spec_path: Path, work: Work) -> int:
+    if _process_rank() > 0:
+        return _run_worker_rank(spec_path, work)
+    try:
+        spec = load_spec(spec_path)
+    except Exception as error:  # unreadable spec: nothing to mark
+        print(f"error: {spec_path}: invalid stage spec: {_one_line(error)}", file=sys.stderr)
+        return 2
+    out = spec.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    marker = read_marker(out)
+    if marker and marker.state == "succeeded" and marker.fingerprint == spec.fingerprint:
+        print(f"{spec.stage}: already succeeded ({spec.fingerprint[:12]}), nothing to do")
+        return 0
+    clear_markers(out)
+    log = _stage_logger(spec.stage)
+    upstream_error = _failed_upstream(spec)
+    if upstream_error:
+        mark_failed(out, spec.fingerprint, upstream_error, UPSTREAM_FAILED_EXIT)
+        print(f"error: {upstream_error}", file=sys.stderr)
+        return UPSTREAM_FAILED_EXIT
+
+    tracker = StageTracker(stage_dir=out, ref=spec.tracking, run_name=spec.stage)
+    ctx = StageContext(spec=spec, tracker=tracker, log=log)
+    _install_signal_handlers(ctx)
+    started = time.time()
+    tracker.start({"stage": spec.stage, "kind": spec.kind, "fingerprint": spec.fingerprint, **spec.tags})
+    tracker.log_params(spec.params)
+    try:
+        summary = work(ctx) or {}
+    except StageInterrupted:
+        log.warning("%s: interrupted; outputs kept for resume, no marker written", spec.stage)
+        tracker.flush()
+        return 143
+    except StageInputError as error:
+        return _fail(ctx, f"{spec.stage}: {_one_line(error)}", 2)
+    except Exception as error:
+        traceback.print_exc()
+        return _fail(ctx, f"{spec.stage}: {type(error).__name__}: {_one_line(error)}", 1)
+    summary = {"wall_s": round(time.time() - started, 3), **summary}
+    numeric = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracker.log_metrics(numeric)
+    write_json_atomic(
+        out / MANIFEST_FILE,
+        {"stage": spec.stage, "kind": spec.kind, "fingerprint": spec.fingerprint, "summary": summary},
+    )
+    _log_stage_log(ctx)
+    tracker.finish("FINISHED")
+    mark_succeeded(out, spec.fingerprint)
+    log.info("%s: succeeded in %.1f s", spec.stage, summary["wall_s"])
+    return 0
+
+
+def _process_rank() -> int:
+    """This process's rank under torchrun/srun (RANK env), 0 for a single-process stage."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+class _SilentTracker:
+    """Tracker of ranks > 0: rank 0 alone reports, so the others log nothing."""
+
+    def start(self, tags: dict[str, str]) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> bool:
+        return True
+
+    def finish(self, status: str) -> bool:
+        return True
+
+
+def _run_worker_rank(spec_path: Path, work: Work) -> int:
+    """A rank > 0 of a multi-process stage: run `work` (it joins rank 0's collectives) but
+    write no marker, manifest or tracking; rank 0 owns those. Reads the same markers as
+    rank 0 so both agree on whether there is anything to do."""
+    try:
+        spec = load_spec(spec_path)
+    except Exception as error:
+        print(f"error: {spec_path}: invalid stage spec: {_one_line(error)}", file=sys.stderr)
+        return 2
+    marker = read_marker(spec.output_dir)
+    if marker and marker.state == "succeeded" and marker.fingerprint == spec.fingerprint:
+        return 0
+    if _failed_upstream(spec):
+        return UPSTREAM_FAILED_EXIT
+    log = _stage_logger(spec.stage)
+    log.setLevel(logging.WARNING)
+    ctx = StageContext(spec=spec, tracker=_SilentTracker(), log=log)  # type: ignore[arg-type]
+    _install_signal_handlers(ctx)
+    try:
+        work(ctx)
+    except StageInterrupted:
+        return 143
+    except StageInputError as error:
+        print(f"error: {spec.stage} (rank {_process_rank()}): {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _fail(ctx: StageContext, message: str, exit_code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    mark_failed(ctx.output_dir, ctx.spec.fingerprint, message, exit_code)
+    ctx.tracker.set_tags({"error": message[:500]})
+    _log_stage_log(ctx)
+    ctx.tracker.finish("FAILED")
+    return exit_code
+
+
+def _failed_upstream(spec: StageSpec) -> str | None:
+    for role, path in spec.inputs.items():
+        marker = read_marker(path)
+        if marker is None or marker.state != "succeeded":
+            state = marker.state if marker else "not finished"
+            return f"{spec.stage}: upstream '{role}' ({path}) is {state}; nothing to do"
+    return None
+
+
+def _log_stage_log(ctx: StageContext) -> None:
+    log_path = ctx.output_dir / LOG_FILE
+    if log_path.exists():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ctx.tracker.log_artifact(log_path)
+
+
+def _install_signal_handlers(ctx: StageContext) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if ctx.interrupted or not ctx.defer_signals:  # a second signal always stops at once
+            raise StageInterrupted(f"signal {signum}")
+        ctx.interrupted = True
+        ctx.log.warning("signal %d: stopping at the next safe point", signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, handler)
+
+
+def _stage_logger(name: str) -> logging.Logger:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    return logging.getLogger(f"stages.{name}")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

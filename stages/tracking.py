@@ -1,0 +1,220 @@
+"""Stage-side MLflow tracking that survives tracking-server outages.
+
+Every call is first appended to `<stage>/tracking/events.jsonl` (the durable record), then
+forwarded to MLflow. When MLflow is unreachable the stage keeps working; the events wait in
+the file and `python -m pipeline sync` (or the stage's next flush) sends the ones not yet
+acknowledged. The acknowledged position is kept in `tracking/synced.json`, so a replay sends
+nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.contract import TrackingRef, write_json_atomic
+
+TRACKING_DIR = "tracking"
+EVENTS_FILE = "events.jsonl"
+SYNCED_FILE = "synced.json"
+
+# MLflow's own limits per log_batch call.
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_PER_BATCH = 100
+_PARAM_VALUE_LIMIT = 6000
+# How long to stay offline before trying the server again.
+_RETRY_AFTER_S = 30.0
+
+
+@dataclass
+class _SyncState:
+    acked: int = 0  # number of events already delivered
+    run_id: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> _SyncState:
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        return cls(acked=int(payload["acked"]), run_id=payload.get("run_id"))
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, {"acked": self.acked, "run_id": self.run_id})
+
+
+@dataclass
+class StageTracker:
+    """Logs one stage's nested MLflow run, buffering to disk first."""
+
+    stage_dir: Path
+    ref: TrackingRef | None
+    run_name: str
+    _offline_since: float | None = field(default=None, init=False)
+    _warned: bool = field(default=False, init=False)
+
+    @property
+    def events_path(self) -> Path:
+        return self.stage_dir / TRACKING_DIR / EVENTS_FILE
+
+    @property
+    def synced_path(self) -> Path:
+        return self.stage_dir / TRACKING_DIR / SYNCED_FILE
+
+    def start(self, tags: dict[str, str]) -> None:
+        """Open the nested run (once per stage dir: a resumed stage keeps its run)."""
+        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.events_path.exists():
+            tags = {**tags, "host": socket.gethostname()}
+            self._append({"type": "create_run", "run_name": self.run_name, "tags": tags})
+        self.flush()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in _flatten(params).items()}
+        self._append({"type": "params", "params": flat})
+        self.flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._append({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._append(
+            {"type": "metrics", "metrics": values, "step": step or 0, "ts": int(time.time() * 1000)}
+        )
+        self.flush()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file or folder inside the stage dir (kept there, so a later sync can send it)."""
+        relative = Path(path).resolve().relative_to(self.stage_dir.resolve())
+        self._append({"type": "artifact", "path": str(relative), "artifact_path": artifact_path})
+        self.flush()
+
+    def finish(self, status: str) -> bool:
+        """Close the run; retries a little harder than a step does. True when all was sent."""
+        self._append({"type": "end", "status": status})
+        for delay in (0.0, 0.5, 1.0, 2.0, 4.0):
+            time.sleep(delay)
+            self._offline_since = None
+            if self.flush():
+                return True
+        return False
+
+    def flush(self) -> bool:
+        """Send pending events; True when nothing is left pending."""
+        if self.ref is None:
+            return True
+        if self._offline_since and time.monotonic() - self._offline_since < _RETRY_AFTER_S:
+            return False
+        try:
+            sync_stage_events(self.stage_dir, self.ref)
+        except Exception as error:  # any transport or server error: stay offline, keep working
+            self._offline_since = time.monotonic()
+            if not self._warned:
+                print(
+                    f"[tracking] MLflow unreachable ({type(error).__name__}: {str(error)[:160]}); "
+                    f"buffering to {self.events_path}, send later with `python -m pipeline sync`",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._warned = True
+            return False
+        self._offline_since = None
+        return True
+
+    def _append(self, event: dict[str, Any]) -> None:
+        with self.events_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event, default=str) + "\n")
+            handle.flush()
+
+
+def read_events(stage_dir: Path) -> list[dict[str, Any]]:
+    path = stage_dir / TRACKING_DIR / EVENTS_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is not yet written
+    return events
+
+
+def pending_event_count(stage_dir: Path) -> int:
+    state = _SyncState.load(stage_dir / TRACKING_DIR / SYNCED_FILE)
+    return max(0, len(read_events(stage_dir)) - state.acked)
+
+
+def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
+    """Deliver the events after the acknowledged position; returns how many were sent."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    synced_path = stage_dir / TRACKING_DIR / SYNCED_FILE
+    state = _SyncState.load(synced_path)
+    events = read_events(stage_dir)
+    if state.acked >= len(events):
+        return 0
+    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    sent = 0
+    for event in events[state.acked :]:
+        kind = event["type"]
+        if kind == "create_run":
+            if state.run_id is None:
+                tags = {**event["tags"], "mlflow.parentRunId": ref.parent_run_id}
+                run = client.create_run(
+                    ref.experiment_id, tags=tags, run_name=event["run_name"]
+                )
+                state.run_id = run.info.run_id
+        elif state.run_id is None:
+            raise RuntimeError(f"{stage_dir}: tracking events without a create_run event")
+        elif kind == "params":
+            items = [Param(k, v) for k, v in event["params"].items()]
+            for chunk in _chunks(items, _MAX_PARAMS_PER_BATCH):
+                client.log_batch(state.run_id, params=chunk)
+        elif kind == "tags":
+            client.log_batch(state.run_id, tags=[RunTag(k, v) for k, v in event["tags"].items()])
+        elif kind == "metrics":
+            items = [Metric(k, v, event["ts"], event["step"]) for k, v in event["metrics"].items()]
+            for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
+                client.log_batch(state.run_id, metrics=chunk)
+        elif kind == "artifact":
+            local = stage_dir / event["path"]
+            if local.is_dir():
+                client.log_artifacts(state.run_id, str(local), event.get("artifact_path"))
+            elif local.exists():
+                client.log_artifact(state.run_id, str(local), event.get("artifact_path"))
+        elif kind == "end":
+            client.set_terminated(state.run_id, status=event["status"])
+        state.acked += 1
+        sent += 1
+        state.save(synced_path)
+    return sent
+
+
+def stage_run_id(stage_dir: Path) -> str | None:
+    return _SyncState.load(stage_dir / TRACKING_DIR / SYNCED_FILE).run_id
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,147 @@
+"""The local backend on a DAG of probe stages: real subprocesses, markers and logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.layout import RunLayout
+from stages.contract import read_marker
+from tests.pipeline.probe_dag import drive, fan_out_graph, prepare
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def output(root: Path, stage: str) -> str:
+    return (root / "probe" / stage / "output.txt").read_text()
+
+
+def test_fan_out_runs_concurrently_and_join_sees_every_branch(tmp_path):
+    started = time.perf_counter()
+    states = drive(fan_out_graph(sleep_s=1.5), tmp_path, max_parallel=4)
+    elapsed = time.perf_counter() - started
+    assert set(states.values()) == {"succeeded"}
+    assert output(tmp_path, "join") == "sourceasourcebsourcecsourcedjoin"
+    # The four branches overlap: their start times lie within one branch's duration.
+    jobs = json.loads((tmp_path / "probe" / "jobs.json").read_text())["stages"]
+    starts = [jobs[name]["started_at"] for name in "abcd"]
+    assert max(starts) - min(starts) < 1.5
+    assert elapsed < 3 * 1.5 + 4 * 1.5  # not serialised (would be >= 6 x 1.5 s)
+
+
+def test_max_parallel_one_serialises_the_branches(tmp_path):
+    drive(fan_out_graph(sleep_s=0.3), tmp_path, max_parallel=1)
+    jobs = json.loads((tmp_path / "probe" / "jobs.json").read_text())["stages"]
+    spans = sorted((jobs[n]["started_at"], jobs[n]["finished_at"]) for n in "abcd")
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end - 0.05
+
+
+def test_a_failed_stage_blocks_only_its_dependents(tmp_path):
+    states = drive(fan_out_graph(fail="b"), tmp_path)
+    assert states == {"source": "succeeded", "a": "succeeded", "b": "failed", "c": "succeeded",
+                      "d": "succeeded", "join": "blocked"}
+    marker = read_marker(tmp_path / "probe" / "b")
+    assert marker.state == "failed"
+    assert marker.error == "b: RuntimeError: probe asked to fail"
+    assert "probe asked to fail" in (tmp_path / "probe" / "b" / "stage.log").read_text()
+    assert read_marker(tmp_path / "probe" / "join") is None
+    assert not (tmp_path / "probe" / "join" / "output.txt").exists()
+
+
+def test_rerun_skips_succeeded_stages_and_a_param_change_reruns_only_dependents(tmp_path):
+    drive(fan_out_graph(), tmp_path)
+    assert prepare(fan_out_graph(), tmp_path).to_run == []
+    changed = prepare(fan_out_graph(payloads={"b": "B"}), tmp_path)
+    assert changed.to_run == ["b", "join"]
+    drive(fan_out_graph(payloads={"b": "B"}), tmp_path)
+    assert output(tmp_path, "join") == "sourceasourceBsourcecsourcedjoin"
+
+
+def test_a_failed_stage_reruns_after_the_fix_and_the_rest_stays_cached(tmp_path):
+    drive(fan_out_graph(fail="b"), tmp_path)
+    fixed = prepare(fan_out_graph(), tmp_path)
+    assert fixed.to_run == ["b", "join"]
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def _driver(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.pipeline.probe_dag", str(root), *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and ") Z" not in stat.read_text()
+
+
+def _running_pids(root: Path) -> list[int]:
+    jobs = json.loads((root / "probe" / "jobs.json").read_text())["stages"]
+    return [int(job["job_id"]) for job in jobs.values() if job["state"] == "running"]
+
+
+def test_sigterm_stops_children_and_the_next_run_resumes(tmp_path):
+    driver = _driver(tmp_path, "--sleep", "30")
+    _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists() and _running_pids(tmp_path))
+    children = _running_pids(tmp_path)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=30)
+    assert "source=interrupted" in out
+    assert not any(_alive(pid) for pid in children)
+    assert read_marker(tmp_path / "probe" / "source") is None  # no marker: resumable
+    states = drive(fan_out_graph(), tmp_path)
+    assert set(states.values()) == {"succeeded"}
+
+
+def test_kill_9_of_the_driver_leaves_no_orphan_and_the_next_run_completes(tmp_path):
+    driver = _driver(tmp_path, "--sleep", "30")
+    _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists() and _running_pids(tmp_path))
+    children = _running_pids(tmp_path)
+    driver.kill()
+    driver.wait()
+    _wait_for(lambda: not any(_alive(pid) for pid in children), timeout=10)
+    assert set(drive(fan_out_graph(), tmp_path).values()) == {"succeeded"}
+
+
+def test_kill_9_of_a_stage_fails_it_and_the_next_run_reruns_it(tmp_path):
+    driver = _driver(tmp_path, "--sleep", "2")
+    _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists() and _running_pids(tmp_path))
+    os.kill(_running_pids(tmp_path)[0], signal.SIGKILL)
+    out, _ = driver.communicate(timeout=60)
+    assert "source=failed" in out and "join=blocked" in out
+    assert read_marker(tmp_path / "probe" / "source").error == "source: exited with code -9 without writing a marker"
+    # Same config, same fingerprints: the failed stage reruns in its kept folder.
+    assert prepare(fan_out_graph(sleep_s=2), tmp_path).to_run == ["source", "a", "b", "c", "d", "join"]
+    assert set(drive(fan_out_graph(sleep_s=2), tmp_path).values()) == {"succeeded"}
+
+
+def test_a_second_driver_of_the_same_run_is_refused(tmp_path):
+    driver = _driver(tmp_path, "--sleep", "30")
+    _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists())
+    try:
+        try:
+            drive(fan_out_graph(sleep_s=30), tmp_path)
+            raise AssertionError("a second driver ran")
+        except Exception as error:
+            assert "already being run by pid" in str(error)
+    finally:
+        driver.terminate()
+        driver.communicate(timeout=30)
+    assert RunLayout(tmp_path, "probe").run_dir.exists()
