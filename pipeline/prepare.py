@@ -9,12 +9,13 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.fingerprint import graph_fingerprints
 from pipeline.graph import Graph
 from pipeline.layout import RunLayout
-from stages.contract import StageSpec, TrackingRef, load_spec, read_marker, write_spec
+from stages.contract import StageSpec, TrackingRef, load_spec, read_marker, write_atomic
 
 
 @dataclass
@@ -47,12 +48,15 @@ def prepare_run(
     cluster: str,
     open_tracking: Callable[[RunLayout], TrackingRef] | None,
     config_snapshot: dict[str, Any],
+    spec_root: Path | None = None,
 ) -> PreparedRun:
     """Write the specs of every stage that must run; touch nothing when all are cached.
 
     `open_tracking` creates or reuses the MLflow parent run; it is called only when some
-    stage must run, so a fully cached rerun never imports MLflow.
+    stage must run, so a fully cached rerun never imports MLflow. `spec_root` is the artifact
+    root as the stages will see it (e.g. a volume's mount path in a pod); default: `layout.root`.
     """
+    stage_root = RunLayout(spec_root or layout.root.resolve(), layout.run_id)
     fingerprints = graph_fingerprints(graph, image_refs)
     cached = succeeded_stages(graph, layout, fingerprints)
     prepared = PreparedRun(layout, graph, fingerprints, {}, cached, tracking=None)
@@ -68,13 +72,13 @@ def prepare_run(
             stage=name,
             kind=stage.kind,
             fingerprint=fingerprints[name],
-            output_dir=layout.stage_dir(name).resolve(),
-            inputs={role: layout.stage_dir(up).resolve() for role, up in stage.upstream.items()},
+            output_dir=stage_root.stage_dir(name),
+            inputs={role: stage_root.stage_dir(up) for role, up in stage.upstream.items()},
             params=stage.params,
             tags={**stage.tags, "image": image_refs[stage.image], "cluster": cluster},
             tracking=prepared.tracking,
         )
-        write_spec(spec)
+        write_atomic(layout.spec_path(name), spec.model_dump_json(indent=2) + "\n")
         prepared.specs[name] = spec
     previous = layout.read_run() if layout.run_file.exists() else {}
     layout.write_run(

@@ -10,6 +10,7 @@ nothing twice.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -96,6 +97,23 @@ class StageTracker:
         self._append({"type": "artifact", "path": str(relative), "artifact_path": artifact_path})
         self.flush()
 
+    def log_parent_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log to the pipeline run's parent run (the report: what a user opens first)."""
+        relative = Path(path).resolve().relative_to(self.stage_dir.resolve())
+        self._append({"type": "artifact", "path": str(relative), "artifact_path": artifact_path,
+                      "parent": True})
+        self.flush()
+
+    def set_parent_tags(self, tags: dict[str, str]) -> None:
+        self._append({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}, "parent": True})
+        self.flush()
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self._append({"type": "metrics", "metrics": values, "step": 0,
+                      "ts": int(time.time() * 1000), "parent": True})
+        self.flush()
+
     def finish(self, status: str) -> bool:
         """Close the run; retries a little harder than a step does. True when all was sent."""
         self._append({"type": "end", "status": status})
@@ -154,8 +172,19 @@ def pending_event_count(stage_dir: Path) -> int:
     return max(0, len(read_events(stage_dir)) - state.acked)
 
 
+# MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default: a stage
+# must notice an outage in seconds and keep training, so fail fast unless the user says otherwise.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
 def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
     """Deliver the events after the acknowledged position; returns how many were sent."""
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -182,17 +211,20 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
             for chunk in _chunks(items, _MAX_PARAMS_PER_BATCH):
                 client.log_batch(state.run_id, params=chunk)
         elif kind == "tags":
-            client.log_batch(state.run_id, tags=[RunTag(k, v) for k, v in event["tags"].items()])
+            target = ref.parent_run_id if event.get("parent") else state.run_id
+            client.log_batch(target, tags=[RunTag(k, v) for k, v in event["tags"].items()])
         elif kind == "metrics":
+            target = ref.parent_run_id if event.get("parent") else state.run_id
             items = [Metric(k, v, event["ts"], event["step"]) for k, v in event["metrics"].items()]
             for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
-                client.log_batch(state.run_id, metrics=chunk)
+                client.log_batch(target, metrics=chunk)
         elif kind == "artifact":
+            target = ref.parent_run_id if event.get("parent") else state.run_id
             local = stage_dir / event["path"]
             if local.is_dir():
-                client.log_artifacts(state.run_id, str(local), event.get("artifact_path"))
+                client.log_artifacts(target, str(local), event.get("artifact_path"))
             elif local.exists():
-                client.log_artifact(state.run_id, str(local), event.get("artifact_path"))
+                client.log_artifact(target, str(local), event.get("artifact_path"))
         elif kind == "end":
             client.set_terminated(state.run_id, status=event["status"])
         state.acked += 1

@@ -1,0 +1,90 @@
+"""MLflow tracking of a pipeline run: parent run, nested stage runs, concurrent sqlite writers,
+and buffering when the tracking server is unreachable."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.layout import RunLayout
+from pipeline.sync import sync_run
+from pipeline.tracking import open_parent_run
+from stages.contract import TrackingRef
+from stages.tracking import pending_event_count, stage_run_id
+from tests.pipeline.probe_dag import drive, fan_out_graph
+
+
+def sqlite_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_four_stages_log_at_once_to_the_embedded_store_without_lock_errors(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    states = drive(fan_out_graph(sleep_s=0.5), tmp_path, max_parallel=4,
+                   open_tracking=lambda layout: open_parent_run(layout, uri, "probe-study"))
+    assert set(states.values()) == {"succeeded"}
+    layout = RunLayout(tmp_path, "probe")
+    ref = TrackingRef(**layout.read_run()["tracking"])
+    client = MlflowClient(tracking_uri=uri)
+    nested = client.search_runs([ref.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{ref.parent_run_id}'")
+    by_stage = {run.data.tags["stage"]: run for run in nested}
+    assert sorted(by_stage) == ["a", "b", "c", "d", "join", "source"]
+    for name, run in by_stage.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["kind"] == "probe"
+        assert run.data.tags["cluster"] == "local"
+        assert run.data.tags["image"] == "faster-qat-cpu:dev"
+        assert len(run.data.tags["fingerprint"]) == 64 and run.data.tags["host"]
+        assert run.data.params["payload"] == name
+        assert run.info.run_id == stage_run_id(layout.stage_dir(name))
+        assert pending_event_count(layout.stage_dir(name)) == 0
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert "stage.log" in artifacts
+    assert by_stage["join"].data.metrics["chars"] == len("sourceasourcebsourcecsourcedjoin")
+    assert client.get_run(ref.parent_run_id).info.run_name == "probe"
+
+
+def test_a_rerun_of_the_same_run_id_reuses_the_parent_run(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    opener = lambda layout: open_parent_run(layout, uri, "probe-study")  # noqa: E731
+    drive(fan_out_graph(), tmp_path, open_tracking=opener)
+    first = RunLayout(tmp_path, "probe").read_run()["tracking"]["parent_run_id"]
+    drive(fan_out_graph(payloads={"a": "A"}), tmp_path, open_tracking=opener)
+    assert RunLayout(tmp_path, "probe").read_run()["tracking"]["parent_run_id"] == first
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_stages_keep_working_when_mlflow_is_unreachable_and_sync_is_idempotent(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    good = open_parent_run(RunLayout(tmp_path, "probe"), uri, "probe-study")
+    dead = good.model_copy(update={"tracking_uri": f"http://127.0.0.1:{_closed_port()}"})
+    states = drive(fan_out_graph(), tmp_path, open_tracking=lambda layout: dead)
+    assert set(states.values()) == {"succeeded"}
+    layout = RunLayout(tmp_path, "probe")
+    pending = {name: pending_event_count(layout.stage_dir(name)) for name in ("source", "join")}
+    assert all(count > 0 for count in pending.values())
+    # The server comes back (here: the same store through its sqlite URI).
+    run = layout.read_run()
+    run["tracking"] = good.model_dump()
+    layout.write_run(run)
+    assert sync_run(layout) == 0
+    assert sync_run(layout) == 0  # nothing left: sends nothing twice
+    client = MlflowClient(tracking_uri=uri)
+    nested = client.search_runs([good.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{good.parent_run_id}'")
+    assert len(nested) == 6
+    join = next(r for r in nested if r.data.tags["stage"] == "join")
+    events = [json.loads(line) for line in
+              (layout.stage_dir("join") / "tracking" / "events.jsonl").read_text().splitlines()]
+    logged = [e for e in events if e["type"] == "metrics" and "chars" in e["metrics"]]
+    history = client.get_metric_history(join.info.run_id, "chars")
+    assert len(history) == len(logged) == 2  # the stage's own value and the summary's
+    assert events[0]["type"] == "create_run" and events[-1] == {"type": "end", "status": "FINISHED"}
