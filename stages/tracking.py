@@ -176,7 +176,7 @@ def pending_event_count(stage_dir: Path) -> int:
 # must notice an outage in seconds and keep training, so fail fast unless the user says otherwise.
 _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
 

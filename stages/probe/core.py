@@ -13,9 +13,15 @@ from stages.runtime import StageContext
 
 def run(ctx: StageContext) -> dict[str, Any]:
     params = ProbeParams.model_validate(ctx.params)
-    deadline = time.monotonic() + params.sleep_s
+    started = time.monotonic()
+    deadline = started + params.sleep_s
+    next_metric, step = started + params.metric_every_s, 0
     while time.monotonic() < deadline:
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        if params.metric_every_s and time.monotonic() >= next_metric:
+            step += 1
+            ctx.tracker.log_metrics({"elapsed_s": time.monotonic() - started}, step=step)
+            next_metric += params.metric_every_s
     if params.fail:
         raise RuntimeError("probe asked to fail")
     parts = [(ctx.input_dir(role) / "output.txt").read_text() for role in sorted(ctx.spec.inputs)]

@@ -11,3 +11,6 @@ class ProbeParams(BaseModel):
     sleep_s: float = Field(0.0, ge=0, description="Seconds to sleep (in 0.05 s slices, interruptible).")
     fail: bool = Field(False, description="Raise an error instead of succeeding.")
     payload: str = Field("", description="Text written to output.txt, after the inputs' texts.")
+    metric_every_s: float = Field(
+        0.0, ge=0, description="While sleeping, log an `elapsed_s` metric this often (0: never)."
+    )

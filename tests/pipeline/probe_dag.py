@@ -16,12 +16,14 @@ from pipeline.prepare import PreparedRun, prepare_run
 IMAGES = {"cpu": "faster-qat-cpu:dev"}
 
 
-def fan_out_graph(sleep_s: float = 0.0, fail: str | None = None, payloads: dict | None = None) -> Graph:
+def fan_out_graph(sleep_s: float = 0.0, fail: str | None = None, payloads: dict | None = None,
+                  metric_every_s: float = 0.0) -> Graph:
     """source -> {a, b, c, d} -> join."""
     payloads = payloads or {}
 
     def params(name: str) -> dict:
-        return {"sleep_s": sleep_s, "fail": name == fail, "payload": payloads.get(name, name)}
+        return {"sleep_s": sleep_s, "fail": name == fail, "payload": payloads.get(name, name),
+                "metric_every_s": metric_every_s}
 
     stages = [Stage("source", "probe", params("source"))]
     for name in ("a", "b", "c", "d"):
@@ -46,8 +48,16 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--fail", default=None)
     parser.add_argument("--max-parallel", type=int, default=4)
+    parser.add_argument("--metric-every", type=float, default=0.0)
+    parser.add_argument("--tracking-uri", default=None, help="report to this MLflow")
     args = parser.parse_args()
-    states = drive(fan_out_graph(args.sleep, args.fail), args.root, args.max_parallel)
+    open_tracking = None
+    if args.tracking_uri:
+        from pipeline.tracking import open_parent_run
+
+        open_tracking = lambda layout: open_parent_run(layout, args.tracking_uri, "probe-study")  # noqa: E731
+    graph = fan_out_graph(args.sleep, args.fail, metric_every_s=args.metric_every)
+    states = drive(graph, args.root, args.max_parallel, open_tracking)
     print(" ".join(f"{name}={state}" for name, state in states.items()), flush=True)
 
 

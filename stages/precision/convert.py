@@ -1,0 +1,135 @@
+"""`prepare_model(model, recipe, backend)`: convert a model's linear layers for a recipe.
+
+The backend is chosen by the caller and never swapped: a backend that cannot run the recipe
+raises PrecisionUnavailable (one line, naming what to choose instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from torch import nn
+
+from stages.precision.errors import PrecisionUnavailable
+from stages.precision.recipe import Recipe
+
+BACKENDS = ("emulated", "te", "modelopt", "torchao")
+Calibrate = Callable[[nn.Module], None]
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+_BACKEND_PACKAGE = {"te": "transformer_engine", "modelopt": "nvidia-modelopt", "torchao": "torchao"}
+
+
+@dataclass
+class PreparedModel:
+    """A converted model plus what the training loop calls around it."""
+
+    model: nn.Module
+    recipe: Recipe
+    backend: str
+    _autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext, repr=False)
+    _on_step: Callable[[int], None] = field(default=lambda step: None, repr=False)
+    converted: list[str] = field(default_factory=list)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Wrap forward + backward in it; a no-op except for backend te (te.autocast)."""
+        return self._autocast()
+
+    def on_step(self, step: int) -> None:
+        """Call once per optimizer step with the number of steps done: turns delayed fake
+        quant on at `fake_quant_after_steps`, rolls the delayed-scaling amax history."""
+        self._on_step(step)
+
+    def describe(self) -> dict[str, str]:
+        """Tags for MLflow: what ran, so nobody has to guess."""
+        tags = {
+            "recipe": self.recipe.name,
+            "backend": self.backend,
+            "inference_format": self.recipe.inference_format,
+            "recipe_gemms": self.recipe.gemm_summary(),
+            "converted_linears": str(len(self.converted)),
+            "torch_version": torch.__version__,
+        }
+        if self.backend in _BACKEND_PACKAGE:
+            package = _BACKEND_PACKAGE[self.backend]
+            tags[f"{package.replace('-', '_')}_version"] = _version(package)
+        return tags
+
+
+def prepare_model(
+    model: nn.Module, recipe: Recipe, backend: str, calibrate: Calibrate | None = None
+) -> PreparedModel:
+    """Converts `model` in place (apply FSDP2 fully_shard after this) and returns it wrapped."""
+    if backend not in BACKENDS:
+        raise PrecisionUnavailable(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
+    before = {name for name, m in model.named_modules() if type(m) is nn.Linear}
+    if backend == "emulated":
+        from stages.precision.emulated import convert_emulated, step_emulated
+
+        layers = convert_emulated(model, recipe)
+        prepared = PreparedModel(model, recipe, backend, _on_step=lambda step: step_emulated(layers, recipe, step))
+    elif backend == "te":
+        from stages.precision.te_backend import convert_te
+
+        prepared = PreparedModel(model, recipe, backend, _autocast=convert_te(model, recipe))
+    elif backend == "modelopt":
+        from stages.precision.modelopt_backend import convert_modelopt
+
+        model = convert_modelopt(model, recipe, calibrate)
+        prepared = PreparedModel(model, recipe, backend)
+        # ModelOpt swaps every nn.Linear (lm_head too) and disables the quantizers it must skip.
+        prepared.converted = sorted(
+            name
+            for name, module in model.named_modules()
+            if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False)
+        )
+        return prepared
+    else:
+        from stages.precision.torchao_backend import convert_torchao, set_fake_quant
+
+        layers = convert_torchao(model, recipe)
+
+        def on_step(step: int) -> None:
+            set_fake_quant(layers, step >= recipe.fake_quant_after_steps)
+
+        prepared = PreparedModel(model, recipe, backend, _on_step=on_step)
+    after = {name for name, m in model.named_modules() if type(m) is nn.Linear}
+    prepared.converted = sorted(before - after)
+    return prepared
+
+
+def convert_for_export(prepared: PreparedModel) -> nn.Module:
+    """After training: the model as the export stage wants it.
+
+    emulated / te: every converted layer back to a plain nn.Linear holding the trained
+    high-precision weights (the export stage quantizes them to recipe.inference_format).
+    torchao: its QAT convert step (the PTQ-quantized model). modelopt: the model as is
+    (ModelOpt's own export reads its quantizers).
+    """
+    model, backend = prepared.model, prepared.backend
+    if backend == "torchao":
+        from stages.precision.torchao_backend import convert_for_export_torchao
+
+        return convert_for_export_torchao(model, prepared.recipe)
+    if backend == "modelopt":
+        return model
+    from stages.precision.emulated import replace_module
+
+    for name in prepared.converted:
+        layer = model.get_submodule(name)
+        bias = layer.bias if layer.bias is not None and layer.bias.numel() else None  # te: empty if none
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, bias  # te.Linear and ours hold plain Parameters
+        replace_module(model, name, plain)
+    return model

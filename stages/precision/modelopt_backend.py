@@ -1,0 +1,88 @@
+"""The `modelopt` backend: `mtq.quantize(model, <preset>, forward_loop)` (ModelOpt QAT).
+
+ModelOpt fake-quantizes the forward GEMM operands (input and weight quantizers) and passes
+gradients straight through, with a high-precision backward: so it runs exactly the recipes
+whose fprop is one format on both operands, whose dgrad/wgrad are bf16, and whose
+backward_source is forward_quantized. Presets: nvfp4 -> NVFP4_DEFAULT_CFG,
+fp8_e4m3 -> FP8_DEFAULT_CFG, mxfp8 -> MXFP8_DEFAULT_CFG.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from stages.precision.errors import PrecisionUnavailable
+from stages.precision.recipe import Recipe
+
+_PRESETS = {"nvfp4": "NVFP4_DEFAULT_CFG", "fp8_e4m3": "FP8_DEFAULT_CFG", "mxfp8": "MXFP8_DEFAULT_CFG"}
+
+
+def modelopt_preset_name(recipe: Recipe) -> str:
+    fprop = {recipe.fprop.input.format, recipe.fprop.weight.format}
+    backward = {op.format for (gemm, _), op in recipe.operands() if gemm != "fprop"}
+    plain = all(
+        op == type(op)(format=op.format) for (gemm, _), op in recipe.operands() if gemm == "fprop"
+    )
+    if (
+        len(fprop) == 1
+        and (fmt := next(iter(fprop))) in _PRESETS
+        and backward == {"bf16"}
+        and recipe.backward_source == "forward_quantized"
+        and plain
+        and recipe.fake_quant_after_steps == 0
+    ):
+        return _PRESETS[fmt]
+    raise PrecisionUnavailable(
+        f"recipe {recipe.name}: backend modelopt runs only fake-quantized forward GEMMs (nvfp4, "
+        "fp8_e4m3 or mxfp8 on both operands) with a bf16 straight-through backward; choose backend emulated"
+    )
+
+
+def modelopt_config(recipe: Recipe, mtq: Any) -> dict[str, Any]:
+    config = copy.deepcopy(getattr(mtq, modelopt_preset_name(recipe)))
+    # Our high-precision globs (module names) switch off every quantizer under those modules.
+    config["quant_cfg"] = list(config["quant_cfg"]) + [
+        {"quantizer_name": f"{pattern}.*", "enable": False} for pattern in recipe.high_precision
+    ]
+    return config
+
+
+def convert_modelopt(
+    model: nn.Module, recipe: Recipe, calibrate: Callable[[nn.Module], None] | None
+) -> nn.Module:
+    preset = modelopt_preset_name(recipe)
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as error:
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: backend modelopt needs nvidia-modelopt ({error}); choose backend emulated"
+        ) from None
+    if calibrate is None:
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: backend modelopt needs a calibration forward loop "
+            "(prepare_model(..., calibrate=fn)); choose backend emulated for none"
+        )
+    device = next(model.parameters()).device
+    if preset == "NVFP4_DEFAULT_CFG" and device.type != "cuda":
+        # ModelOpt's dynamic NVFP4 block quantizer asserts "amax must be a CUDA tensor".
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: backend modelopt runs NVFP4 fake quant only on CUDA "
+            f"(model is on {device.type}); choose backend emulated"
+        )
+    try:
+        return mtq.quantize(model, modelopt_config(recipe, mtq), calibrate)
+    except (AssertionError, RuntimeError, NotImplementedError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: backend modelopt failed ({first_line}); choose backend emulated"
+        ) from error
+
+
+def modelopt_version() -> str:
+    from importlib.metadata import version
+
+    return version("nvidia-modelopt")

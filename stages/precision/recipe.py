@@ -1,0 +1,293 @@
+"""Precision recipes as data: which format each operand of each GEMM of a linear layer uses.
+
+Torch-free on purpose: the control plane imports this to validate a user's config.
+
+A linear layer runs three GEMMs (K is the reduction dimension that scaling blocks run along):
+  fprop  y  = x  @ W^T   operands `input` (x), `weight` (W)            K = in_features
+  dgrad  dx = dy @ W     operands `grad_output` (dy), `weight` (W)     K = out_features
+  wgrad  dW = dy^T @ x   operands `grad_output` (dy), `input` (x)      K = tokens
+YAML shorthand: `dgrad: mxfp8` means both operands of dgrad are mxfp8; `input: fp8_e4m3`
+means an operand with that format and default scaling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+
+FORMATS = ("bf16", "fp8_e4m3", "fp8_e5m2", "mxfp8", "mxfp8_e5m2", "nvfp4", "int4", "int8")
+PER_TENSOR_FORMATS = ("fp8_e4m3", "fp8_e5m2")
+INFERENCE_FORMATS = ("bf16", "fp8", "mxfp8", "nvfp4", "int4", "int8_int4")
+# Block sizes the hardware (and TE) use; a recipe may not change them (no backend runs others).
+DEFAULT_BLOCK = {"mxfp8": 32, "mxfp8_e5m2": 32, "nvfp4": 16}
+SCALE_FORMAT = {"mxfp8": "e8m0", "mxfp8_e5m2": "e8m0", "nvfp4": "e4m3_fp32"}
+DEFAULT_HIGH_PRECISION = ["lm_head", "*embed*"]
+
+
+class RecipeError(ValueError):
+    """A recipe file or name is wrong; the message is one line naming the file and field."""
+
+
+class OperandSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = Field("bf16", description=f"Element format, one of {', '.join(FORMATS)}.")
+    scaling: Literal["current", "delayed"] = Field(
+        "current",
+        description="Per-tensor FP8 only: scale from this tensor's amax (current) or from an "
+        "amax history of previous steps (delayed).",
+    )
+    amax_history_len: int = Field(1024, ge=1, description="Delayed scaling: steps of amax history.")
+    amax_compute_algo: Literal["max", "most_recent"] = Field(
+        "max", description="Delayed scaling: scale from the max of the history or its last entry."
+    )
+    block_size: int | None = Field(
+        None, description="Elements per scale block along K (mx: 32, nvfp4: 16); null = default."
+    )
+    scale_rounding: Literal["rceil", "floor"] = Field(
+        "rceil",
+        description="MX only: how the E8M0 block scale is rounded (rceil = cuBLAS/TE, floor = OCP MX 1.0).",
+    )
+    stochastic_rounding: bool = Field(False, description="NVFP4 only: stochastic rounding of elements.")
+    hadamard: bool = Field(
+        False, description="NVFP4 only: random 16x16 Hadamard transform along K before quantizing."
+    )
+    block_2d: bool = Field(
+        False, description="NVFP4 weights only: 16x16 scale blocks (same scales for W and W^T)."
+    )
+    group_size: int | None = Field(
+        None, description="int4/int8 only: elements per scale group; null = one group per row (per token)."
+    )
+    symmetric: bool = Field(True, description="int4/int8 only: symmetric (no zero point) or asymmetric.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"format": value} if isinstance(value, str) else value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"'{value}' is not one of {', '.join(FORMATS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OperandSpec:
+        fmt = self.format
+        if self.scaling == "delayed" and fmt not in PER_TENSOR_FORMATS:
+            raise ValueError(f"scaling 'delayed' needs a per-tensor format (fp8_e4m3, fp8_e5m2), not '{fmt}'")
+        if self.block_size is not None and self.block_size != DEFAULT_BLOCK.get(fmt):
+            expected = DEFAULT_BLOCK.get(fmt)
+            raise ValueError(
+                f"block_size {self.block_size} is not supported for '{fmt}'"
+                + (f" (must be {expected})" if expected else " (only mx and nvfp4 formats have blocks)")
+            )
+        for flag in ("stochastic_rounding", "hadamard", "block_2d"):
+            if getattr(self, flag) and fmt != "nvfp4":
+                raise ValueError(f"{flag} is only supported for 'nvfp4', not '{fmt}'")
+        if self.group_size is not None and fmt not in ("int4", "int8"):
+            raise ValueError(f"group_size is only for int4/int8, not '{fmt}'")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self.format != "bf16"
+
+    @property
+    def block(self) -> int | None:
+        return DEFAULT_BLOCK.get(self.format)
+
+    @property
+    def scale_format(self) -> str | None:
+        """e8m0 (MX), e4m3_fp32 (NVFP4: E4M3 block scales times one FP32 global scale), fp32 otherwise."""
+        return SCALE_FORMAT.get(self.format, "fp32" if self.quantized else None)
+
+
+def _operand_pair(first: str, second: str) -> Any:
+    """A GEMM's `before` validator: a bare format or operand dict applies to both operands."""
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, str):
+            return {first: value, second: value}
+        if isinstance(value, dict) and "format" in value:
+            return {first: value, second: value}
+        return value
+
+    return expand
+
+
+class FpropSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    input: OperandSpec = Field(default_factory=OperandSpec, description="Activation x.")
+    weight: OperandSpec = Field(default_factory=OperandSpec, description="Weight W.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return _operand_pair("input", "weight")(value)
+
+
+class DgradSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    grad_output: OperandSpec = Field(default_factory=OperandSpec, description="Output gradient dy.")
+    weight: OperandSpec = Field(default_factory=OperandSpec, description="Weight W.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return _operand_pair("grad_output", "weight")(value)
+
+
+class WgradSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    grad_output: OperandSpec = Field(default_factory=OperandSpec, description="Output gradient dy.")
+    input: OperandSpec = Field(default_factory=OperandSpec, description="Activation x.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return _operand_pair("grad_output", "input")(value)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Recipe name (recorded as the MLflow tag `recipe`).")
+    description: str = Field("", description="One line for humans.")
+    fprop: FpropSpec = Field(default_factory=FpropSpec, description="Forward GEMM y = x W^T.")
+    dgrad: DgradSpec = Field(default_factory=DgradSpec, description="Input-gradient GEMM dx = dy W.")
+    wgrad: WgradSpec = Field(default_factory=WgradSpec, description="Weight-gradient GEMM dW = dy^T x.")
+    backward_source: Literal["original", "forward_quantized"] = Field(
+        "original",
+        description="original: each backward operand is quantized from the high-precision tensor "
+        "(Transformer Engine); forward_quantized: backward reuses the fake-quantized forward "
+        "tensors, straight-through gradients (QAT).",
+    )
+    high_precision: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_HIGH_PRECISION),
+        description="fnmatch globs on module names that stay high precision (never converted).",
+    )
+    fake_quant_after_steps: int = Field(
+        0, ge=0, description="QAT: optimizer steps that run unquantized before fake quant starts."
+    )
+    inference_format: str = Field(
+        "bf16", description=f"What the exported model deploys as, one of {', '.join(INFERENCE_FORMATS)}."
+    )
+
+    @field_validator("inference_format")
+    @classmethod
+    def _known_inference_format(cls, value: str) -> str:
+        if value not in INFERENCE_FORMATS:
+            raise ValueError(f"'{value}' is not one of {', '.join(INFERENCE_FORMATS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _int_formats_are_qat(self) -> Recipe:
+        uses_int = any(op.format in ("int4", "int8") for _, op in self.operands())
+        if uses_int and self.backward_source != "forward_quantized":
+            raise ValueError("int4/int8 formats are QAT fake quant: set backward_source: forward_quantized")
+        if uses_int and any(op.format in ("int4", "int8") for gemm, op in self.operands() if gemm[0] != "fprop"):
+            raise ValueError("int4/int8 formats are only supported in fprop")
+        return self
+
+    @model_validator(mode="after")
+    def _rotations_and_2d_blocks(self) -> Recipe:
+        for (gemm, operand), spec in self.operands():
+            if spec.hadamard and gemm != "wgrad":
+                raise ValueError(f"{gemm}.{operand}.hadamard: the Hadamard transform is only for wgrad operands")
+            if spec.block_2d and operand != "weight":
+                raise ValueError(f"{gemm}.{operand}.block_2d: 16x16 blocks are only for weight operands")
+        if self.wgrad.grad_output.hadamard != self.wgrad.input.hadamard:
+            raise ValueError("wgrad.hadamard: set it on both grad_output and input (the rotations must cancel)")
+        return self
+
+    def operands(self) -> list[tuple[tuple[str, str], OperandSpec]]:
+        """((gemm, operand), spec) for all six operands, in a fixed order."""
+        out: list[tuple[tuple[str, str], OperandSpec]] = []
+        for gemm_name in ("fprop", "dgrad", "wgrad"):
+            gemm = getattr(self, gemm_name)
+            for op_name in type(gemm).model_fields:
+                out.append(((gemm_name, op_name), getattr(gemm, op_name)))
+        return out
+
+    def gemm_summary(self) -> str:
+        """One line for humans and tags: `fprop=nvfp4,nvfp4 dgrad=mxfp8,mxfp8 wgrad=mxfp8,mxfp8 (original)`."""
+        parts = []
+        for gemm_name in ("fprop", "dgrad", "wgrad"):
+            gemm = getattr(self, gemm_name)
+            parts.append(f"{gemm_name}=" + ",".join(getattr(gemm, op).format for op in type(gemm).model_fields))
+        return " ".join(parts) + f" ({self.backward_source})"
+
+    @property
+    def formats(self) -> set[str]:
+        return {op.format for _, op in self.operands()}
+
+    @property
+    def is_high_precision(self) -> bool:
+        return self.formats == {"bf16"}
+
+    @property
+    def uses_delayed_scaling(self) -> bool:
+        return any(op.scaling == "delayed" for _, op in self.operands())
+
+
+def builtin_recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    if first["type"] == "missing":
+        msg = "field required"
+    # A shorthand (`fprop: nvfp5`) repeats one mistake per operand: count distinct messages only.
+    distinct = len({e["msg"] for e in error.errors()})
+    more = f" (and {distinct - 1} more)" if distinct > 1 else ""
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    """Validates a recipe dict; `source` names it in errors (a file name or `builtin <name>`)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(f"recipe {source}: {_one_line(error)}") from None
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name, or a YAML file path (a user recipe)."""
+    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
+        if not builtin.is_file():
+            raise RecipeError(
+                f"recipe {name_or_path}: no such built-in recipe; choose one of "
+                f"{', '.join(builtin_recipe_names())} or give a YAML file path"
+            )
+        path = builtin
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise RecipeError(f"recipe {name_or_path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise RecipeError(f"recipe {name_or_path}:{where} {problem}") from None
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)  # a user recipe is named after its file by default
+    return parse_recipe(data, name_or_path)

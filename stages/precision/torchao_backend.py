@@ -1,0 +1,134 @@
+"""The `torchao` backend: TorchAO QAT (`quantize_(model, QATConfig(...))`) for int4/int8 recipes.
+
+Prepare: FakeQuantizedLinear with IntxFakeQuantizeConfig built from the recipe's fprop operands
+(int8 per-token dynamic activations, int4 weights in groups); backward is torchao's STE.
+Delayed fake quant: the fake quantizers stay disabled until `fake_quant_after_steps`.
+Convert (for export): back to nn.Linear, then the matching PTQ config
+(Int8DynamicActivationIntxWeightConfig or Int4WeightOnlyConfig).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.precision.emulated import stays_high_precision
+from stages.precision.errors import PrecisionUnavailable
+from stages.precision.recipe import OperandSpec, Recipe
+
+_INT_DTYPES = {"int4": torch.int4, "int8": torch.int8}
+
+
+def _check(recipe: Recipe) -> None:
+    weight, act = recipe.fprop.weight, recipe.fprop.input
+    ok = (
+        weight.format in _INT_DTYPES
+        and act.format in ("bf16", *_INT_DTYPES)
+        and all(op.format == "bf16" for (gemm, _), op in recipe.operands() if gemm != "fprop")
+    )
+    if not ok:
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: backend torchao runs only int4/int8 fprop QAT recipes "
+            "(int weight, int or bf16 activation, bf16 backward); choose backend emulated or te"
+        )
+
+
+def _fake_quant_config(spec: OperandSpec, is_activation: bool) -> Any:
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    dtype = _INT_DTYPES[spec.format]
+    if spec.group_size is None:
+        granularity = "per_token" if is_activation else "per_channel"
+        return IntxFakeQuantizeConfig(dtype, granularity, is_symmetric=spec.symmetric, is_dynamic=True)
+    return IntxFakeQuantizeConfig(dtype, group_size=spec.group_size, is_symmetric=spec.symmetric, is_dynamic=True)
+
+
+def _filter(recipe: Recipe) -> Any:
+    def keep(module: nn.Module, name: str) -> bool:
+        return type(module) is nn.Linear and not stays_high_precision(name, recipe.high_precision)
+
+    return keep
+
+
+def _check_group_sizes(model: nn.Module, recipe: Recipe) -> None:
+    groups = [op.group_size for op in (recipe.fprop.input, recipe.fprop.weight) if op.group_size]
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or stays_high_precision(name, recipe.high_precision):
+            continue
+        for group in groups:
+            if module.in_features % group:
+                raise PrecisionUnavailable(
+                    f"recipe {recipe.name}: group_size {group} does not divide in_features "
+                    f"{module.in_features} of {name}; choose a group_size that does"
+                )
+
+
+def convert_torchao(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
+    _check(recipe)
+    _check_group_sizes(model, recipe)
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    act = recipe.fprop.input
+    config = QATConfig(
+        activation_config=_fake_quant_config(act, True) if act.format != "bf16" else None,
+        weight_config=_fake_quant_config(recipe.fprop.weight, False),
+        step="prepare",
+    )
+    quantize_(model, config, filter_fn=_filter(recipe))
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantizedLinear)]
+    set_fake_quant(layers, recipe.fake_quant_after_steps == 0)
+    return layers
+
+
+def set_fake_quant(layers: list[nn.Module], enabled: bool) -> None:
+    from torchao.quantization.qat.linear import enable_linear_fake_quant
+
+    for layer in layers:
+        enable_linear_fake_quant(layer, enabled)
+
+
+def ptq_config(recipe: Recipe) -> Any:
+    """The torchao PTQ config an exported model is converted with."""
+    _check(recipe)
+    weight = recipe.fprop.weight
+    group = weight.group_size
+    if recipe.fprop.input.format == "int8" and weight.format == "int4":
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+        from torchao.quantization.granularity import PerAxis, PerGroup
+
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(group) if group else PerAxis(0)
+        )
+    if recipe.fprop.input.format == "bf16" and weight.format == "int4" and group:
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=group)
+    raise PrecisionUnavailable(f"recipe {recipe.name}: torchao has no PTQ config for this recipe; export as bf16")
+
+
+def convert_for_export_torchao(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """After training: FakeQuantizedLinear -> nn.Linear, then the matching PTQ quantization."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    base = ptq_config(recipe)
+    quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, _: isinstance(m, FakeQuantizedLinear))
+    try:
+        quantize_(model, base, filter_fn=_filter(recipe))
+    except ImportError as error:  # e.g. Int4WeightOnlyConfig needs the mslk GPU kernels
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: torchao cannot convert for export here ({error}); "
+            "export the bf16 weights instead"
+        ) from None
+    return model
+
+
+def torchao_version() -> str:
+    from importlib.metadata import version
+
+    return version("torchao")
