@@ -1,0 +1,255 @@
+"""The train stage: SFT, QAT and QAD of a Hugging Face causal LM, 1 or N processes (FSDP2).
+
+Order of construction (each step's reason in its comment): params -> process group -> model
+-> precision recipe -> activation checkpointing / compile -> FSDP2 -> optimizer -> resume.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from stages.runtime import StageContext, StageInputError
+from stages.train import checkpoint as ckpt
+from stages.train.batches import StepPlan, TokenSplit, TrainOrder
+from stages.train.distributed import World, barrier, decoder_layers, init_world, shard, any_rank
+from stages.train.loop import Session, StepResult, calibration_loop, train_step, validate
+from stages.train.metrics import MetricsFile, Progress, mfu, peak_flops, trainable_flop_params
+from stages.train.model_io import DTYPES, load_causal_lm, load_tokenizer, resolve_model_source, save_final
+from stages.train.params import TrainParams
+from stages.train.schedule import build_scheduler
+
+# Steps left out of the mean step time: the first ones pay for warm-up (allocator, compile).
+WARMUP_STEPS_EXCLUDED = 2
+
+
+def parse_params(raw: dict[str, Any]) -> TrainParams:
+    try:
+        return TrainParams.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")  # cross-field checks name their fields
+        raise StageInputError(f"params{'.' + where if where else ''}: {message}") from None
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    params = parse_params(ctx.params)
+    ctx.defer_signals = True  # finish the step, checkpoint, then stop (Slurm preemption)
+    world = init_world(params.device, need_group=_compute_dtype(params) is not None)
+    try:
+        summary = _train(ctx, params, world)
+    except BaseException:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # no barrier: other ranks may be gone
+        raise
+    barrier(world)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _compute_dtype(params: TrainParams) -> torch.dtype | None:
+    """The FSDP2 compute dtype, when it differs from the master weights' dtype."""
+    if params.compute_dtype is None or params.compute_dtype == params.dtype:
+        return None
+    return DTYPES[params.compute_dtype]
+
+
+def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, Any]:
+    from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
+
+    _seed_everything(params.seed, world.device)
+    plan = StepPlan(params.global_batch, params.micro_batch, world.world_size)
+    plan.check()
+    data_dir = ctx.input_dir("data")
+    train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
+    order = TrainOrder(len(train_split), params.seed)
+
+    source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
+    tokenizer = load_tokenizer(source, "params.model")
+    model = load_causal_lm(source, params.dtype, "params.model").to(world.device)
+    decoder_layers(model)  # fail early on an unsupported architecture
+    teacher = _load_teacher(ctx, params, source, world) if params.method == "qad" else None
+
+    try:
+        recipe = load_recipe(params.recipe)
+    except ValueError as error:  # RecipeError: already one line naming the recipe
+        raise StageInputError(f"params.recipe: {error}") from None
+    calibrate = (
+        calibration_loop(train_split, order, params.micro_batch, params.calib_batches, world.device)
+        if params.calib_batches
+        else None
+    )
+    try:
+        # Before FSDP2: the recipe swaps linears, and fully_shard must see the final modules.
+        prepared = prepare_model(model, recipe, params.backend, calibrate=calibrate)
+    except PrecisionUnavailable as error:
+        raise StageInputError(f"params.backend: {error}") from None
+    model = prepared.model
+    model.train()
+    if params.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if params.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
+    shard(model, world, _compute_dtype(params))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=params.lr,
+        betas=params.betas,
+        eps=params.eps,
+        weight_decay=params.weight_decay,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        lr=params.lr,
+        min_lr=params.min_lr,
+        warmup_steps=params.warmup_steps,
+        steps=params.steps,
+        schedule=params.schedule,
+    )
+    session = Session(params, world, model, prepared, optimizer, scheduler, train_split, val_split, order, plan, teacher)
+
+    start = 0
+    latest = ckpt.latest_checkpoint(ctx.output_dir)
+    if latest is not None:
+        state, quantizer_state = ckpt.load_checkpoint(latest, model, optimizer, world)
+        scheduler.load_state_dict(state.scheduler)
+        if quantizer_state is not None and hasattr(prepared, "load_state_dict"):
+            prepared.load_state_dict(quantizer_state)
+        start = state.step
+        prepared.on_step(start)  # re-applies step-dependent switches (QAT fake-quant delay)
+        ctx.log.info("resumed from %s (step %d)", latest, start)
+
+    describe = {str(k): str(v) for k, v in prepared.describe().items()}
+    ctx.tracker.set_tags(
+        {**describe, "recipe": recipe.name, "backend": prepared.backend, "method": params.method,
+         "world_size": str(world.world_size), "device": world.device.type,
+         "compute_dtype": params.compute_dtype or params.dtype}
+    )
+    metrics_file = MetricsFile(ctx.output_dir, start) if world.is_main else None
+    summary = _loop(ctx, session, start, metrics_file)
+
+    precision = {
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_source": params.recipe,
+        "backend": prepared.backend,
+        "method": params.method,
+        "dtype": params.dtype,
+        "describe": describe,
+    }
+    extra = _modelopt_state(model) if prepared.backend == "modelopt" and world.is_main else {}
+    save_final(model, tokenizer, ctx.output_dir, world, precision, extra)
+    barrier(world)
+    return {**summary, "backend": prepared.backend, "recipe": recipe.name, "world_size": world.world_size}
+
+
+def _loop(ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile | None) -> dict[str, Any]:
+    p, world = s.params, s.world
+    peak = peak_flops(world.device)
+    n_params = trainable_flop_params(s.model) if peak is not None else 0
+    progress = Progress(p.steps, start, p.log_every, ctx.log, enabled=world.is_main)
+    step_times: list[float] = []
+    last: StepResult | None = None
+    val_loss: float | None = None
+    val_step = -1
+    saved_step = start
+    for step in range(start, p.steps):
+        began = time.perf_counter()
+        last = train_step(s, step)
+        if world.device.type == "cuda":
+            torch.cuda.synchronize(world.device)
+        elapsed = time.perf_counter() - began
+        step_times.append(elapsed)
+        done = step + 1
+        row: dict[str, Any] = {
+            "loss": last.loss,
+            "lr": last.lr,
+            "grad_norm": last.grad_norm,
+            "step_time_s": elapsed,
+            "tokens_per_s": last.tokens / elapsed,
+        }
+        if last.kd_loss is not None:
+            row.update(ce_loss=last.ce_loss, kd_loss=last.kd_loss)
+        utilisation = mfu(n_params, last.tokens, elapsed, peak, world.world_size)
+        if utilisation is not None:
+            row["mfu"] = utilisation
+        if (p.val_every and done % p.val_every == 0) or done == p.steps:
+            val_loss, val_step = validate(s), done
+            row["val_loss"] = val_loss
+            progress.note(f"step {done}: val_loss {val_loss:.4f}")
+        ctx.tracker.log_metrics(row, step=done)
+        if metrics_file is not None:
+            metrics_file.append({"step": done, **row})
+        progress.update(done, last.loss, row["tokens_per_s"])
+        stop = any_rank(ctx.interrupted, world)
+        if (p.checkpoint_every and done % p.checkpoint_every == 0) or (stop and done < p.steps):
+            _save(ctx, s, done)
+            saved_step = done
+        if stop:
+            ctx.interrupted = True  # every rank stops at the same step
+            progress.close()
+            ctx.log.warning("interrupted after step %d; checkpoint at step %d", done, saved_step)
+            ctx.check_interrupted()
+    progress.close()
+    if val_step != p.steps:  # resumed at the end: nothing ran, still report the final val loss
+        val_loss = validate(s)
+    timed = step_times[WARMUP_STEPS_EXCLUDED:] or step_times
+    mean_step = sum(timed) / len(timed) if timed else None
+    tokens_per_step = p.global_batch * s.train.rows([0]).input_ids.shape[1]
+    return {
+        "train_loss": last.loss if last else _last_logged_loss(metrics_file),
+        "val_loss": val_loss,
+        "mean_step_time_s": mean_step,
+        "tokens_per_s": tokens_per_step / mean_step if mean_step else None,
+        "steps": p.steps,
+    }
+
+
+def _save(ctx: StageContext, s: Session, step: int) -> None:
+    quantizer_state = s.prepared.state_dict() if hasattr(s.prepared, "state_dict") else None
+    ckpt.save_checkpoint(
+        ctx.output_dir,
+        ckpt.TrainState(step=step, scheduler=s.scheduler.state_dict()),
+        s.model,
+        s.optimizer,
+        s.world,
+        quantizer_state,
+        s.params.keep_checkpoints,
+    )
+
+
+def _load_teacher(ctx: StageContext, params: TrainParams, student_source: str, world: World) -> torch.nn.Module:
+    """The full-precision teacher: eval mode, no grad, same dtype as the student was loaded in."""
+    source = resolve_model_source(
+        ctx.spec.inputs.get("teacher"), params.qad.teacher_model or student_source, "params.qad.teacher_model"
+    )
+    teacher = load_causal_lm(source, params.dtype, "params.qad.teacher_model").to(world.device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return shard(teacher, world, _compute_dtype(params))
+
+
+def _modelopt_state(model: torch.nn.Module) -> dict[str, Any]:
+    import modelopt.torch.opt as mto
+
+    return {"modelopt_state.pt": mto.modelopt_state(model)}
+
+
+def _last_logged_loss(metrics_file: MetricsFile | None) -> float | None:
+    rows = metrics_file.rows() if metrics_file is not None else []
+    return rows[-1]["loss"] if rows else None
+
+
+def _seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        # Bit-exact resume and 1-vs-N comparisons on CPU; warn_only keeps ops without a
+        # deterministic kernel running (they are listed once in the log).
+        torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,52 @@
+"""TrainParams: what the control plane validates a user's train config with."""
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from stages.train.params import QadParams, TrainParams
+
+
+def test_defaults_are_a_valid_smoke_config() -> None:
+    params = TrainParams()
+    assert (params.method, params.recipe, params.backend) == ("sft", "bf16", "emulated")
+    assert params.global_batch % params.micro_batch == 0
+    assert params.qad.kd_weight == 1.0
+
+
+def test_every_field_is_described() -> None:
+    for model in (TrainParams, QadParams):
+        undocumented = [name for name, field in model.model_fields.items() if not field.description]
+        assert undocumented == []
+
+
+def test_study_values_validate() -> None:
+    params = TrainParams.model_validate(
+        {"model": "Qwen/Qwen3-8B", "global_batch": 512, "micro_batch": 1, "steps": 200, "lr": 1e-5,
+         "val_every": 50, "recipe": "nv4f_mx8b", "backend": "te", "qad": {"temperature": 2.0}}
+    )
+    assert params.qad.temperature == 2.0 and params.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"global_batch": 6, "micro_batch": 4}, "global_batch (6) must be a multiple of micro_batch (4)"),
+        ({"warmup_steps": 20, "steps": 10}, "warmup_steps (20) exceeds steps (10)"),
+        ({"schedule": "step"}, "schedule"),
+        ({"learning_rate": 1e-4}, "learning_rate"),
+        ({"qad": {"kd_weight": 1.5}}, "kd_weight"),
+    ],
+)
+def test_bad_values_name_the_field(raw: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        TrainParams.model_validate(raw)
+    assert field in str(error.value)
+
+
+def test_params_module_imports_no_torch() -> None:
+    code = "import sys, stages.train.params; print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
