@@ -37,6 +37,36 @@ def _root_arg(parser: argparse.ArgumentParser) -> None:
                         help="artifact root (default ./runs)")
 
 
+def _runtime_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", choices=("process", "docker"), default=None,
+                        help="local: stages as processes here (default) or in their images "
+                             "(pinned by digest) through Docker")
+
+
+def _images_commands(commands: argparse._SubParsersAction) -> None:
+    images = commands.add_parser("images", help="build, push and lock the stage images (Docker)")
+    actions = images.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
+    for name, text in (("build", "build images/<name>/Dockerfile, streaming the build log"),
+                       ("push", "push the built images to their repositories"),
+                       ("lock", "pin the local images by digest in the lock file")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("names", nargs="*", metavar="NAME", help="images (default: all)")
+        action.add_argument("-c", "--config", default=None,
+                            help="profile or YAML whose images.refs name the repositories "
+                                 "(default: the built-in refs)")
+        action.add_argument("--set", dest="overrides", action="append", default=[], metavar="K.PATH=V")
+        if name == "build":
+            action.add_argument("--base", help="base image instead of the Dockerfile's pinned BASE "
+                                               "(e.g. a local image for offline builds)")
+            action.add_argument("--build-arg", action="append", default=[], metavar="K=V",
+                                help="e.g. INSTALL_DEPS=0 on a base that already has the packages")
+            action.add_argument("--network", default=None, help="network of the RUN steps (none, host)")
+            action.add_argument("--no-cache", action="store_true")
+        if name == "lock":
+            action.add_argument("--lock-file", type=Path, default=None,
+                                help="default: the config's images.lock_file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -50,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="run id (default: the study name)")
     run.add_argument("--max-parallel", type=int, default=None, help="stages at once (default: cores, at most 4)")
     run.add_argument("--plain", action="store_true", help="plain lines instead of a live table")
+    _runtime_arg(run)
 
     submit = commands.add_parser("submit", help="hand the whole DAG to a cluster and return")
     submit.add_argument("--cluster", required=True, choices=sorted(CLUSTERS))
@@ -57,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _root_arg(submit)
     submit.add_argument("--run-id", help="run id (default: the study name)")
     submit.add_argument("--max-parallel", type=int, default=None, help="local: stages at once")
+    submit.add_argument("--watch", action="store_true",
+                        help="after submitting, show the live stage table until the run ends")
+    _runtime_arg(submit)
 
     clusters = renderable_clusters()
     if clusters:
@@ -78,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("stage", help="stage name")
     logs.add_argument("--tail", type=int, default=0, help="only the last N lines")
     _root_arg(logs)
+
+    _images_commands(commands)
 
     config = commands.add_parser("config", help="describe every config field, or show a resolved config")
     config.add_argument("-c", "--config", help="show this profile/YAML resolved (with --set)")
@@ -147,6 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.display import StatusView
     from pipeline.tracking import close_parent_run
 
+    launcher = _docker_launcher(args) if args.runtime == "docker" else None
     prepared = _prepare(args, "local")
     layout = prepared.layout
     if not prepared.to_run:
@@ -154,7 +191,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_OK
     view = StatusView(f"{layout.run_id} ({layout.run_dir})", live=False if args.plain else None)
     driver = LocalDriver(prepared, args.max_parallel or default_max_parallel(), visible_gpu_ids(),
-                         on_change=view.update)
+                         on_change=view.update, launcher=launcher)
     with view:
         states = driver.run()
     failed = [name for name, state in states.items() if state.value in ("failed", "blocked")]
@@ -172,14 +209,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _docker_launcher(args: argparse.Namespace):
+    """Checks every image of the graph before anything is prepared or started."""
+    from pipeline.docker_runtime import DockerLauncher
+    from pipeline.study import image_refs
+
+    loaded, graph = _load(args)
+    launcher = DockerLauncher(image_refs(loaded.config), loaded.config.images.network)
+    launcher.check(graph)
+    return launcher
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     backend_class = backend_for(args.cluster)
-    backend = backend_class(max_parallel=args.max_parallel) if args.cluster == "local" else backend_class()
+    if args.runtime and args.cluster != "local":
+        raise ConfigError(f"--runtime: only for --cluster local (cluster {args.cluster} runs images itself)")
+    if args.cluster == "local":
+        if args.runtime == "docker":
+            _docker_launcher(args)
+        backend = backend_class(max_parallel=args.max_parallel, runtime=args.runtime or "process")
+    else:
+        backend = backend_class()
     prepared = _prepare(args, args.cluster)
     if not prepared.to_run:
         print(f"{prepared.layout.run_id}: all stages already succeeded (cached); nothing submitted")
         return EXIT_OK
     print(f"{prepared.layout.run_id}: submitted {len(prepared.to_run)} stage(s): {backend.submit(prepared)}")
+    if args.watch:
+        return _watch(backend, prepared.layout)
+    return EXIT_OK
+
+
+def _watch(backend, layout: RunLayout, interval_s: float = 5.0) -> int:
+    """Poll the backend's status (a batch of list calls) until every stage has finished."""
+    import time
+
+    from pipeline.display import StatusView
+
+    with StatusView(f"{layout.run_id} ({layout.run_dir})") as view:
+        while True:
+            statuses = backend.status(layout)
+            view.update(statuses)
+            if all(status.state.finished for status in statuses):
+                break
+            time.sleep(interval_s)
+    failed = [s.name for s in statuses if s.state.value in ("failed", "blocked", "cancelled")]
+    if failed:
+        print(f"{layout.run_id}: {len(failed)} stage(s) did not succeed: {', '.join(failed)}")
+        return EXIT_FAILED
+    print(f"{layout.run_id}: all {len(statuses)} stages succeeded")
     return EXIT_OK
 
 
@@ -264,7 +342,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_images(args: argparse.Namespace) -> int:
+    from pipeline.images_cli import run_images_command
+
+    return run_images_command(args)
+
+
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "images": _cmd_images,
     "validate": _cmd_validate,
     "run": _cmd_run,
     "submit": _cmd_submit,

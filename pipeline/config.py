@@ -10,6 +10,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.backends.slurm_settings import SlurmSettings
+from pipeline.image_lock import (
+    DEFAULT_LOCK_FILE,
+    ImageRef,
+    ImageRefError,
+    pin_refs,
+    read_lock,
+    resolve_lock_path,
+)
+from pipeline.backends.k8s_settings import K8sSettings
 from pipeline.resources import Resources
 from pipeline.stage_kinds import STAGE_KINDS
 from stages.contract import is_dns1123_label
@@ -54,6 +64,9 @@ class RunConfig(BaseModel):
     train: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the study's `train` settings for this run."
     )
+    export_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the study's `export` settings for this run."
+    )
     resources: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of resources.train for this run's training."
     )
@@ -95,9 +108,23 @@ class ImagesConfig(BaseModel):
         },
         description="Stage kind -> image name (a key of refs).",
     )
+    lock_file: str | None = Field(
+        DEFAULT_LOCK_FILE,
+        description="Lock file (written by `images lock`) that pins refs without a digest; "
+        "relative to the project root; null: use refs as written.",
+    )
+    network: str = Field(
+        "none", description="--runtime docker: the containers' network (none, host or a Docker network)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ImagesConfig:
+        for name, ref in self.refs.items():
+            try:
+                ImageRef.parse(ref)
+            except ImageRefError as error:
+                raise ValueError(f"refs.{name}: {error}") from None
+        self._pin_from_lock()
         for kind, image in self.stages.items():
             if kind not in STAGE_KINDS:
                 raise ValueError(f"stages.{kind}: unknown stage kind; known: {', '.join(STAGE_KINDS)}")
@@ -111,6 +138,19 @@ class ImagesConfig(BaseModel):
                         "run `python -m pipeline images lock` or pin it by hand)"
                     )
         return self
+
+    def _pin_from_lock(self) -> None:
+        if self.lock_file is None:
+            return
+        path = resolve_lock_path(self.lock_file)
+        if not path.is_file():
+            if "lock_file" in self.model_fields_set:  # named on purpose: must exist
+                raise ValueError(f"lock_file: {path} not found; run `python -m pipeline images lock`")
+            return
+        try:
+            self.refs = pin_refs(self.refs, read_lock(path))
+        except ImageRefError as error:
+            raise ValueError(f"lock_file: {error}") from None
 
 
 class TrackingConfig(BaseModel):
@@ -154,6 +194,10 @@ class StudyConfig(BaseModel):
     )
     images: ImagesConfig = Field(default_factory=ImagesConfig, description="Container images.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    k8s: K8sSettings | None = Field(None, description="Kubernetes settings (--cluster k8s).")
+    slurm: SlurmSettings | None = Field(
+        None, description="Slurm placement and environment (submit/render --cluster slurm)."
+    )
 
     @field_validator("study")
     @classmethod
@@ -204,6 +248,10 @@ class StudyConfig(BaseModel):
                 self.train_params(name)
             except ValueError as error:
                 raise ValueError(f"runs.{name}.train: {error}") from None
+            try:
+                self.export_params(name)
+            except ValueError as error:
+                raise ValueError(f"runs.{name}.export_overrides: {error}") from None
         return self
 
     def train_params(self, run_name: str) -> TrainParams:
@@ -218,6 +266,13 @@ class StudyConfig(BaseModel):
         }
         try:
             return TrainParams.model_validate(merged)
+        except Exception as error:
+            raise ValueError(_first_error(error)) from None
+
+    def export_params(self, run_name: str) -> ExportParams:
+        merged = {**self.export.model_dump(), **self.runs[run_name].export_overrides}
+        try:
+            return ExportParams.model_validate(merged)
         except Exception as error:
             raise ValueError(_first_error(error)) from None
 

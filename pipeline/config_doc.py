@@ -34,8 +34,10 @@ def _describe_model(model: type[BaseModel], prefix: str, lines: list[str]) -> No
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+    """The model inside `Model` or `Model | None` (optional sections such as slurm, k8s)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
     return None
 
 

@@ -67,7 +67,8 @@ class RunLayout:
             ) from None
 
     def write_run(self, payload: dict[str, Any]) -> None:
-        write_json_atomic(self.run_file, payload)
+        # Key order is kept: `stages` lists the stages in topological order.
+        write_json_atomic(self.run_file, payload, sort_keys=False)
 
     def read_jobs(self) -> dict[str, Any]:
         try:

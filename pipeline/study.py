@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import BASE_MODEL, StudyConfig
 from pipeline.graph import Graph, Stage
+from stages.precision.recipe import load_recipe
 
 PREPROCESS = "preprocess"
 EVAL_BASE = "eval-base"
@@ -46,7 +47,9 @@ def build_study_graph(config: StudyConfig) -> Graph:
     for name, run in config.runs.items():
         if not run.enabled:
             continue
-        tags = {"run": name, "recipe": run.recipe, "backend": run.backend, "method": run.method}
+        # The tag holds the recipe's name, also for a recipe given as a YAML path.
+        tags = {"run": name, "recipe": load_recipe(run.recipe).name, "backend": run.backend,
+                "method": run.method}
         train_params: dict[str, Any] = config.train_params(name).model_dump(mode="json")
         train_inputs = {"data": PREPROCESS}
         if run.init_from == BASE_MODEL:
@@ -75,7 +78,7 @@ def build_study_graph(config: StudyConfig) -> Graph:
                             config.run_resources(name), images["train"], tags))
         report_inputs[train_stage(name)] = train_stage(name)
         if run.export:
-            stages.append(Stage(f"export-{name}", "export", config.export.model_dump(mode="json"),
+            stages.append(Stage(f"export-{name}", "export", config.export_params(name).model_dump(mode="json"),
                                 {"model": train_stage(name)}, resources["export"],
                                 images["export"], tags))
         if run.export and run.evaluate:

@@ -96,8 +96,8 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         raise
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+def write_json_atomic(path: Path, payload: Any, sort_keys: bool = True) -> None:
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def load_spec(path: Path) -> StageSpec:

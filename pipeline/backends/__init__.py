@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pipeline.backends.base import Backend
+from pipeline.backends.k8s import K8sBackend
 from pipeline.backends.local import LocalBackend
+from pipeline.backends.slurm import SlurmBackend
 
 CLUSTERS: dict[str, type[Backend]] = {
     "local": LocalBackend,
+    "k8s": K8sBackend,
+    "slurm": SlurmBackend,
 }
 
 

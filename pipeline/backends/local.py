@@ -42,8 +42,9 @@ def default_max_parallel() -> int:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, max_parallel: int | None = None) -> None:
+    def __init__(self, max_parallel: int | None = None, runtime: str = "process") -> None:
         self.max_parallel = max_parallel or default_max_parallel()
+        self.runtime = runtime  # process | docker (pipeline/docker_runtime.py)
 
     def submit(self, prepared: PreparedRun) -> str:
         """Start a detached driver for this run and return at once."""
@@ -53,7 +54,7 @@ class LocalBackend(Backend):
         # same fingerprints, nothing re-submitted that already succeeded.
         command = [sys.executable, "-m", "pipeline", "run", "-c", str(layout.config_path),
                    "--root", str(layout.root), "--run-id", layout.run_id,
-                   "--max-parallel", str(self.max_parallel), "--plain"]
+                   "--max-parallel", str(self.max_parallel), "--plain", "--runtime", self.runtime]
         with log_path.open("ab") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)

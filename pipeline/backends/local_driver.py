@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from pipeline.backends.base import StageState, StageStatus, failure_note
 from pipeline.errors import BackendError
+from pipeline.graph import Stage
 from pipeline.layout import RunLayout
 from pipeline.prepare import PreparedRun
 from pipeline.stage_kinds import stage_module
@@ -31,6 +32,19 @@ from stages.contract import mark_failed, read_marker
 
 GRACE_S = 20.0
 _PR_SET_PDEATHSIG = 1
+
+
+class StageLauncher(Protocol):
+    def command(self, stage: Stage, spec_path: Path, gpus: list[int]) -> list[str]: ...
+
+
+def stage_command(kind: str, spec_path: Path, processes: int, python: str = sys.executable) -> list[str]:
+    """The stage command every runtime runs (torchrun when a node has several processes)."""
+    module = stage_module(kind)
+    if processes > 1:
+        return [python, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={processes}", "-m", module, "--spec", str(spec_path)]
+    return [python, "-m", module, "--spec", str(spec_path)]
 
 
 @dataclass
@@ -48,6 +62,8 @@ class LocalDriver:
     gpu_ids: list[int]
     on_change: Callable[[list[StageStatus]], None] = lambda statuses: None
     poll_s: float = 0.05
+    # Makes a stage's command instead of running it as a plain subprocess (None: process runtime).
+    launcher: StageLauncher | None = None
     _states: dict[str, StageStatus] = field(default_factory=dict, init=False)
     _running: dict[str, _Running] = field(default_factory=dict, init=False)
     _stopping: bool = field(default=False, init=False)
@@ -130,13 +146,10 @@ class LocalDriver:
         layout = self.prepared.layout
         stage = self.prepared.graph[name]
         spec_path = layout.spec_path(name)
-        module = stage_module(stage.kind)
-        processes = stage.resources.processes_per_node
-        if processes > 1:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc-per-node={processes}", "-m", module, "--spec", str(spec_path)]
+        if self.launcher is not None:  # e.g. --runtime docker: a child that runs the container
+            command = self.launcher.command(stage, spec_path, gpus)
         else:
-            command = [sys.executable, "-m", module, "--spec", str(spec_path)]
+            command = stage_command(stage.kind, spec_path, stage.resources.processes_per_node)
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PIPELINE_JOB_ID": f"local-{os.getpid()}-{name}"}
         # A stage sees only the GPUs it was given; a CPU stage sees none.

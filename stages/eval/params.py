@@ -27,3 +27,19 @@ class EvalParams(BaseModel):
     )
     lm_eval_limit: int | None = Field(None, ge=1, description="Cap on examples per task.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Dtype the model runs in; quantized linears compute in float32."
+    )
+
+
+class EvalStageParams(EvalParams):
+    """What the stage receives: the user's EvalParams plus what the study graph sets per eval."""
+
+    recipe: str = Field(
+        "bf16",
+        description="Recipe of the evaluated model (its fprop formats quantize activations); "
+        "must agree with the recipe recorded in the model dir, when it records one.",
+    )
+    model: str | None = Field(
+        None, description="HF id or local dir of the model, when the spec has no 'model' input."
+    )

@@ -23,3 +23,9 @@ class ExportParams(BaseModel):
         description="Who packs the quantized checkpoint: ModelOpt's exporter (GPU), our packer "
         "(anywhere), or auto = modelopt where it runs, ours otherwise (recorded).",
     )
+    calib_samples: int = Field(
+        16,
+        ge=1,
+        description="When the model dir holds no calibrated input amax (SFT/TE runs) and the stage "
+        "has a 'data' input: training sequences used to calibrate the activations' input_scale.",
+    )

@@ -17,7 +17,7 @@ from torch import nn
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.recipe import Recipe
 
-BACKENDS = ("emulated", "te", "modelopt", "torchao")
+BACKENDS = ("emulated", "te", "modelopt", "torchao", "scaled_mm")
 Calibrate = Callable[[nn.Module], None]
 
 
@@ -79,6 +79,11 @@ def prepare_model(
 
         layers = convert_emulated(model, recipe)
         prepared = PreparedModel(model, recipe, backend, _on_step=lambda step: step_emulated(layers, recipe, step))
+    elif backend == "scaled_mm":
+        from stages.precision.fp8_native import convert_scaled_mm, step_scaled_mm
+
+        fp8_layers = convert_scaled_mm(model, recipe)
+        prepared = PreparedModel(model, recipe, backend, _on_step=lambda step: step_scaled_mm(fp8_layers))
     elif backend == "te":
         from stages.precision.te_backend import convert_te
 
@@ -112,7 +117,7 @@ def prepare_model(
 def convert_for_export(prepared: PreparedModel) -> nn.Module:
     """After training: the model as the export stage wants it.
 
-    emulated / te: every converted layer back to a plain nn.Linear holding the trained
+    emulated / te / scaled_mm: every converted layer back to a plain nn.Linear holding the trained
     high-precision weights (the export stage quantizes them to recipe.inference_format).
     torchao: its QAT convert step (the PTQ-quantized model). modelopt: the model as is
     (ModelOpt's own export reads its quantizers).

@@ -21,11 +21,13 @@ from torch import nn
 
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.fp8 import FP8_DTYPES, fake_quantize_fp8
+from stages.precision.kernels.dispatch import ActivationMemo, fake_quantize_cuda, fused_rows_and_cols
 from stages.precision.mx import ELEM_DTYPES, fake_quantize_mxfp8
 from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4, hadamard_16
 from stages.precision.recipe import OperandSpec, Recipe
 
 EMULATED_FORMATS = ("bf16", *FP8_DTYPES, *ELEM_DTYPES, "nvfp4")
+_ACTIVATIONS = ActivationMemo()  # CUDA only: one quantization of x shared by the linears reading it
 
 
 class OperandQuantizer:
@@ -46,8 +48,13 @@ class OperandQuantizer:
         fmt = self.spec.format
         if fmt == "bf16":
             return x
+        amax = self._delayed_amax(x) if fmt in FP8_DTYPES and self.spec.scaling == "delayed" else None
+        if x.is_cuda:  # Triton kernels, bit-exact with the reference below (None: no kernel for the spec)
+            out = fake_quantize_cuda(x, self.spec, amax)
+            if out is not None:
+                return out
         if fmt in FP8_DTYPES:
-            return fake_quantize_fp8(x, fmt, self._delayed_amax(x) if self.spec.scaling == "delayed" else None)
+            return fake_quantize_fp8(x, fmt, amax)
         if fmt in ELEM_DTYPES:
             return fake_quantize_mxfp8(x, fmt, self.spec.scale_rounding)
         if fmt == "nvfp4":
@@ -81,14 +88,32 @@ class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):  # type: ignore[override]
         q = layer.quantizers
-        x_q = q["fprop.input"](x)  # blocks along the last dim = K, for any leading shape
-        w_q = q["fprop.weight"](weight).to(x.dtype)
+        recipe = layer.recipe
+        # Without autocast grad_y has x's dtype, so wgrad would quantize this same x.
+        fuse = recipe.backward_source == "original" and layer.hadamard is None and not torch.is_autocast_enabled(x.device.type)
+        memo_key = (recipe.fprop.input, recipe.wgrad.input if fuse else None)
+        use_memo = x.is_cuda and recipe.fprop.input.scaling != "delayed"  # delayed: each layer records its amax
+        hit = _ACTIVATIONS.get(x, memo_key) if use_memo else None
+        if hit is not None:
+            x_q, x_wgrad = hit
+        else:
+            x_wgrad = None  # wgrad's quantized x, when one fused kernel read gives it with fprop's
+            pair = fused_rows_and_cols(x.reshape(-1, x.shape[-1]), recipe.fprop.input, recipe.wgrad.input) if fuse else None
+            if pair is not None:
+                x_q, x_wgrad = pair[0].reshape(x.shape), pair[1]
+            else:
+                x_q = q["fprop.input"](x)  # blocks along the last dim = K, for any leading shape
+            if use_memo:
+                _ACTIVATIONS.put(x, memo_key, (x_q, x_wgrad))
+        w_q = layer.cached_weight("fprop.weight", weight, lambda w: q["fprop.weight"](w).to(x.dtype))
         # No reshape of the output: FSDP2 warns about (and mishandles in-place ops on) views.
         y = F.linear(x_q, w_q, None if bias is None else bias.to(x.dtype))
-        if layer.recipe.backward_source == "original":
-            ctx.save_for_backward(x, weight)
+        if recipe.backward_source == "original":
+            ctx.save_for_backward(x if x_wgrad is None else x_wgrad, weight)
         else:
             ctx.save_for_backward(x_q, w_q)
+        ctx.x_wgrad_quantized = x_wgrad is not None
+        ctx.x_shape = x.shape
         ctx.layer = layer
         ctx.weight_dtype = weight.dtype
         ctx.has_bias = bias is not None
@@ -97,25 +122,40 @@ class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         x_saved, w_src = ctx.saved_tensors
-        x_shape = x_saved.shape
+        x_shape = ctx.x_shape
         x_src = x_saved.reshape(-1, x_shape[-1])
         layer = ctx.layer
         q = layer.quantizers
+        recipe = layer.recipe
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         dx = dw = db = None
+        g_pair = None
+        if all(ctx.needs_input_grad[:2]) and layer.hadamard is None:
+            g_pair = fused_rows_and_cols(g2, recipe.dgrad.grad_output, recipe.wgrad.grad_output)
         if ctx.needs_input_grad[0]:
-            g_q = q["dgrad.grad_output"](g2)
-            w_q = q["dgrad.weight"](w_src.t().to(g2.dtype)).t()  # blocks along N
+            g_q = q["dgrad.grad_output"](g2) if g_pair is None else g_pair[0]
+            w_q = layer.cached_weight(  # blocks along N
+                "dgrad.weight", w_src, lambda w: q["dgrad.weight"](w.t().to(g2.dtype)).t(), cache=w_src is layer.weight
+            )
             dx = (g_q @ w_q).reshape(x_shape)
         if ctx.needs_input_grad[1]:
             g_t, x_t = g2.t(), x_src.t().to(g2.dtype)
             if layer.hadamard is not None:
                 h = layer.hadamard.to(g2.device)
                 g_t, x_t = apply_hadamard(g_t, h), apply_hadamard(x_t, h)
-            dw = (q["wgrad.grad_output"](g_t) @ q["wgrad.input"](x_t).t()).to(ctx.weight_dtype)
+            g_wq = q["wgrad.grad_output"](g_t) if g_pair is None else g_pair[1].t()
+            x_wq = x_t if ctx.x_wgrad_quantized else q["wgrad.input"](x_t)  # already quantized in forward
+            dw = (g_wq @ x_wq.t()).to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0).to(ctx.weight_dtype)
         return dx, dw, db, None
+
+
+@torch._dynamo.disable
+def _apply_quantized(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+    """Eager under torch.compile: the quantizers are Triton kernels with per-step caches, and
+    tracing the Function recompiled it for every weight shape."""
+    return _QuantizedLinearFn.apply(x, layer.weight, layer.bias, layer)
 
 
 class QuantizedLinear(nn.Module):
@@ -131,16 +171,36 @@ class QuantizedLinear(nn.Module):
         self.fake_quant_enabled = recipe.fake_quant_after_steps == 0
         self.quantizers = {f"{gemm}.{operand}": OperandQuantizer(spec) for (gemm, operand), spec in recipe.operands()}
         self.hadamard: torch.Tensor | None = None
+        # Quantized weights by role, reused across the micro-batches of one optimizer step:
+        # keyed on the weight's storage and version counter (an optimizer update bumps it), and
+        # cleared by step_emulated at every step.
+        self._weight_cache: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
         if recipe.wgrad.grad_output.hadamard:
             # One fixed random sign vector per layer, reproducible from its name.
             gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             signs = torch.randint(0, 2, (16,), generator=gen) * 2 - 1
             self.hadamard = hadamard_16(signs)
 
+    def cached_weight(self, role: str, weight: torch.Tensor, quantize, cache: bool = True) -> torch.Tensor:
+        """quantize(weight), computed once per weight version (delayed scaling: never cached,
+        its amax bookkeeping must see every call)."""
+        if not cache or self.quantizers[role].spec.scaling == "delayed":
+            return quantize(weight)
+        key = (weight.data_ptr(), weight._version)
+        hit = self._weight_cache.get(role)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = quantize(weight)
+        self._weight_cache[role] = (key, out)
+        return out
+
+    def clear_weight_cache(self) -> None:
+        self._weight_cache.clear()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        return _QuantizedLinearFn.apply(x, self.weight, self.bias, self)
+        return _apply_quantized(x, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}"
@@ -190,6 +250,8 @@ def step_emulated(layers: list[QuantizedLinear], recipe: Recipe, step: int) -> N
     layers), so every rank scales with the same history, as TE does."""
     for layer in layers:
         layer.fake_quant_enabled = step >= recipe.fake_quant_after_steps
+        layer.clear_weight_cache()
+    _ACTIVATIONS.clear()
     if not recipe.uses_delayed_scaling:
         return
     pending = [qz for layer in layers for qz in layer.quantizers.values() if qz.pending_amax is not None]

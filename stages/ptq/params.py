@@ -18,3 +18,20 @@ class PtqParams(BaseModel):
         "max", description="Calibration algorithm (ModelOpt 'max': amax of what was seen)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Dtype the model is loaded and saved in (study: bfloat16)."
+    )
+
+
+class PtqStageParams(PtqParams):
+    """What the stage receives: the user's PtqParams plus what the study graph sets per run."""
+
+    recipe: str = Field(description="Precision recipe (name or YAML path) whose forward is calibrated.")
+    backend: Literal["emulated", "modelopt", "te", "torchao"] = Field(
+        "emulated",
+        description="modelopt: mtq.quantize (CUDA for NVFP4); emulated: amax recorded by hooks, "
+        "runs anywhere. te/torchao are refused with a one-line error.",
+    )
+    model: str | None = Field(
+        None, description="HF id or local dir of the model, when the spec has no 'model' input."
+    )

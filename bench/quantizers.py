@@ -1,0 +1,113 @@
+"""Bandwidth of the Triton quantizers vs the device's copy bandwidth (x.clone(), same process).
+
+GB/s counts the bytes a kernel must move at least: the bf16 input read once plus every output
+written (FP8 data 1 B, E2M1 codes 1 B unpacked, scales, dequantized bf16 2 B). Per-tensor FP8
+and NVFP4 also read the input a second time for the global amax (one extra pass not counted:
+their fraction of copy bandwidth shows its cost). The PyTorch reference is timed too.
+
+  python -m bench.quantizers [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from stages.precision import fp8, mx, nvfp4
+from stages.precision.kernels import ops
+
+SIZES = [(4096, 4096), (4096, 12288), (151936, 4096)]
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def kernels(n: int) -> dict[str, tuple[callable, callable | None, float]]:
+    """name -> (kernel(x), reference(x) or None, bytes moved per element besides the 2-B read)."""
+    return {
+        "amax": (ops.amax, lambda x: x.abs().max(), 0.0),
+        "fp8_e4m3_quantize": (lambda x: ops.fp8(x, E4M3), lambda x: fp8.quantize_fp8(x, E4M3), 1.0),
+        "fp8_e5m2_quantize_and_transpose": (lambda x: ops.fp8(x, E5M2, transposed=True), None, 2.0),
+        "fp8_e4m3_fake": (lambda x: ops.fake_fp8(x, E4M3), lambda x: fp8.fake_quantize_fp8(x, "fp8_e4m3"), 2.0),
+        "mxfp8_quantize": (ops.mxfp8, mx.quantize_mxfp8, 1.0 + 1 / 32),
+        "mxfp8_quantize_colwise": (lambda x: ops.mxfp8(x.t()), lambda x: mx.quantize_mxfp8(x.t()), 1.0 + 1 / 32),
+        "mxfp8_fake": (ops.fake_mxfp8, mx.fake_quantize_mxfp8, 2.0),
+        "nvfp4_quantize": (ops.nvfp4, nvfp4.quantize_nvfp4, 1.0 + 1 / 16),
+        "nvfp4_fake": (ops.fake_nvfp4, nvfp4.fake_quantize_nvfp4, 2.0),
+        "nvfp4_rows_mxfp8_cols_fake": (
+            lambda x: ops.fake_rows_and_cols(x, "nvfp4"),
+            lambda x: (nvfp4.fake_quantize_nvfp4(x), mx.fake_quantize_mxfp8(x.t())),
+            4.0,
+        ),
+        "mxfp8_rows_and_cols_fake": (
+            lambda x: ops.fake_rows_and_cols(x, "mxfp8"),
+            lambda x: (mx.fake_quantize_mxfp8(x), mx.fake_quantize_mxfp8(x.t())),
+            4.0,
+        ),
+    }
+
+
+def modelopt_nvfp4(x: torch.Tensor) -> tuple[float, float] | None:
+    """(fraction of elements bit-equal to our NVFP4 fake quant, its ms) if ModelOpt imports."""
+    try:
+        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import fp4_fake_quant_block
+    except Exception as error:  # noqa: BLE001 - report why, keep benching
+        print(f"modelopt: not compared ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+        return None
+    amax = x.abs().amax().float()
+    theirs = fp4_fake_quant_block(x, amax)
+    ours = ops.fake_nvfp4(x)
+    equal = (theirs.view(torch.int16) == ours.view(torch.int16)).float().mean().item()
+    return equal, do_bench(lambda: fp4_fake_quant_block(x, amax))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "quantizers.json"))
+    parser.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
+    args = parser.parse_args()
+    rows = []
+    device = torch.cuda.get_device_name()
+    print(device)
+    print(f"{'kernel':32} {'size':>14} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'ref ms':>8} {'speedup':>8}")
+    for r, k in SIZES:
+        x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
+        n = x.numel()
+        copy_ms = do_bench(lambda: x.clone())
+        copy_bw = 2 * n * 2 / (copy_ms * 1e-3) / 1e9
+        rows.append({"kernel": "copy (x.clone)", "size": f"{r}x{k}", "ms": copy_ms, "gb_per_s": copy_bw, "fraction_of_copy_bw": 1.0})
+        print(f"{'copy (x.clone)':32} {f'{r}x{k}':>14} {copy_ms:8.3f} {copy_bw:8.0f} {1.0:8.2f}")
+        for name, (kernel, reference, out_bytes) in kernels(n).items():
+            ms = do_bench(lambda: kernel(x))
+            gbs = n * (2 + out_bytes) / (ms * 1e-3) / 1e9
+            ref_ms = None
+            if reference is not None and not args.no_reference:
+                try:
+                    ref_ms = do_bench(lambda: reference(x), rep=50)
+                except torch.OutOfMemoryError:
+                    ref_ms = None
+                torch.cuda.empty_cache()
+            row = {"kernel": name, "size": f"{r}x{k}", "ms": ms, "gb_per_s": gbs, "fraction_of_copy_bw": gbs / copy_bw,
+                   "reference_ms": ref_ms, "speedup_vs_reference": (ref_ms / ms) if ref_ms else None}
+            rows.append(row)
+            ref_text = f"{ref_ms:8.3f} {ref_ms / ms:8.1f}" if ref_ms else f"{'-':>8} {'-':>8}"
+            print(f"{name:32} {f'{r}x{k}':>14} {ms:8.3f} {gbs:8.0f} {gbs / copy_bw:8.2f} {ref_text}")
+        if (r, k) == (4096, 4096):
+            compared = modelopt_nvfp4(x)
+            if compared is not None:
+                equal, mo_ms = compared
+                print(f"modelopt fp4_fake_quant_block {r}x{k}: {mo_ms:.3f} ms, bit-equal to ours on {equal:.6f} of elements")
+                rows.append({"kernel": "modelopt_nvfp4_fake", "size": f"{r}x{k}", "ms": mo_ms,
+                             "gb_per_s": n * 4 / (mo_ms * 1e-3) / 1e9, "fraction_bit_equal_to_ours": equal})
+        del x
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "results": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""`--runtime docker` for the local backend: each stage runs in its image, pinned by digest.
+
+The driver still starts one child process per stage (so its pool, PDEATHSIG, SIGTERM handling
+and logs work unchanged); that child is `python -m pipeline.docker_stage`, which runs the
+stage's container through the Docker SDK and mirrors it: logs to the stage log, SIGTERM to
+`docker stop`, the exit code back, the container removed. `DockerLauncher.check` runs once
+before the first stage: every image must be pinned by digest, present here, and built from
+the stages code of this checkout.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.backends.local_driver import stage_command
+from pipeline.errors import BackendError
+from pipeline.fingerprint import code_version
+from pipeline.graph import Graph, Stage
+from pipeline.image_lock import ImageRef
+from pipeline.images import CODE_LABEL, docker_client
+
+RUNTIMES = ("process", "docker")
+IN_CONTAINER_PYTHON = "python"
+
+
+def resolve_local_image(client: Any, text: str) -> Any:
+    """The local image a pinned reference names: by registry digest, else by image id."""
+    import docker.errors
+
+    ref = ImageRef.parse(text)
+    if ref.digest is None:
+        raise BackendError(
+            f"image '{text}' has no @sha256: digest; --runtime docker runs pinned images only: "
+            "`python -m pipeline images build` then `images lock`"
+        )
+    for candidate in (f"{ref.repository}@{ref.digest}", ref.digest):
+        try:
+            return client.images.get(candidate)
+        except docker.errors.ImageNotFound:
+            continue
+        except docker.errors.APIError as error:
+            if getattr(error, "status_code", None) not in (400, 404):
+                raise
+    raise BackendError(
+        f"image {text} is not on this machine; `docker pull {ref.repository}@{ref.digest}` or "
+        f"rebuild and relock (`python -m pipeline images build && python -m pipeline images lock`)"
+    )
+
+
+@dataclass
+class DockerLauncher:
+    """Makes the driver's command for a stage: the container runner, not the stage itself."""
+
+    image_refs: dict[str, str]
+    network: str = "none"
+
+    def check(self, graph: Graph, names: list[str] | None = None) -> dict[str, str]:
+        """Fail before anything starts (every stage of the graph, or `names`): returns image
+        name -> local image id of what will run."""
+        client = docker_client()
+        ids: dict[str, str] = {}
+        for name in names if names is not None else graph.names:
+            stage = graph[name]
+            image = resolve_local_image(client, self.image_refs[stage.image])
+            ids[stage.image] = image.id
+            labels = image.attrs.get("Config", {}).get("Labels") or {}
+            built_from = labels.get(CODE_LABEL + stage.kind)
+            if built_from != code_version(stage.kind):
+                raise BackendError(
+                    f"stage {name}: image '{stage.image}' ({self.image_refs[stage.image]}) was built "
+                    f"from other `stages/` code than this checkout's ({stage.kind}: "
+                    f"{built_from or 'unlabelled'} != {code_version(stage.kind)}); "
+                    f"rebuild: `python -m pipeline images build {stage.image}` then `images lock`"
+                )
+        return ids
+
+    def command(self, stage: Stage, spec_path: Path, gpus: list[int]) -> list[str]:
+        inner = stage_command(stage.kind, spec_path, stage.resources.processes_per_node,
+                              python=IN_CONTAINER_PYTHON)
+        # <root>/<run>/<stage>/spec.json (RunLayout): the root is mounted, the run names the container
+        root, run_id = spec_path.parents[2], spec_path.parents[1].name
+        command = [sys.executable, "-m", "pipeline.docker_stage",
+                   "--image", self.image_refs[stage.image],
+                   "--spec", str(spec_path),
+                   "--root", str(root),
+                   "--name", f"fq-{run_id}-{stage.name}",
+                   "--network", self.network,
+                   "--shm-gb", str(stage.resources.shm_gb)]
+        if gpus:
+            command += ["--gpus", ",".join(str(gpu) for gpu in gpus)]
+        return [*command, "--", *inner]

@@ -1,0 +1,5 @@
+from stages.eval.core import run
+from stages.runtime import stage_main
+
+if __name__ == "__main__":
+    stage_main(run)

@@ -1,0 +1,134 @@
+"""The eval stage: validation loss in the deployed precision, plus optional lm-eval accuracy.
+
+Inputs: `data` (preprocess output; the `val` split), `model` (an export, ptq or train dir;
+absent for eval-base, which loads params.model). See deployed.py for what "deployed" means.
+val_loss = sum of next-token cross entropy over label tokens / label tokens (the first
+`max_batches` micro-batches of val, in order). Output dir: `eval.json` (the summary) and,
+with lm_eval_tasks, `lm_eval.json` (lm-eval's results).
+Summary: val_loss, val_tokens, acc_<task> per task, precision (what ran), activation_scaling,
+packer (of the evaluated weights), recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from stages.contract import write_json_atomic
+from stages.eval.deployed import Deployment, fake_quant_deployment, load_unified, pack_in_memory
+from stages.eval.params import EvalStageParams
+from stages.export.sources import model_dir_of, read_precision
+from stages.export.unified import deployed_format
+from stages.precision.recipe import Recipe
+from stages.runtime import StageContext, StageInputError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPORT_FILE = "export.json"
+
+
+def parse_params(raw: dict[str, Any]) -> EvalStageParams:
+    try:
+        return EvalStageParams.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise StageInputError(f"params.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def _check_recipe(params: EvalStageParams, recorded: dict[str, Any] | None, where: Path) -> Recipe:
+    from stages.precision import load_recipe
+
+    try:
+        asked = load_recipe(params.recipe)
+    except ValueError as error:
+        raise StageInputError(f"params.recipe: {error}") from None
+    if recorded is None:
+        return asked
+    recipe = Recipe.model_validate(recorded)
+    if recipe.name != asked.name:
+        raise StageInputError(f"params.recipe: {asked.name} but {where} was made with recipe {recipe.name}")
+    return recipe
+
+
+def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.device) -> tuple[Deployment, Recipe, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[params.dtype]
+    source = ctx.spec.inputs.get("model")
+    if source is not None and (Path(source) / EXPORT_FILE).exists():
+        export = json.loads((Path(source) / EXPORT_FILE).read_text())
+        recipe = _check_recipe(params, export["recipe"], Path(source))
+        quantized = export["checkpoints"].get("quantized")
+        if params.precision == "deployed" and quantized:
+            qdir = Path(source) / quantized
+            model, fmt, scaling = load_unified(qdir, recipe, dtype, device)
+            return Deployment(model, fmt, scaling, export["packer"]), recipe, AutoTokenizer.from_pretrained(qdir)
+        if params.precision == "deployed" and deployed_format(recipe.inference_format):
+            raise StageInputError(f"inputs.model: {source} has no quantized checkpoint for {recipe.inference_format}; "
+                                  "set eval.precision: bf16 or export.quantized_checkpoint: true")
+        bdir = Path(source) / (export["checkpoints"].get("bf16") or "")
+        if not (bdir / "config.json").exists():
+            raise StageInputError(f"inputs.model: {source} has no bf16 checkpoint; set export.bf16_checkpoint: true")
+        model = AutoModelForCausalLM.from_pretrained(bdir, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(bdir)
+        if params.precision == "deployed" and recipe.inference_format != "bf16":
+            return fake_quant_deployment(model, recipe), recipe, tokenizer
+        return Deployment(model, "bf16", "none", None), recipe, tokenizer
+    path = str(model_dir_of(source)) if source is not None else params.model
+    if not path:
+        raise StageInputError("params.model: no model given; set params.model or give the stage a 'model' input")
+    precision = read_precision(Path(path)) if Path(path).is_dir() else None
+    recipe = _check_recipe(params, precision["recipe"] if precision else None, Path(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except OSError as error:
+        raise StageInputError(f"params.model: cannot load {path!r} ({str(error).strip().splitlines()[0]})") from None
+    if params.precision != "deployed" or recipe.inference_format == "bf16":
+        return Deployment(model, "bf16", "none", None), recipe, tokenizer
+    fmt = deployed_format(recipe.inference_format)
+    if fmt is None:
+        return fake_quant_deployment(model, recipe), recipe, tokenizer
+    return pack_in_memory(model, recipe, fmt, Path(path)), recipe, tokenizer
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, data_dir: Path, micro_batch: int, max_batches: int | None, device: torch.device) -> tuple[float, int]:
+    from stages.train.batches import TokenSplit, validation_batches
+    from stages.train.losses import cross_entropy_sum
+
+    split = TokenSplit(data_dir, "val")
+    total, tokens = 0.0, 0
+    for batch in validation_batches(split, micro_batch, 0, 1, max_batches):
+        batch = batch.to(device)
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        total += float(cross_entropy_sum(logits, batch.labels).double())
+        tokens += batch.label_tokens
+    return total / max(tokens, 1), tokens
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from stages.ptq.core import resolve_device
+
+    params = parse_params(ctx.params)
+    device = resolve_device(params.device)
+    deployment, recipe, tokenizer = load_deployment(ctx, params, device)
+    val_loss, val_tokens = validation_loss(deployment.model, ctx.input_dir("data"), params.micro_batch, params.max_batches, device)
+    summary: dict[str, Any] = {
+        "val_loss": val_loss, "val_tokens": val_tokens, "precision": deployment.precision,
+        "activation_scaling": deployment.activation_scaling, "packer": deployment.packer or "none",
+        "recipe": recipe.name,
+    }
+    if params.lm_eval_tasks:
+        from stages.eval.harness import run_lm_eval
+
+        results = run_lm_eval(deployment.model, tokenizer, params, device)
+        write_json_atomic(ctx.output_dir / "lm_eval.json", results)
+        for task, metrics in results.items():
+            summary[f"acc_{task}"] = metrics["acc"]
+    write_json_atomic(ctx.output_dir / "eval.json", summary)
+    ctx.tracker.set_tags({"precision": deployment.precision, "packer": deployment.packer or "none", "recipe": recipe.name})
+    return summary

@@ -1,0 +1,44 @@
+"""`python -m stages.mark_failed --spec S --exit-code N [--error TEXT]`: leave a `_FAILED` marker
+for a stage whose process ended without one (killed, OOM, upstream failed seen by a waiter).
+
+Cluster backends run it after the stage command (`stage || python -m stages.mark_failed ...`) so
+dependents waiting on markers learn of the failure at once. It never overwrites a marker of the
+same fingerprint (the stage's own verdict wins) and writes nothing for an interrupted stage
+(exit 130/143: the next attempt resumes it). Torch-free: it runs in any stage image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stages.contract import load_spec, mark_failed, read_marker
+
+INTERRUPTED_EXITS = (130, 143)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, type=Path, help="the stage's spec.json")
+    parser.add_argument("--exit-code", required=True, type=int, help="exit code of the stage")
+    parser.add_argument("--error", default="", help="one-line reason (default: names the exit code)")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+    except Exception as error:
+        print(f"error: {args.spec}: invalid stage spec: {error}".splitlines()[0], file=sys.stderr)
+        return 2
+    if args.exit_code in INTERRUPTED_EXITS:
+        return 0
+    marker = read_marker(spec.output_dir)
+    if marker is not None and marker.fingerprint == spec.fingerprint:
+        return 0
+    error = args.error or (f"{spec.stage}: exited with code {args.exit_code} without a marker "
+                           "(killed or out of memory?); see its log")
+    mark_failed(spec.output_dir, spec.fingerprint, error, args.exit_code)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

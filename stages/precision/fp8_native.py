@@ -1,0 +1,168 @@
+"""The `scaled_mm` backend: per-tensor FP8 GEMMs on the tensor cores (torch._scaled_mm, Hopper+).
+
+For the `fp8` recipe (current scaling, E4M3 forward, E5M2 gradients): every operand is
+quantized exactly as the emulated backend quantizes it (the same Triton kernel, bit for bit
+the reference of fp8.py); only the GEMM differs: the hardware multiplies the FP8 operands
+exactly and accumulates in FP32, where the emulation multiplies bf16-rounded dequantized values.
+
+Per-tensor scales do not depend on the layout, so each tensor is quantized once and its
+transpose (the other major order that cuBLASLt needs) is written by the same kernel:
+  fprop  y  = x_q  @ W_q^T      A = x_q [M,K] row-major,  B = W_q^T (W_q is [N,K] row-major)
+  dgrad  dx = dy_q @ W_q        A = dy_q [M,N],           B = (W_q^T contiguous [K,N]).t()
+  wgrad  dW = dy_q^T @ x_q      A = dy_q^T contiguous,    B = (x_q^T contiguous [K,M]).t()
+The weight's FP8 forms are cached per weight version (reused by the micro-batches of a step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.precision.emulated import linear_names, replace_module
+from stages.precision.errors import PrecisionUnavailable
+from stages.precision.recipe import Recipe
+
+_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def check_recipe(recipe: Recipe) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(x dtype, W dtype, dy dtype) of a recipe this backend runs, else PrecisionUnavailable."""
+    ops = dict(((gemm, name), spec) for (gemm, name), spec in recipe.operands())
+    problem = None
+    if any(spec.format not in _DTYPES or spec.scaling != "current" for spec in ops.values()):
+        problem = "needs per-tensor FP8 current scaling on all six operands"
+    elif ops["fprop", "input"].format != ops["wgrad", "input"].format:
+        problem = "needs the same format for x in fprop and wgrad"
+    elif ops["fprop", "weight"].format != ops["dgrad", "weight"].format:
+        problem = "needs the same format for W in fprop and dgrad"
+    elif ops["dgrad", "grad_output"].format != ops["wgrad", "grad_output"].format:
+        problem = "needs the same format for dy in dgrad and wgrad"
+    elif recipe.backward_source != "original":
+        problem = "runs backward_source original only"
+    elif recipe.fake_quant_after_steps:
+        problem = "has no delayed start (fake_quant_after_steps must be 0)"
+    if problem is None:
+        x, w, g = (_DTYPES[ops[k].format] for k in (("fprop", "input"), ("fprop", "weight"), ("dgrad", "grad_output")))
+        if x == w == torch.float8_e5m2 or (torch.float8_e5m2 in (x, w) and g == torch.float8_e5m2):
+            problem = "cannot multiply two E5M2 operands (cuBLASLt has no E5M2 x E5M2 GEMM)"
+    if problem:
+        raise PrecisionUnavailable(f"recipe {recipe.name}: backend scaled_mm {problem}; choose backend emulated")
+    return x, w, g
+
+
+def check_device() -> None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise PrecisionUnavailable("backend scaled_mm needs a CUDA GPU with FP8 tensor cores (sm_89+); choose backend emulated")
+
+
+def _quantize(x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from stages.precision.kernels import ops
+
+    q, q_t, _ = ops.fp8(x2, dtype, transposed=True)
+    return q.data, q.scale, q_t
+
+
+class _ScaledMMFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, x_scale, xq_t = _quantize(x2, layer.x_dtype)
+        wq, w_scale, wq_t = layer.weight_fp8(weight)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        ctx.save_for_backward(xq_t, x_scale, wq_t, w_scale)
+        ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = layer, x.shape, x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        xq_t, x_scale, wq_t, w_scale = ctx.saved_tensors
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        gq, g_scale, gq_t = _quantize(g2, ctx.layer.g_dtype)
+        out_dtype = g2.dtype if g2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch._scaled_mm(gq, wq_t.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=out_dtype)
+            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch._scaled_mm(gq_t, xq_t.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=out_dtype)
+            dw = dw.to(ctx.weight_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0).to(ctx.weight_dtype)
+        return dx, dw, db, None
+
+
+@torch._dynamo.disable
+def _apply_scaled_mm(x: torch.Tensor, layer: ScaledMMLinear) -> torch.Tensor:
+    """Eager under torch.compile (Triton quantizers, a per-step weight cache)."""
+    return _ScaledMMFn.apply(x, layer.weight, layer.bias, layer)
+
+
+class ScaledMMLinear(nn.Module):
+    """Drop-in for nn.Linear holding the same Parameters; GEMMs in FP8 via torch._scaled_mm."""
+
+    def __init__(self, linear: nn.Linear, recipe: Recipe) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % 16 or self.out_features % 16:
+            raise PrecisionUnavailable(
+                f"backend scaled_mm needs in/out features divisible by 16, got {self.in_features}x"
+                f"{self.out_features}; list the layer in high_precision or choose backend emulated"
+            )
+        self.weight, self.bias = linear.weight, linear.bias
+        self.recipe = recipe
+        self.x_dtype, self.w_dtype, self.g_dtype = check_recipe(recipe)
+        self._cache: tuple[tuple[int, int], tuple[torch.Tensor, ...]] | None = None
+
+    def weight_fp8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_q [N,K], dequantization scale, W_q^T contiguous [K,N]), once per weight version."""
+        key = (weight.data_ptr(), weight._version)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, _quantize(weight, self.w_dtype))
+        return self._cache[1]  # type: ignore[return-value]
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() % 16:
+            # torch._scaled_mm needs every GEMM dim divisible by 16, the tokens too (wgrad's K).
+            raise PrecisionUnavailable(
+                f"backend scaled_mm needs the token count divisible by 16, got {x.shape[:-1].numel()}; "
+                "pad the batch or choose backend emulated"
+            )
+        return _apply_scaled_mm(x, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}"
+
+
+def convert_scaled_mm(model: nn.Module, recipe: Recipe) -> list[ScaledMMLinear]:
+    check_recipe(recipe)
+    check_device()
+    layers = []
+    for name in linear_names(model, recipe):
+        layer = ScaledMMLinear(model.get_submodule(name), recipe)
+        replace_module(model, name, layer)
+        layers.append(layer)
+    return layers
+
+
+def step_scaled_mm(layers: list[ScaledMMLinear]) -> None:
+    """Once per optimizer step: drop the cached FP8 weights (their version moved on anyway)."""
+    for layer in layers:
+        layer.clear_cache()
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """What the FP8 GEMM computes, in fp32: the dequantized operands' exact product
+    (for tests: equal to the native output up to accumulation order and the bf16 output)."""
+    from stages.precision.fp8 import quantize_fp8
+
+    x_dtype, w_dtype, _ = check_recipe(recipe)
+    xq, wq = quantize_fp8(x, x_dtype), quantize_fp8(weight, w_dtype)
+    return F.linear(xq.data.float() * xq.scale, wq.data.float() * wq.scale)

@@ -1,0 +1,168 @@
+"""Python entry points of the Triton quantizers (CUDA tensors; TRITON_INTERPRET=1 runs them on CPU).
+
+Same results, bit for bit, as the PyTorch reference in fp8.py / mx.py / nvfp4.py, which stays
+the CPU path and the oracle of the tests. Every function takes x of any leading shape with
+blocks along the last dim; a 2-D x may be a transposed view (column-wise quantization).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from stages.precision.fp8 import Fp8Quantized
+from stages.precision.kernels import triton_jit as jit
+from stages.precision.mx import MxQuantized
+from stages.precision.nvfp4 import Nvfp4Quantized
+
+_MX_CODE = {torch.float8_e4m3fn: jit.MX_E4M3, torch.float8_e5m2: jit.MX_E5M2}
+_BR, _BK = 32, 128  # a tile: 32 rows (one column-wise MX block) by 4 MX / 8 NVFP4 blocks
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2:
+        return x
+    return x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x.reshape(1, -1)
+
+
+def _grid(r: int, k: int) -> tuple[int, int]:
+    return triton.cdiv(r, _BR), triton.cdiv(k, _BK)
+
+
+def _empty_like_strided(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Output in x's memory order (a transposed view in, a transposed view out)."""
+    if x2.stride(0) == 1 and x2.stride(1) != 1:
+        return torch.empty(x2.shape[1], x2.shape[0], dtype=dtype, device=x2.device).t()
+    return torch.empty(x2.shape, dtype=dtype, device=x2.device)
+
+
+def amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as an fp32 0-dim tensor (NaN if any element is NaN), one pass."""
+    x2 = _as_2d(x)
+    out = torch.zeros((), dtype=torch.int32, device=x.device)
+    if x2.numel():
+        jit._amax_kernel[_grid(*x2.shape)](x2, out, *x2.shape, *x2.stride(), BR=_BR, BK=_BK)
+    return out.view(torch.float32)
+
+
+def _amax_bits(amax_value: torch.Tensor) -> torch.Tensor:
+    return amax_value.to(torch.float32).reshape(()).contiguous().view(torch.int32)
+
+
+def fp8(
+    x: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    amax_value: torch.Tensor | None = None,
+    *,
+    data: bool = True,
+    transposed: bool = False,
+    fake: bool = False,
+) -> tuple[Fp8Quantized | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per-tensor FP8 (fp8.quantize_fp8 / fake_quantize_fp8). amax None = current scaling.
+
+    Returns (Fp8Quantized, data^T contiguous [K, R] of a 2-D x, dequantized in x's dtype);
+    each part only if asked for."""
+    x2 = _as_2d(x)
+    bits = _amax_bits(amax(x2) if amax_value is None else amax_value)
+    r, k = x2.shape
+    d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data else None
+    d_t = torch.empty(k, r, dtype=dtype, device=x.device) if transposed else None
+    f = _empty_like_strided(x2, x.dtype) if fake else None
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    dummy = scale
+    jit._fp8_kernel[_grid(r, k)](
+        x2, bits, dummy if d is None else d, dummy if d_t is None else d_t.view(torch.uint8), dummy if f is None else f, scale,
+        r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
+        E5M2=dtype == torch.float8_e5m2, WRITE_DATA=data, WRITE_T=transposed, WRITE_FAKE=fake, BR=_BR, BK=_BK,
+    )
+    q = Fp8Quantized(d.reshape(x.shape), scale) if data else None
+    return q, d_t, None if f is None else f.reshape(x.shape)
+
+
+def fake_fp8(x: torch.Tensor, dtype: torch.dtype, amax_value: torch.Tensor | None = None) -> torch.Tensor:
+    return fp8(x, dtype, amax_value, data=False, fake=True)[2]
+
+
+def _block(
+    x: torch.Tensor,
+    row: int,
+    col: int = jit.NONE,
+    floor: bool = False,
+    row_fake: bool = True,
+    row_q: bool = False,
+    global_amax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    x2 = _as_2d(x)
+    r, k = x2.shape
+    if col != jit.NONE and x.dim() != 2:
+        raise ValueError(f"column-wise quantization needs a 2-D tensor, got shape {tuple(x.shape)}")
+    block = 16 if row == jit.NVFP4 else 32
+    n_scale_cols = triton.cdiv(k, block)
+    bits = torch.zeros((), dtype=torch.int32, device=x.device)
+    if row == jit.NVFP4:
+        bits = _amax_bits(amax(x2) if global_amax is None else global_amax)
+    row_out = _empty_like_strided(x2, x.dtype) if row_fake and row != jit.NONE else None
+    col_out = _empty_like_strided(x2, x.dtype) if col != jit.NONE else None
+    data = scales = None
+    if row_q:
+        data_dtype = torch.uint8 if row == jit.NVFP4 else (torch.float8_e5m2 if row == jit.MX_E5M2 else torch.float8_e4m3fn)
+        scale_dtype = torch.float8_e4m3fn if row == jit.NVFP4 else torch.uint8
+        data = torch.empty(x2.shape, dtype=data_dtype, device=x.device)
+        scales = torch.empty(r, n_scale_cols, dtype=scale_dtype, device=x.device)
+    dummy = bits
+    jit._block_kernel[_grid(r, k)](
+        x2, bits, dummy if row_out is None else row_out, dummy if col_out is None else col_out,
+        dummy if data is None else data, dummy if scales is None else scales,
+        r, k, *x2.stride(), *(row_out.stride() if row_out is not None else (0, 0)),
+        *(col_out.stride() if col_out is not None else (0, 0)), n_scale_cols,
+        ROW=row, COL=col, FLOOR=floor, WRITE_ROW_FAKE=row_out is not None, WRITE_ROW_Q=row_q, BR=_BR, BK=_BK,
+    )
+    lead = x.shape[:-1]
+    return (
+        None if row_out is None else row_out.reshape(x.shape),
+        col_out,
+        None if data is None else data.reshape(x.shape),
+        None if scales is None else scales.reshape(*lead, n_scale_cols),
+    )
+
+
+def mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil") -> MxQuantized:
+    """mx.quantize_mxfp8: fp8 data and biased E8M0 scales, blocks of 32 along the last dim."""
+    _, _, data, scales = _block(x, _MX_CODE[elem_dtype], floor=_floor(scale_rounding), row_fake=False, row_q=True)
+    return MxQuantized(data, scales)
+
+
+def fake_mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil") -> torch.Tensor:
+    return _block(x, _MX_CODE[elem_dtype], floor=_floor(scale_rounding))[0]
+
+
+def nvfp4(x: torch.Tensor, global_amax: torch.Tensor | None = None) -> Nvfp4Quantized:
+    """nvfp4.quantize_nvfp4 (1-D blocks, round to nearest even): codes, e4m3 block scales, g."""
+    bits_amax = amax(x) if global_amax is None else global_amax.to(torch.float32)
+    _, _, codes, scales = _block(x, jit.NVFP4, row_fake=False, row_q=True, global_amax=bits_amax)
+    g = torch.where(bits_amax == 0, torch.ones_like(bits_amax), bits_amax / torch.tensor(2688.0, device=x.device))
+    return Nvfp4Quantized(codes, scales, g)
+
+
+def fake_nvfp4(x: torch.Tensor) -> torch.Tensor:
+    """nvfp4.fake_quantize_nvfp4 in one amax pass plus one fused quantize-dequantize pass."""
+    return _block(x, jit.NVFP4)[0]
+
+
+def fake_rows_and_cols(
+    x: torch.Tensor, row_format: str, col_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One read of a 2-D x: (row-wise fake quant along K in `row_format` (nvfp4, mxfp8,
+    mxfp8_e5m2), column-wise MXFP8 fake quant along the rows), both in x's layout.
+
+    The column-wise result equals fake_quantize_mxfp8(x.t()).t(): what wgrad needs of x
+    (blocks along the tokens) while fprop needs x along K."""
+    row = {"nvfp4": jit.NVFP4, "mxfp8": jit.MX_E4M3, "mxfp8_e5m2": jit.MX_E5M2}[row_format]
+    row_out, col_out, _, _ = _block(x, row, _MX_CODE[col_dtype], floor=_floor(scale_rounding))
+    return row_out, col_out
+
+
+def _floor(scale_rounding: str) -> bool:
+    if scale_rounding not in ("rceil", "floor"):
+        raise ValueError(f"scale_rounding: '{scale_rounding}' is not one of rceil, floor")
+    return scale_rounding == "floor"

@@ -1,0 +1,201 @@
+"""Triton kernels for the quantizers of `fp8.py`, `mx.py` and `nvfp4.py`, bit for bit.
+
+Each arithmetic step mirrors the PyTorch reference in the same order and rounding:
+divisions are `div_rn` (IEEE; Triton's `/` on fp32 is an approximate division), the casts
+to FP8 round to nearest even after an explicit NaN-propagating clamp, and block amaxes are
+taken as integers on the fp32 bits of |x| so that a NaN wins, as `torch.amax` does.
+
+Tensors are seen as 2-D [R, K] with arbitrary strides: blocks run along K. A column-wise
+quantization (blocks along the rows, as dgrad's W^T and wgrad's x^T need) is the same kernel
+on the transposed strides; `_block_kernel` also does both at once from one read of x.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Format codes shared with ops.py (constexpr in the kernels).
+NONE, MX_E4M3, MX_E5M2, NVFP4 = 0, 1, 2, 3
+
+
+@triton.jit
+def _abs_max(xb, AXIS: tl.constexpr):
+    """max |x| along AXIS (kept), NaN-propagating: non-negative floats order as their bits."""
+    bits = tl.abs(xb).to(tl.int32, bitcast=True)
+    return tl.max(bits, axis=AXIS, keep_dims=True).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pow2(e):
+    """Exact 2^e as fp32 for an int32 e in [-149, 127] (subnormals built from their bits)."""
+    normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    shift = tl.maximum(e + 149, 0)
+    subnormal = (tl.full(e.shape, 1, tl.int32) << shift).to(tl.float32, bitcast=True)
+    return tl.where(e >= -126, normal, subnormal)
+
+
+@triton.jit
+def _mx(xb, AXIS: tl.constexpr, E5M2: tl.constexpr, FLOOR: tl.constexpr):
+    """MXFP8 of 32-blocks along AXIS of fp32 xb: (fp8 data, biased E8M0 scale, dequantized)."""
+    if E5M2:
+        fmax: tl.constexpr = 57344.0
+        emax: tl.constexpr = 15
+    else:
+        fmax: tl.constexpr = 448.0
+        emax: tl.constexpr = 8
+    amax = _abs_max(xb, AXIS)
+    if FLOOR:
+        unbiased = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - emax
+        biased = tl.minimum(tl.maximum(unbiased, -127), 128) + 127
+        biased = tl.where(amax != amax, 255, biased)
+        scale = tl.maximum((biased << 23).to(tl.float32, bitcast=True), 2.0**-126)
+        xb_b, scale_b = tl.broadcast(xb, scale)  # div_rn does not broadcast; a pure broadcast keeps -0.0
+        scaled = tl.math.div_rn(xb_b, scale_b)
+    else:
+        descale = tl.math.div_rn(amax, tl.full(amax.shape, fmax, tl.float32))
+        bits = descale.to(tl.int32, bitcast=True)
+        exponent = (bits >> 23) & 0xFF
+        mantissa = bits & 0x7FFFFF
+        biased = tl.where(exponent == 0, (mantissa > 0x400000).to(tl.int32), exponent + (mantissa != 0).to(tl.int32))
+        biased = tl.minimum(biased, 254)
+        biased = tl.where(descale != descale, 255, biased)
+        reciprocal = tl.where(biased == 0, 1.0, _pow2(127 - tl.minimum(biased, 254)))
+        reciprocal = tl.where(biased == 255, float("nan"), reciprocal)
+        scaled = xb * reciprocal
+    clamped = tl.clamp(scaled, -fmax, fmax, propagate_nan=tl.PropagateNan.ALL)
+    if E5M2:
+        data = clamped.to(tl.float8e5, fp_downcast_rounding="rtne")
+    else:
+        data = clamped.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    decode = tl.where(biased == 255, float("nan"), _pow2(tl.minimum(biased, 254) - 127))
+    return data, biased, data.to(tl.float32) * decode
+
+
+@triton.jit
+def _nvfp4(xb, g, AXIS: tl.constexpr):
+    """NVFP4 of 16-blocks along AXIS with global decode scale g: (codes, e4m3 scales, dequantized)."""
+    block_amax = _abs_max(xb, AXIS)
+    six = tl.full(block_amax.shape, 6.0, tl.float32)
+    block_scale = tl.math.div_rn(tl.math.div_rn(block_amax, six), g + tl.zeros_like(block_amax))
+    block_scale = tl.clamp(block_scale, 2.0**-6, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    block_scale = block_scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    scale_f32 = block_scale.to(tl.float32)
+    inv_g = tl.math.div_rn(tl.full(block_amax.shape, 1.0, tl.float32), g + tl.zeros_like(block_amax))
+    reciprocal = tl.math.div_rn(inv_g, scale_f32)
+    v = tl.clamp(xb * reciprocal, -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
+    mag = tl.abs(v)
+    # Round to nearest, ties to the even code (the thresholds of nvfp4._MIDPOINTS).
+    code = (
+        (mag > 0.25).to(tl.int32)
+        + (mag >= 0.75).to(tl.int32)
+        + (mag > 1.25).to(tl.int32)
+        + (mag >= 1.75).to(tl.int32)
+        + (mag > 2.5).to(tl.int32)
+        + (mag >= 3.5).to(tl.int32)
+        + (mag > 5.0).to(tl.int32)
+    )
+    sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
+    value = tl.where(code < 4, code.to(tl.float32) * 0.5, tl.where(code == 4, 2.0, tl.where(code == 5, 3.0, tl.where(code == 6, 4.0, 6.0))))
+    # The sign as a bit (Triton's unary minus is 0 - x, which would turn -0.0 into +0.0).
+    value = (value.to(tl.int32, bitcast=True) | (sign << 31)).to(tl.float32, bitcast=True)
+    return code | (sign << 3), block_scale, value * (g * scale_f32)
+
+
+@triton.jit
+def _global_decode(amax_ptr):
+    """nvfp4.global_scale_from_amax: amax / 2688, or 1 for an all-zero tensor."""
+    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, tl.full((), 2688.0, tl.float32)))
+
+
+@triton.jit
+def _amax_kernel(x_ptr, out_ptr, R, K, sxr, sxk, BR: tl.constexpr, BK: tl.constexpr):
+    """out (int32 bits, zero-initialised) = max |x| over the whole [R, K] tensor."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
+    mask = (rows < R) & (cols < K)
+    x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+
+
+@triton.jit
+def _fp8_kernel(
+    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr,
+):
+    """Per-tensor FP8 cast with the multiplier fp8_max / max(amax, 1e-12) (float64, then fp32).
+
+    Writes data (strided), data^T (contiguous [K, R], for the FP8 GEMMs that need the other
+    major order), the dequantized tensor, and the dequantization scale 1/multiplier."""
+    if E5M2:
+        fmax: tl.constexpr = 57344.0
+    else:
+        fmax: tl.constexpr = 448.0
+    amax64 = tl.load(amax_ptr).to(tl.float32, bitcast=True).to(tl.float64)
+    # The epsilon as an fp64 tensor: a Python float literal would be rounded to fp32 first.
+    amax64 = tl.maximum(amax64, tl.full((), 1e-12, tl.float64), propagate_nan=tl.PropagateNan.ALL)
+    # fp64 `/` is IEEE div.rn.f64 in Triton (only the fp32 `/` is approximate).
+    multiplier = (fmax / amax64).to(tl.float32)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
+    mask = (rows < R) & (cols < K)
+    x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+    clamped = tl.clamp(x * multiplier, -fmax, fmax, propagate_nan=tl.PropagateNan.ALL)
+    if E5M2:
+        data = clamped.to(tl.float8e5, fp_downcast_rounding="rtne")
+    else:
+        data = clamped.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    if WRITE_DATA:
+        tl.store(data_ptr + rows * sdr + cols * sdk, data, mask=mask)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
+    if WRITE_T:  # as bytes: the transposed store of an fp8 tile mis-wrote in a layout conversion
+        tl.store(data_t_ptr + cols * R + rows, data.to(tl.uint8, bitcast=True), mask=mask)
+    if WRITE_FAKE:
+        fake = tl.math.div_rn(data.to(tl.float32), multiplier + tl.zeros_like(x))
+        tl.store(fake_ptr + rows * sfr + cols * sfk, fake.to(fake_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _block_kernel(
+    x_ptr, amax_ptr, row_fake_ptr, col_fake_ptr, data_ptr, scale_ptr,
+    R, K, sxr, sxk, sfr, sfk, scr, sck, n_scale_cols,
+    ROW: tl.constexpr, COL: tl.constexpr, FLOOR: tl.constexpr,
+    WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    """One read of a [BR, BK] tile of x; up to two quantizations of it:
+    ROW (MX_E4M3 / MX_E5M2 / NVFP4) in blocks along K, writing the dequantized tile and/or the
+    quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its block scales;
+    COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR == 32), writing the dequantized tile."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
+    mask = (rows < R) & (cols < K)
+    x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+    if ROW != 0:
+        if ROW == 3:
+            xb = tl.reshape(x, (BR, BK // 16, 16))
+            data, scale, fake = _nvfp4(xb, _global_decode(amax_ptr), 2)
+            nblk: tl.constexpr = BK // 16
+        else:
+            xb = tl.reshape(x, (BR, BK // 32, 32))
+            data, scale, fake = _mx(xb, 2, ROW == 2, FLOOR)
+            nblk: tl.constexpr = BK // 32
+        if WRITE_ROW_FAKE:
+            fake2 = tl.reshape(fake, (BR, BK))
+            tl.store(row_fake_ptr + rows * sfr + cols * sfk, fake2.to(row_fake_ptr.dtype.element_ty), mask=mask)
+        if WRITE_ROW_Q:
+            data2 = tl.reshape(data, (BR, BK))
+            tl.store(data_ptr + rows * K + cols, data2.to(data_ptr.dtype.element_ty), mask=mask)
+            srows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+            scols = tl.program_id(1) * nblk + tl.arange(0, nblk)[None, :]
+            smask = (srows < R) & (scols < n_scale_cols)
+            scale2 = tl.reshape(scale, (BR, nblk))
+            tl.store(scale_ptr + srows * n_scale_cols + scols, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
+    if COL != 0:
+        xc = tl.reshape(x, (1, BR, BK))
+        _, _, cfake = _mx(xc, 1, COL == 2, FLOOR)
+        cfake2 = tl.reshape(cfake, (BR, BK))
+        tl.store(col_fake_ptr + rows * scr + cols * sck, cfake2.to(col_fake_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,174 @@
+"""The ptq stage: calibrate a model's forward quantizers on training data (ModelOpt `max`).
+
+Output dir (a train dir to its consumers: eval-ptq evaluates it, train starts QAT from it):
+  model/                          HF checkpoint, weights unchanged, in params.dtype + tokenizer
+  model/quantizer_state.safetensors  `<linear>.input_quantizer._amax`, `<linear>.weight_quantizer._amax`
+                                  (fp32 scalars, ModelOpt's names) for every quantized linear
+  model/modelopt_state.pt         backend modelopt only: mto.modelopt_state (restores the quantizers)
+  model/precision.json            recipe, backend, method "ptq", dtype, calibration {algorithm,
+                                  samples, tokens, amax: {linear: {input, weight}}}, files
+Backends: modelopt = mtq.quantize(model, <recipe preset e.g. NVFP4_DEFAULT_CFG>, forward_loop)
+(NVFP4 needs CUDA: elsewhere a one-line error naming `emulated`); emulated = forward hooks on
+the linears the recipe converts record amax(|x|) over the calibration batches and amax(|W|).
+Calibration data: the first `calib_samples` rows of the train split, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from stages.contract import write_json_atomic
+from stages.export.sources import PRECISION_FILE, QUANTIZER_STATE_FILE, model_dir_of
+from stages.ptq.params import PtqStageParams
+from stages.runtime import StageContext, StageInputError
+from stages.train.batches import TokenSplit
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_params(raw: dict[str, Any]) -> PtqStageParams:
+    try:
+        return PtqStageParams.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise StageInputError(f"params.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageInputError("params.device: cuda requested but no CUDA device is visible; choose cpu or auto")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def calibration_loop(split: TokenSplit, samples: int, batch: int, device: torch.device) -> Callable[[nn.Module], None]:
+    rows = list(range(min(samples, len(split))))
+
+    def forward_loop(model: nn.Module) -> None:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch):
+                b = split.rows(rows[start : start + batch]).to(device)
+                model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False)
+
+    return forward_loop
+
+
+def record_amax_emulated(model: nn.Module, names: list[str], loop: Callable[[nn.Module], None]) -> dict[str, dict[str, torch.Tensor]]:
+    """amax per linear: max |input| seen over the loop, max |weight| (ModelOpt `max` calibration)."""
+    amax: dict[str, dict[str, torch.Tensor]] = {}
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+        amax[name] = {"weight": module.weight.detach().abs().max().float()}
+
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            seen = args[0].detach().abs().max().float()
+            previous = amax[name].get("input")
+            amax[name]["input"] = seen if previous is None else torch.maximum(previous, seen)
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        loop(model)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return amax
+
+
+def record_amax_modelopt(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    amax: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        quantizers = {role: getattr(module, f"{role}_quantizer", None) for role in ("input", "weight")}
+        if all(q is not None and q.is_enabled and q.amax is not None for q in quantizers.values()):
+            amax[name] = {role: q.amax.detach().float().reshape(()) for role, q in quantizers.items()}
+    return amax
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
+    from stages.precision.emulated import linear_names
+
+    params = parse_params(ctx.params)
+    try:
+        recipe = load_recipe(params.recipe)
+    except ValueError as error:
+        raise StageInputError(f"params.recipe: {error}") from None
+    if not (recipe.fprop.input.quantized or recipe.fprop.weight.quantized):
+        raise StageInputError(f"params.recipe: {recipe.name} quantizes no forward GEMM operand; PTQ needs a quantized recipe")
+    if params.backend not in ("emulated", "modelopt"):
+        raise StageInputError(f"params.backend: ptq calibrates with modelopt or emulated, not {params.backend}")
+    device = resolve_device(params.device)
+    model_input = ctx.spec.inputs.get("model")
+    source = str(model_dir_of(model_input)) if model_input is not None else params.model
+    if not source:
+        raise StageInputError("params.model: no model given; set params.model or give the stage a 'model' input")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[params.dtype]).to(device).eval()
+    except OSError as error:
+        raise StageInputError(f"params.model: cannot load {source!r} ({str(error).strip().splitlines()[0]})") from None
+    split = TokenSplit(ctx.input_dir("data"), "train")
+    loop = calibration_loop(split, params.calib_samples, params.calib_batch, device)
+    samples = min(params.calib_samples, len(split))
+
+    extra: dict[str, Any] = {}
+    if params.backend == "modelopt":
+        try:
+            model = prepare_model(model, recipe, "modelopt", calibrate=loop).model
+        except PrecisionUnavailable as error:
+            raise StageInputError(f"params.backend: {error}") from None
+        amax = record_amax_modelopt(model)
+        import modelopt.torch.opt as mto
+
+        extra["modelopt_state.pt"] = mto.modelopt_state(model)
+    else:
+        amax = record_amax_emulated(model, linear_names(model, recipe), loop)
+
+    out = ctx.output_dir / "model"
+    _save(model, tokenizer, out, extra)
+    from safetensors.torch import save_file
+
+    state = {f"{n}.{role}_quantizer._amax": v.cpu().contiguous() for n, roles in amax.items() for role, v in roles.items()}
+    save_file(state, str(out / QUANTIZER_STATE_FILE))
+    for name, payload in extra.items():
+        torch.save(payload, out / name)
+    tokens = int(sum(split.rows([i]).input_ids.numel() for i in range(samples)))
+    precision = {
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_source": params.recipe,
+        "backend": params.backend,
+        "method": "ptq",
+        "dtype": params.dtype,
+        "calibration": {
+            "algorithm": params.algorithm,
+            "samples": samples,
+            "tokens": tokens,
+            "amax": {n: {role: float(v) for role, v in roles.items()} for n, roles in amax.items()},
+        },
+        "files": {"quantizer_state": QUANTIZER_STATE_FILE, **{n: n for n in extra}},
+    }
+    write_json_atomic(out / PRECISION_FILE, precision)
+    ctx.tracker.set_tags({"recipe": recipe.name, "backend": params.backend, "device": device.type})
+    return {"calib_samples": samples, "calib_tokens": tokens, "quantized_linears": len(amax),
+            "backend": params.backend, "recipe": recipe.name}
+
+
+def _save(model: nn.Module, tokenizer: Any, out: Any, extra: dict[str, Any]) -> None:
+    """Plain HF weights only: ModelOpt's quantizer buffers go to quantizer_state, not model."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    expected = set(plain.state_dict())
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in expected}
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,105 @@
+"""The README's first command end to end: the whole smoke study on CPU, the report, a cached
+rerun, and the MLflow UI (a real server, a real headless browser) showing the runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.layout import RunLayout
+from tests.e2e.browser import chromium, render
+from tests.e2e.mlflow_server import MlflowServer
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS = ("qat-nvfp4", "bf16", "fp8", "mxfp8", "nv4f-mx8b", "qad-nvfp4", "int8-int4")
+
+
+def pipeline(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("smoke") / "runs"
+    result = pipeline("run", "-c", "smoke", "--root", str(root), "--plain")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "smoke: all 28 stages succeeded" in result.stdout
+    return root
+
+
+def report_rows(root: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with (root / "smoke" / "report" / "report.csv").open() as handle:
+        return {(row["run"], row["phase"]): row for row in csv.DictReader(handle)}
+
+
+def test_the_study_table_compares_every_run_to_bf16(smoke_root):
+    rows = report_rows(smoke_root)
+    for run in RUNS:
+        row = rows[(run, "trained")]
+        assert float(row["step_time_s"]) > 0 and float(row["val_loss"]) > 0, row
+        assert row["backend"] in ("emulated", "torchao")
+    assert float(rows[("bf16", "trained")]["step_time_vs_baseline"]) == 1.0
+    assert float(rows[("bf16", "trained")]["val_loss_vs_baseline"]) == 1.0
+    assert rows[("nv4f-mx8b", "trained")]["inference_format"] == "nvfp4"
+    assert rows[("mxfp8", "trained")]["inference_format"] == "mxfp8"
+    assert ("qat-nvfp4", "ptq") in rows and ("base", "base") in rows
+    # Training lowers the loss: every trained run beats the random-init base model.
+    base = float(rows[("base", "base")]["val_loss"])
+    assert all(float(rows[(run, "trained")]["val_loss"]) < base for run in RUNS)
+    for plot in ("loss_curves.png", "step_time.png", "val_loss_vs_step_time.png"):
+        assert (smoke_root / "smoke" / "report" / "plots" / plot).stat().st_size > 10_000
+
+
+def test_report_command_prints_the_same_table(smoke_root):
+    result = pipeline("report", "smoke", "--root", str(smoke_root))
+    assert result.returncode == 0
+    assert result.stdout.strip() == (smoke_root / "smoke" / "report" / "report.md").read_text().strip()
+
+
+def test_a_cached_rerun_runs_nothing(smoke_root):
+    result = pipeline("run", "-c", "smoke", "--root", str(smoke_root), "--plain")
+    assert result.returncode == 0
+    assert "smoke: all 28 stages already succeeded (cached)" in result.stdout
+
+
+def test_mlflow_holds_every_stage_and_the_ui_shows_the_study(smoke_root, tmp_path):
+    run = RunLayout(smoke_root, "smoke").read_run()["tracking"]
+    client = MlflowClient(tracking_uri=run["tracking_uri"])
+    parent = client.get_run(run["parent_run_id"])
+    assert "| nv4f-mx8b |" in parent.data.tags["mlflow.note.content"]
+    nested = client.search_runs([run["experiment_id"]],
+                                filter_string=f"tags.mlflow.parentRunId = '{run['parent_run_id']}'")
+    assert len({r.data.tags["stage"] for r in nested}) == 28
+    train_bf16 = next(r for r in nested if r.data.tags["stage"] == "train-bf16")
+    assert train_bf16.data.tags["recipe"] == "bf16" and "loss" in train_bf16.data.metrics
+    assert len(client.get_metric_history(train_bf16.info.run_id, "loss")) == 6
+
+    if chromium() is None:
+        pytest.skip("chromium is not installed: apt-get install chromium (CI installs it)")
+    server = MlflowServer(smoke_root / "mlflow.db", tmp_path / "artifacts")
+    server.start()
+    try:
+        experiment = run["experiment_id"]
+        shots = smoke_root / "screenshots"
+        shots.mkdir(exist_ok=True)
+        runs_dom = render(f"{server.uri}/#/experiments/{experiment}/runs", shots / "runs.png")
+        assert "smoke" in runs_dom
+        parent_dom = render(f"{server.uri}/#/experiments/{experiment}/runs/{run['parent_run_id']}",
+                            shots / "parent.png")
+        assert "nv4f-mx8b" in parent_dom and "qat-nvfp4" in parent_dom
+        train_ids = [r.info.run_id for r in nested if r.data.tags["stage"].startswith("train-")]
+        compare = (f"{server.uri}/#/compare-runs?runs={json.dumps(train_ids)}"
+                   f"&experiments={json.dumps([experiment])}")
+        compare_dom = render(compare, shots / "compare.png")
+        assert "train-bf16" in compare_dom and "train-nv4f-mx8b" in compare_dom
+        for shot in ("runs.png", "parent.png", "compare.png"):
+            assert (shots / shot).stat().st_size > 20_000
+    finally:
+        server.stop()

@@ -1,0 +1,143 @@
+"""Rendering the study as Kubernetes objects: schema-valid on two API versions, pinned by golden
+files, and bad input refused in one line before anything is written.
+
+Regenerate the goldens after an intended change: FASTER_QAT_REGEN_GOLDEN=1 pytest <this file>.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from pipeline.backends.k8s import K8sBackend
+from pipeline.backends.k8s_render import to_yaml
+from pipeline.layout import RunLayout
+from pipeline.loader import load_config
+from pipeline.study import build_study_graph, image_refs
+
+REPO = Path(__file__).resolve().parents[3]
+GOLDEN = Path(__file__).with_name("golden")
+K8S_VERSIONS = ("1.34.0", "1.37.0")
+ATTEMPT = "golden-attempt"
+
+
+def render(tmp_path: Path, profile: str, *overrides: str) -> list[dict]:
+    loaded = load_config(profile, ["k8s.tracking_uri=null", *overrides])
+    graph = build_study_graph(loaded.config)
+    layout = RunLayout(tmp_path / "runs", loaded.config.study)
+    return K8sBackend(api=object()).prepare_objects(  # type: ignore[arg-type]
+        graph, layout, image_refs(loaded.config), loaded.config, attempt=ATTEMPT)
+
+
+def normalised(objects: list[dict], tmp_path: Path) -> str:
+    """Fingerprints hash the stage code (it changes often) and paths name this checkout."""
+    text = to_yaml(objects)
+    text = re.sub(r"\b[0-9a-f]{64}\b", "<fingerprint>", text)
+    return text.replace(str(REPO), "<repo>").replace(str(tmp_path), "<tmp>")
+
+
+def validate_all(objects: list[dict]) -> None:
+    for version in K8S_VERSIONS:
+        for obj in objects:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "qwen3-8b-b200"])
+def test_rendered_profiles_match_golden_files_and_validate(tmp_path, profile):
+    objects = render(tmp_path, profile)
+    validate_all(objects)
+    golden = GOLDEN / f"k8s-{profile}.yaml"
+    text = normalised(objects, tmp_path)
+    if os.environ.get("FASTER_QAT_REGEN_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"rendered YAML differs from {golden}; see module docstring"
+
+
+def test_gpu_stage_asks_for_gpus_shm_b200_nodes_and_a_deadline_covering_its_upstreams(tmp_path):
+    objects = render(tmp_path, "qwen3-8b-b200",
+                     "k8s.gpu_node_selector={nvidia.com/gpu.product: NVIDIA-B200}",
+                     "k8s.queue_name=gpu-queue",
+                     "k8s.secrets={HF_TOKEN: {secret: hf, key: token}}")
+    jobs = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Job"}
+    train = jobs["qwen3-8b-b200-train-fp8"]
+    pod = train["spec"]["template"]["spec"]
+    main = pod["containers"][0]
+    assert main["resources"]["limits"] == {"cpu": "64", "memory": "1048576Mi", "nvidia.com/gpu": "8"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-B200"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "65536Mi"}} in pod["volumes"]
+    assert "--standalone --nproc-per-node=8 -m stages.train" in main["command"][2]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in main["env"]
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    # preprocess (120 min) then train (720 min), each with 60 min of queue slack
+    assert train["spec"]["activeDeadlineSeconds"] == (120 + 60 + 720 + 60) * 60
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in pod["initContainers"] + pod["containers"]:
+        assert set(container["resources"]["requests"]) >= {"cpu", "memory"}
+    rule = train["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule == {"action": "FailJob", "onExitCodes": {"containerName": "wait-upstream",
+                                                         "operator": "In", "values": [42]}}
+    assert "wait_for preprocess /artifacts/qwen3-8b-b200/preprocess" in pod["initContainers"][0]["command"][2]
+    validate_all(objects)
+
+
+def test_multi_node_stage_is_an_indexed_job_with_a_headless_service(tmp_path):
+    objects = render(tmp_path, "qwen3-8b-b200", "resources.train.nodes=2", "study=b200")
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} == {f"b200-train-{r}" for r in
+                                                        ("qat-nvfp4", "bf16", "fp8", "mxfp8", "nv4f-mx8b")}
+    job = next(o for o in objects if o["metadata"]["name"] == "b200-train-bf16" and o["kind"] == "Job")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["template"]["spec"]["subdomain"] == "b200-train-bf16"
+    env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert env["MASTER_ADDR"] == "b200-train-bf16-0.b200-train-bf16"
+    assert env["NCCL_NVLS_ENABLE"] == "0"
+    assert "--nnodes=2 --nproc-per-node=8" in spec["template"]["spec"]["containers"][0]["command"][2]
+    validate_all(objects)
+
+
+def test_static_cluster_pieces_validate():
+    for path in ("namespace.yaml", "rbac.yaml", "mlflow.yaml"):
+        docs = list(yaml.safe_load_all((REPO / "k8s" / path).read_text()))
+        assert docs
+        validate_all(docs)
+    kustomization = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())
+    assert all((REPO / "k8s" / r).is_file() for r in kustomization["resources"])
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "render", "--cluster", "k8s",
+                           "--root", str(tmp_path / "runs"), "-o", str(tmp_path / "out"),
+                           "--set", "k8s.tracking_uri=null", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "k8s.artifacts.size=1TB"], "k8s.artifacts.size: '1TB' is not a Kubernetes quantity"),
+    (["--set", "resources.report.memory_gb=0.0001"], "resources.report.memory_gb: 0.0001 GiB is below 1Mi"),
+    (["--run-id", "a-run-id-that-is-much-too-long-for-kubernetes-jobs-x"], "characters (at most 63)"),
+    (["--set", "images.strict=true"], "refs.cpu: 'faster-qat-cpu:dev' has no @sha256: digest"),
+    (["--set", "k8s.secrets={HF_TOKN: {secret: hf, key: token}}"], "unknown secret env 'HF_TOKN'"),
+    (["--set", "k8s.secrets={HF_TOKEN: {secret: hf, key: 'a b'}}"], "is not a valid Secret key"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    result = cli(tmp_path, "-c", "smoke", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_render_cli_writes_one_file_of_objects(tmp_path):
+    result = cli(tmp_path, "-c", "smoke", "--run-id", "s1")
+    assert result.returncode == 0, result.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "out" / "s1.yaml").read_text()))
+    assert [d["kind"] for d in docs[:2]] == ["PersistentVolumeClaim", "ConfigMap"]
+    assert sum(d["kind"] == "Job" for d in docs) == 28

@@ -1,0 +1,264 @@
+"""The Triton quantizers give the PyTorch reference's bits on a GPU; the scaled_mm backend
+multiplies the same FP8 operands as the emulated one.
+
+GPU tests are skipped without CUDA (CI has none): run them on a GPU machine with
+`pytest tests/stages/precision/test_kernels_cuda.py`. The recipe checks run everywhere.
+(Triton's CPU interpreter is no oracle here: its FP8 casts round ties and subnormals
+differently from the hardware's cvt.rn.satfinite.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.precision import load_recipe, prepare_model
+from stages.precision.errors import PrecisionUnavailable
+from stages.precision.fp8 import fake_quantize_fp8, quantize_fp8
+from stages.precision.fp8_native import check_recipe
+from stages.precision.mx import fake_quantize_mxfp8, quantize_mxfp8
+from stages.precision.nvfp4 import fake_quantize_nvfp4, quantize_nvfp4
+
+from precision_helpers import recipe_with, tiny_qwen3
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, FP8 GEMMs)")
+needs_fp8_gemm = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a GPU with FP8 tensor cores (sm_89+)",
+)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def ops():
+    from stages.precision.kernels import ops as kernel_ops
+
+    return kernel_ops
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Compare raw bits (NaN == NaN, -0.0 != 0.0)."""
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()]
+    return t.contiguous().view(view).cpu()
+
+
+def edge_tensor(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Values spread over 2^-40..2^40 by row, plus zero rows, signed zeros, subnormals, ties."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * torch.exp2(torch.randint(-40, 40, (rows, 1), generator=gen).float())
+    x[0] = 0.0
+    x[1, : min(cols, 8)] = torch.tensor([-0.0, 0.0, 1e-40, -1e-42, 448 * 2.0**-127, 6.0, 2.5, -5.0])[: min(cols, 8)]
+    x[2] = torch.arange(cols) * 0.25 - cols / 8  # exact E2M1 / FP8 ties after scaling
+    return x.to(dtype).cuda()
+
+
+SHAPES = [(64, 256), (96, 100), (33, 17)]  # full blocks, a partial last block, tiny ragged
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    x = edge_tensor(*shape, dtype)
+    for fp8_dtype, fmt in ((torch.float8_e4m3fn, "fp8_e4m3"), (torch.float8_e5m2, "fp8_e5m2")):
+        q, q_t, fake = ops().fp8(x, fp8_dtype, transposed=True, fake=True)
+        ref = quantize_fp8(x, fp8_dtype)
+        assert torch.equal(bits(q.data), bits(ref.data)), fmt
+        assert torch.equal(q.scale.cpu(), ref.scale.cpu()), fmt
+        assert torch.equal(bits(q_t), bits(ref.data.t())), fmt
+        assert torch.equal(bits(fake), bits(fake_quantize_fp8(x, fmt))), fmt
+        amax = torch.tensor(3.0, device="cuda")  # delayed scaling: the amax comes from history
+        assert torch.equal(bits(ops().fake_fp8(x, fp8_dtype, amax)), bits(fake_quantize_fp8(x, fmt, amax))), fmt
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rounding", ["rceil", "floor"])
+def test_mxfp8_kernel_matches_reference_row_and_column_wise(dtype, shape, rounding) -> None:
+    x = edge_tensor(*shape, dtype, seed=1)
+    for elem, fmt in ((torch.float8_e4m3fn, "mxfp8"), (torch.float8_e5m2, "mxfp8_e5m2")):
+        for view in (x, x.t()):  # x.t(): blocks along the rows (dgrad's W^T, wgrad's x^T)
+            q, ref = ops().mxfp8(view, elem, rounding), quantize_mxfp8(view, elem, rounding)
+            assert torch.equal(q.scale_e8m0.cpu(), ref.scale_e8m0.cpu()), (fmt, rounding)
+            assert torch.equal(bits(q.data), bits(ref.data)), (fmt, rounding)
+            fake = ops().fake_mxfp8(view, elem, rounding)
+            assert fake.stride() == view.stride()
+            assert torch.equal(bits(fake), bits(fake_quantize_mxfp8(view, fmt, rounding))), (fmt, rounding)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nvfp4_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    x = edge_tensor(*shape, dtype, seed=2)
+    for view in (x, x.t()):
+        q, ref = ops().nvfp4(view), quantize_nvfp4(view)
+        assert torch.equal(q.global_scale.cpu(), ref.global_scale.cpu())
+        assert torch.equal(bits(q.block_scales), bits(ref.block_scales))
+        assert torch.equal(q.codes.cpu(), ref.codes.cpu())
+        assert torch.equal(bits(ops().fake_nvfp4(view)), bits(fake_quantize_nvfp4(view)))
+
+
+@needs_cuda
+def test_kernels_on_special_values_and_3d_input() -> None:
+    x = edge_tensor(4, 64, torch.bfloat16, seed=3).reshape(2, 2, 64)
+    nan_block = x.clone()
+    nan_block[0, 1, 5] = float("nan")  # one NaN: its MX block is NaN, NVFP4 all NaN (global amax)
+    inf_block = x.clone()
+    inf_block[1, 0, 40] = float("inf")
+    for t in (x, nan_block, inf_block):
+        assert torch.equal(bits(ops().fake_mxfp8(t)), bits(fake_quantize_mxfp8(t)))
+        assert torch.equal(bits(ops().mxfp8(t).scale_e8m0), bits(quantize_mxfp8(t).scale_e8m0))
+        assert torch.equal(bits(ops().fake_nvfp4(t)), bits(fake_quantize_nvfp4(t)))
+        assert torch.equal(bits(ops().fake_fp8(t, torch.float8_e4m3fn)), bits(fake_quantize_fp8(t, "fp8_e4m3")))
+    assert ops().fake_mxfp8(nan_block)[0, 1, :32].isnan().all()
+    assert not ops().fake_mxfp8(nan_block)[0, 1, 32:].isnan().any()
+    assert ops().amax(nan_block).isnan() and ops().amax(inf_block).isinf()
+    assert ops().amax(x).item() == x.abs().max().item()
+    zeros = torch.zeros(32, 64, device="cuda")  # all-zero: finite scales, zeros out (epsilon 1e-12 in fp64)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        q, ref = ops().fp8(zeros, dtype)[0], quantize_fp8(zeros, dtype)
+        assert torch.equal(q.scale.cpu(), ref.scale.cpu()) and not q.data.float().any()
+    assert torch.equal(bits(ops().fake_nvfp4(zeros)), bits(fake_quantize_nvfp4(zeros)))
+    assert torch.equal(ops().nvfp4(zeros).global_scale.cpu(), torch.tensor(1.0))
+
+
+@needs_cuda
+@pytest.mark.parametrize("row_format", ["nvfp4", "mxfp8", "mxfp8_e5m2"])
+def test_fused_rows_and_cols_equal_two_reference_quantizations(row_format: str) -> None:
+    x = edge_tensor(96, 160, torch.bfloat16, seed=4)
+    rows, cols = ops().fake_rows_and_cols(x, row_format)
+    row_ref = fake_quantize_nvfp4(x) if row_format == "nvfp4" else fake_quantize_mxfp8(x, row_format)
+    assert torch.equal(bits(rows), bits(row_ref))
+    assert torch.equal(bits(cols), bits(fake_quantize_mxfp8(x.t()).t()))
+
+
+def train_two_steps(name: str, backend: str, use_kernels: bool, monkeypatch) -> tuple[list[float], list[torch.Tensor]]:
+    """Two optimizer steps of 2 micro-batches on CUDA; kernels off = the reference quantizers."""
+    import stages.precision.emulated as emulated
+
+    if not use_kernels:
+        monkeypatch.setattr(emulated, "fake_quantize_cuda", lambda x, spec, amax=None: None)
+        monkeypatch.setattr(emulated, "fused_rows_and_cols", lambda x, a, b: None)
+    model = tiny_qwen3().to("cuda", torch.bfloat16)
+    prepared = prepare_model(model, load_recipe(name), backend)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(3)
+    losses = []
+    for step in range(2):
+        for _ in range(2):
+            batch = torch.randint(0, 256, (2, 32), generator=gen).cuda()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+        prepared.on_step(step + 1)
+    monkeypatch.undo()
+    return losses, [p.detach().float().cpu() for p in model.parameters()]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["fp8", "mxfp8", "nv4f_mx8b", "nvfp4_qat"])
+def test_emulated_training_with_kernels_equals_reference_bit_for_bit(name: str, monkeypatch) -> None:
+    """Kernels, fused row/column passes and the per-step weight cache change no bit."""
+    losses_k, params_k = train_two_steps(name, "emulated", True, monkeypatch)
+    losses_r, params_r = train_two_steps(name, "emulated", False, monkeypatch)
+    assert losses_k == losses_r
+    assert all(torch.equal(a, b) for a, b in zip(params_k, params_r, strict=True))
+
+
+@needs_cuda
+def test_weight_cache_reuses_within_a_step_and_refreshes_after_the_update() -> None:
+    model = tiny_qwen3().to("cuda", torch.bfloat16)
+    prepared = prepare_model(model, load_recipe("mxfp8"), "emulated")
+    layer = model.get_submodule(prepared.converted[0])
+    batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    model(input_ids=batch, labels=batch).loss.backward()
+    first = layer._weight_cache["fprop.weight"][1]
+    model(input_ids=batch, labels=batch).loss.backward()
+    assert layer._weight_cache["fprop.weight"][1] is first  # second micro-batch: not re-quantized
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an optimizer update bumps the version counter
+    model(input_ids=batch, labels=batch).loss.backward()
+    refreshed = layer._weight_cache["fprop.weight"][1]
+    assert refreshed is not first
+    assert torch.equal(bits(refreshed), bits(fake_quantize_mxfp8(layer.weight.detach())))
+
+
+@needs_cuda
+def test_shared_inputs_are_quantized_once_per_forward(monkeypatch) -> None:
+    """q/k/v_proj and gate/up_proj read the same x: one activation quantization each group."""
+    import stages.precision.emulated as emulated
+
+    calls = []
+    real = emulated.fake_quantize_cuda
+    monkeypatch.setattr(emulated, "fake_quantize_cuda", lambda x, spec, amax=None: calls.append(x.shape) or real(x, spec, amax))
+    model = tiny_qwen3().to("cuda", torch.bfloat16)
+    prepare_model(model, load_recipe("nvfp4_qat"), "emulated")
+    batch = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    model(input_ids=batch, labels=batch).loss.backward()
+    # 2 layers x (7 weights + 4 distinct inputs: qkv, o, gate/up, down); 28 without sharing.
+    assert len(calls) == 2 * (7 + 4)
+
+
+@needs_fp8_gemm
+def test_scaled_mm_linear_matches_the_exact_product_of_the_emulated_operands() -> None:
+    from stages.precision.fp8_native import ScaledMMLinear, reference_linear
+
+    recipe = load_recipe("fp8")
+    gen = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(256, 128, bias=False).to("cuda", torch.bfloat16)
+    layer = ScaledMMLinear(linear, recipe)
+    x = torch.randn(4, 32, 256, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    y = layer(x)
+    exact = reference_linear(x.detach(), linear.weight.detach(), recipe)
+    # Same FP8 operands, FP32 accumulation: differs from the exact product only by the bf16 output rounding.
+    torch.testing.assert_close(y.float(), exact, rtol=2**-7, atol=1e-3 * exact.abs().max().item())
+    emulated = torch.nn.functional.linear(fake_quantize_fp8(x.detach(), "fp8_e4m3"), fake_quantize_fp8(linear.weight.detach(), "fp8_e4m3"))
+    rel = (y.float() - emulated.float()).norm() / emulated.float().norm()
+    assert rel < 1e-2, rel.item()  # the emulation rounds dequantized operands to bf16
+
+    grad = torch.randn(4, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    y.backward(grad)
+    g_q = quantize_fp8(grad.reshape(-1, 128), torch.float8_e5m2)
+    w_q = quantize_fp8(linear.weight.detach(), torch.float8_e4m3fn)
+    x_q = quantize_fp8(x.detach().reshape(-1, 256), torch.float8_e4m3fn)
+    g_deq, w_deq, x_deq = (q.data.float() * q.scale for q in (g_q, w_q, x_q))
+    dx_exact, dw_exact = (g_deq @ w_deq).reshape(x.shape), g_deq.t() @ x_deq
+    torch.testing.assert_close(x.grad.float(), dx_exact, rtol=2**-7, atol=1e-3 * dx_exact.abs().max().item())
+    torch.testing.assert_close(linear.weight.grad.float(), dw_exact, rtol=2**-7, atol=1e-3 * dw_exact.abs().max().item())
+
+
+@needs_fp8_gemm
+def test_scaled_mm_backend_trains_like_emulated(monkeypatch) -> None:
+    losses_native, _ = train_two_steps("fp8", "scaled_mm", True, monkeypatch)
+    losses_emulated, _ = train_two_steps("fp8", "emulated", True, monkeypatch)
+    assert losses_native[0] == pytest.approx(losses_emulated[0], rel=2e-2)
+    assert losses_native[-1] == pytest.approx(losses_emulated[-1], rel=5e-2)
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "message"),
+    [
+        ("mxfp8", {}, "needs per-tensor FP8 current scaling on all six operands"),
+        ("fp8_delayed", {}, "needs per-tensor FP8 current scaling"),
+        ("fp8", {"backward_source": "forward_quantized"}, "runs backward_source original only"),
+        ("fp8", {"dgrad": {"grad_output": "fp8_e5m2", "weight": "fp8_e5m2"}}, "same format for W"),
+    ],
+)
+def test_scaled_mm_refuses_recipes_it_cannot_run(name: str, changes: dict, message: str) -> None:
+    recipe = recipe_with(name, **changes) if changes else load_recipe(name)
+    with pytest.raises(PrecisionUnavailable, match=message) as error:
+        check_recipe(recipe)
+    assert "choose backend emulated" in str(error.value)
+
+
+def test_scaled_mm_accepts_the_fp8_recipe() -> None:
+    assert check_recipe(load_recipe("fp8")) == (torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_scaled_mm_without_cuda_is_a_one_line_error() -> None:
+    with pytest.raises(PrecisionUnavailable, match="needs a CUDA GPU with FP8 tensor cores.*choose backend emulated"):
+        prepare_model(tiny_qwen3(), load_recipe("fp8"), "scaled_mm")
