@@ -1,4 +1,4 @@
-"""Read what the `preprocess` stage wrote: splits, the data manifest, deterministic micro-batches.
+"""Read what the `preprocess` stage wrote: splits, the data manifest, the seeded row order.
 
 The train and eval stages use only this module, so the on-disk layout stays private to
 `stages.preprocess`. A split is a `datasets` folder whose rows are exactly `seq_len` tokens:
@@ -11,12 +11,10 @@ The train and eval stages use only this module, so the on-disk layout stays priv
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 
 from stages.runtime import StageInputError
@@ -49,45 +47,8 @@ def read_data_manifest(data_dir: Path) -> dict[str, Any]:
         raise StageInputError(f"data: {path}: invalid JSON ({error.msg} at line {error.lineno})") from None
 
 
-def global_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """The row order of one epoch: a permutation seeded by (seed, epoch), the same in every process."""
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
-def iter_batches(
-    dataset: datasets.Dataset,
-    micro_batch: int,
-    seed: int,
-    epoch: int,
-    rank: int = 0,
-    world: int = 1,
-    start: int = 0,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield this rank's micro-batches of one epoch, each a dict of [micro_batch, seq_len] tensors.
-
-    Order: the epoch's rows are `global_order(len(dataset), seed, epoch)`, cut into rounds of
-    `micro_batch * world` rows; in round r, rank k takes rows [k * micro_batch, (k+1) * micro_batch)
-    of the round. So the rounds are the same whatever `world` is, and a global batch of
-    `G = micro_batch * world * accumulation` rows is always `order[s*G : (s+1)*G]`: a 1-process run
-    with micro_batch m*w sees the same global batches as a w-process run with micro_batch m (and a
-    1-process run with micro_batch m and w-times the accumulation sees them too).
-    The last incomplete round is dropped so every rank yields the same number of batches.
-    `start` skips this rank's first `start` micro-batches (resume from a checkpoint).
-    """
-    if micro_batch < 1 or world < 1 or not 0 <= rank < world:
-        raise ValueError(
-            f"iter_batches: need micro_batch >= 1 and 0 <= rank < world, got {micro_batch}, {rank}, {world}"
-        )
-    order = global_order(len(dataset), seed, epoch)
-    round_size = micro_batch * world
-    rounds = len(order) // round_size
-    for round_index in range(start, rounds):
-        first = round_index * round_size + rank * micro_batch
-        indices = order[first : first + micro_batch].tolist()
-        batch = dataset[indices]
-        yield {name: batch[name] for name in COLUMNS}
-
-
-def batches_per_epoch(dataset: datasets.Dataset, micro_batch: int, world: int = 1) -> int:
-    """How many micro-batches each rank gets from `iter_batches` in one epoch."""
-    return len(dataset) // (micro_batch * world)
+def global_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    """The row order of one epoch: a permutation seeded by (seed, epoch), the same in every
+    process (the train stage cuts global batches from it: stages.train.batches.TrainOrder)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_rows, generator=generator).tolist()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from stages.data import global_order
 from stages.runtime import StageInputError
 
 COLUMNS = ("input_ids", "labels", "position_ids")  # as stages.data.COLUMNS
@@ -92,8 +93,7 @@ class TrainOrder:
     def row(self, global_index: int) -> int:
         epoch, offset = divmod(global_index, self.n_rows)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = torch.randperm(self.n_rows, generator=generator).tolist()
+            self._perm = global_order(self.n_rows, self.seed, epoch)
             self._epoch = epoch
         return self._perm[offset]
 
