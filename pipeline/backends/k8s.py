@@ -29,7 +29,7 @@ from pipeline.backends.k8s_render import (
     to_yaml,
 )
 from pipeline.backends.k8s_settings import K8sSettings
-from pipeline.errors import BackendError
+from pipeline.errors import BackendError, ConfigError
 from pipeline.graph import Graph
 from pipeline.layout import RunLayout
 from pipeline.prepare import PreparedRun, prepare_run
@@ -49,7 +49,7 @@ def pod_tracking(ref: TrackingRef | None, settings: K8sSettings) -> TrackingRef 
     if settings.tracking_uri is None or ref is None:
         return None
     if not ref.tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise BackendError(
+        raise ConfigError(
             f"k8s: the parent MLflow run would live in {ref.tracking_uri}, which pods cannot reach: "
             "set MLFLOW_TRACKING_URI (or tracking.uri) to the cluster's MLflow, e.g. after "
             f"`kubectl -n {settings.namespace} port-forward svc/mlflow 5000:5000` use "

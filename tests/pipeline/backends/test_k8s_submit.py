@@ -172,7 +172,7 @@ def test_resubmission_refuses_while_jobs_run_and_replaces_finished_ones(tmp_path
 
 def test_a_parent_run_in_a_store_pods_cannot_reach_is_refused_before_anything_is_applied(tmp_path, api, capsys):
     code = main(["submit", "--cluster", "k8s", "-c", "smoke", "--root", str(tmp_path / "runs")])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sqlite:///" in err and "which pods cannot reach" in err
     assert "port-forward svc/mlflow" in err
