@@ -25,7 +25,7 @@ from pipeline.stage_kinds import STAGE_KINDS
 from stages.contract import is_dns1123_label
 from stages.eval.params import EvalParams
 from stages.export.params import ExportParams
-from stages.precision.recipe import RecipeError, load_recipe
+from stages.precision.recipe import PrecisionBackend, RecipeError, load_recipe
 from stages.preprocess.params import PreprocessParams
 from stages.ptq.params import PtqParams
 from stages.report.params import ReportParams
@@ -46,7 +46,7 @@ class RunConfig(BaseModel):
         "sft", description="sft: fine-tune; qat: fake-quant training; qad: QAT with distillation."
     )
     recipe: str = Field(description="Precision recipe: a built-in name or a recipe YAML path.")
-    backend: Literal["emulated", "te", "modelopt", "torchao"] = Field(
+    backend: PrecisionBackend = Field(
         description="Who runs the recipe; recorded in MLflow, never swapped silently."
     )
     init_from: str = Field(

@@ -79,7 +79,7 @@ def build_study_graph(config: StudyConfig) -> Graph:
         report_inputs[train_stage(name)] = train_stage(name)
         if run.export:
             stages.append(Stage(f"export-{name}", "export", config.export_params(name).model_dump(mode="json"),
-                                {"model": train_stage(name)}, resources["export"],
+                                {"model": train_stage(name), "data": PREPROCESS}, resources["export"],
                                 images["export"], tags))
         if run.export and run.evaluate:
             stages.append(Stage(f"eval-{name}", "eval", {**eval_params, "recipe": run.recipe},

@@ -6,6 +6,8 @@ raises PrecisionUnavailable (one line, naming what to choose instead).
 
 from __future__ import annotations
 
+from typing import get_args
+
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,9 +17,9 @@ import torch
 from torch import nn
 
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import Recipe
+from stages.precision.recipe import PrecisionBackend, Recipe
 
-BACKENDS = ("emulated", "te", "modelopt", "torchao", "scaled_mm")
+BACKENDS = get_args(PrecisionBackend)
 Calibrate = Callable[[nn.Module], None]
 
 

@@ -29,6 +29,13 @@ SCALE_FORMAT = {"mxfp8": "e8m0", "mxfp8_e5m2": "e8m0", "nvfp4": "e4m3_fp32"}
 DEFAULT_HIGH_PRECISION = ["lm_head", "*embed*"]
 
 
+# Who implements a recipe (stages.precision.convert.BACKENDS has the same names, in this order):
+# emulated = exact quantize-dequantize in PyTorch (any device), te = Transformer Engine,
+# modelopt = ModelOpt fake quant (NVFP4 QAT baseline), torchao = TorchAO int QAT,
+# scaled_mm = native FP8 GEMMs through torch._scaled_mm (Hopper and newer).
+PrecisionBackend = Literal["emulated", "te", "modelopt", "torchao", "scaled_mm"]
+
+
 class RecipeError(ValueError):
     """A recipe file or name is wrong; the message is one line naming the file and field."""
 

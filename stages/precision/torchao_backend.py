@@ -68,6 +68,13 @@ def _check_group_sizes(model: nn.Module, recipe: Recipe) -> None:
 def convert_torchao(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
     _check(recipe)
     _check_group_sizes(model, recipe)
+    try:
+        import torchao  # noqa: F401
+    except ImportError as error:
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: backend torchao is not installed ({error}); "
+            "pip install torchao, or choose backend emulated for float recipes"
+        ) from None
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
     from torchao.quantization.qat.linear import FakeQuantizedLinear

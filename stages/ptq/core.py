@@ -133,7 +133,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         amax = record_amax_emulated(model, linear_names(model, recipe), loop)
 
     out = ctx.output_dir / "model"
-    _save(model, tokenizer, out, extra)
+    _save(model, tokenizer, out)
     from safetensors.torch import save_file
 
     state = {f"{n}.{role}_quantizer._amax": v.cpu().contiguous() for n, roles in amax.items() for role, v in roles.items()}
@@ -161,7 +161,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "backend": params.backend, "recipe": recipe.name}
 
 
-def _save(model: nn.Module, tokenizer: Any, out: Any, extra: dict[str, Any]) -> None:
+def _save(model: nn.Module, tokenizer: Any, out: Any) -> None:
     """Plain HF weights only: ModelOpt's quantizer buffers go to quantizer_state, not model."""
     from transformers import AutoModelForCausalLM
 

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stages.precision.recipe import PrecisionBackend
+
 
 class PtqParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -27,7 +29,7 @@ class PtqStageParams(PtqParams):
     """What the stage receives: the user's PtqParams plus what the study graph sets per run."""
 
     recipe: str = Field(description="Precision recipe (name or YAML path) whose forward is calibrated.")
-    backend: Literal["emulated", "modelopt", "te", "torchao"] = Field(
+    backend: PrecisionBackend = Field(
         "emulated",
         description="modelopt: mtq.quantize (CUDA for NVFP4); emulated: amax recorded by hooks, "
         "runs anywhere. te/torchao are refused with a one-line error.",

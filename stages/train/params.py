@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.precision.recipe import PrecisionBackend
+
 
 class QadParams(BaseModel):
     """Quantization-aware distillation: a full-precision teacher guides the quantized student."""
@@ -64,11 +66,12 @@ class TrainParams(BaseModel):
         description="Precision recipe name (bf16, fp8, mxfp8, nv4f_mx8b, nvfp4_qat, ...) or a "
         "path to a recipe YAML; see stages/precision.",
     )
-    backend: Literal["emulated", "te", "modelopt", "torchao"] = Field(
+    backend: PrecisionBackend = Field(
         default="emulated",
         description="Who implements the recipe: te (Transformer Engine, native GPU), emulated "
         "(exact quantize-dequantize in PyTorch, runs anywhere), modelopt (NVFP4 QAT baseline), "
-        "torchao (int QAT). The backend that ran is recorded; nothing falls back.",
+        "torchao (int QAT), scaled_mm (native FP8 GEMMs, Hopper+). The backend that ran is "
+        "recorded; nothing falls back.",
     )
     method: Literal["sft", "qat", "qad"] = Field(
         default="sft",

@@ -26,7 +26,7 @@ def test_every_profile_validates_and_builds_the_seed_flow():
             assert stage in graph, (profile, stage)
         for run in ("bf16", "fp8", "mxfp8", "nv4f-mx8b"):
             assert graph[f"train-{run}"].upstream == {"data": "preprocess"}
-            assert graph[f"export-{run}"].upstream == {"model": f"train-{run}"}
+            assert graph[f"export-{run}"].upstream == {"model": f"train-{run}", "data": "preprocess"}
             assert graph[f"eval-{run}"].upstream == {"data": "preprocess", "model": f"export-{run}"}
         assert graph["train-qat-nvfp4"].upstream == {"data": "preprocess", "model": "ptq-qat-nvfp4"}
 
@@ -91,7 +91,7 @@ BAD_INPUTS = [
     (None, ["train.lr=fast"], "--set train.lr=fast: train.lr: Input should be a valid number"),
     (None, ["train.steps=-3"], "train.steps: Input should be greater than or equal to 1"),
     (None, ["runs.bf16.recipe=fp9"], "runs.bf16.recipe: "),
-    (None, ["runs.bf16.backend=cuda"], "runs.bf16.backend: Input should be 'emulated', 'te', 'modelopt' or 'torchao'"),
+    (None, ["runs.bf16.backend=cuda"], "runs.bf16.backend: Input should be 'emulated', 'te', 'modelopt', 'torchao' or 'scaled_mm'"),
     (None, ["runs.Bad_Name.recipe=bf16", "runs.Bad_Name.backend=emulated"], "run name 'Bad_Name' must be a DNS-1123 label"),
     (None, ["runs.a-very-long-run-name-that-is-too-long.recipe=bf16",
             "runs.a-very-long-run-name-that-is-too-long.backend=emulated"], "at most 24 characters"),

@@ -41,7 +41,9 @@ def amax(x: torch.Tensor) -> torch.Tensor:
     x2 = _as_2d(x)
     out = torch.zeros((), dtype=torch.int32, device=x.device)
     if x2.numel():
-        jit._amax_kernel[_grid(*x2.shape)](x2, out, *x2.shape, *x2.stride(), BR=_BR, BK=_BK)
+        # Larger tiles than the quantizers': one atomic per 16K elements.
+        grid = (triton.cdiv(x2.shape[0], 32), triton.cdiv(x2.shape[1], 512))
+        jit._amax_kernel[grid](x2, out, *x2.shape, *x2.stride(), BR=32, BK=512, num_warps=8)
     return out.view(torch.float32)
 
 
@@ -65,16 +67,17 @@ def fp8(
     x2 = _as_2d(x)
     bits = _amax_bits(amax(x2) if amax_value is None else amax_value)
     r, k = x2.shape
-    d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data else None
-    d_t = torch.empty(k, r, dtype=dtype, device=x.device) if transposed else None
+    d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data or transposed else None
     f = _empty_like_strided(x2, x.dtype) if fake else None
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     dummy = scale
     jit._fp8_kernel[_grid(r, k)](
-        x2, bits, dummy if d is None else d, dummy if d_t is None else d_t.view(torch.uint8), dummy if f is None else f, scale,
+        x2, bits, dummy if d is None else d, dummy if f is None else f, scale,
         r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
-        E5M2=dtype == torch.float8_e5m2, WRITE_DATA=data, WRITE_T=transposed, WRITE_FAKE=fake, BR=_BR, BK=_BK,
+        E5M2=dtype == torch.float8_e5m2, WRITE_DATA=d is not None, WRITE_FAKE=fake, BR=_BR, BK=_BK,
     )
+    # A copy pass over the 1-byte data (see _fp8_kernel on why it is not written in-kernel).
+    d_t = d.t().contiguous() if transposed else None
     q = Fp8Quantized(d.reshape(x.shape), scale) if data else None
     return q, d_t, None if f is None else f.reshape(x.shape)
 

@@ -122,14 +122,15 @@ def _amax_kernel(x_ptr, out_ptr, R, K, sxr, sxk, BR: tl.constexpr, BK: tl.conste
 
 @triton.jit
 def _fp8_kernel(
-    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
-    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
+    x_ptr, amax_ptr, data_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_FAKE: tl.constexpr,
     BR: tl.constexpr, BK: tl.constexpr,
 ):
     """Per-tensor FP8 cast with the multiplier fp8_max / max(amax, 1e-12) (float64, then fp32).
 
-    Writes data (strided), data^T (contiguous [K, R], for the FP8 GEMMs that need the other
-    major order), the dequantized tensor, and the dequantization scale 1/multiplier."""
+    Writes data (strided), the dequantized tensor, and the dequantization scale 1/multiplier.
+    (An in-kernel transposed copy of the data was dropped: it left some elements unwritten for
+    an fp32 64x256 input on an H100 with Triton 3.6; ops.fp8 transposes with torch instead.)"""
     if E5M2:
         fmax: tl.constexpr = 57344.0
     else:
@@ -152,8 +153,6 @@ def _fp8_kernel(
         tl.store(data_ptr + rows * sdr + cols * sdk, data, mask=mask)
         if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
-    if WRITE_T:  # as bytes: the transposed store of an fp8 tile mis-wrote in a layout conversion
-        tl.store(data_t_ptr + cols * R + rows, data.to(tl.uint8, bitcast=True), mask=mask)
     if WRITE_FAKE:
         fake = tl.math.div_rn(data.to(tl.float32), multiplier + tl.zeros_like(x))
         tl.store(fake_ptr + rows * sfr + cols * sfk, fake.to(fake_ptr.dtype.element_ty), mask=mask)

@@ -239,7 +239,7 @@ def test_hadamard_wgrad_is_exact_without_quantization_and_changes_quantized_wgra
 
 
 def test_unknown_backend() -> None:
-    with pytest.raises(PrecisionUnavailable, match=r"^backend 'cuda' is not one of emulated, te, modelopt, torchao$"):
+    with pytest.raises(PrecisionUnavailable, match=r"^backend 'cuda' is not one of emulated, te, modelopt, torchao, scaled_mm$"):
         prepare_model(nn.Sequential(nn.Linear(4, 4)), load_recipe("fp8"), "cuda")
 
 
