@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.layout import RunLayout
-from stages.tracking import pending_event_count, read_events
+from stages.contract import TrackingRef
+from stages.tracking import pending_event_count, read_events, sync_stage_events
 from tests.e2e.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,9 +41,11 @@ def test_tracking_server_outage_mid_run_then_sync(tmp_path):
     assert pending["join"] > 0 and pending["a"] > 0, pending
 
     server.start()
+    ref = TrackingRef(**json.loads(layout.run_file.read_text())["tracking"])
+    for name in STAGES:  # each buffered event is sent exactly once
+        assert sync_stage_events(layout.stage_dir(name), ref) == pending[name]
     assert main(["sync", "probe", "--root", str(root)]) == 0
-    assert all(pending_event_count(layout.stage_dir(name)) == 0 for name in STAGES)
-    assert main(["sync", "probe", "--root", str(root)]) == 0  # idempotent: nothing left to send
+    assert all(sync_stage_events(layout.stage_dir(name), ref) == 0 for name in STAGES)
 
     client = MlflowClient(tracking_uri=server.uri)
     run = json.loads(layout.run_file.read_text())["tracking"]
