@@ -26,7 +26,9 @@ import datasets
 from transformers import AutoTokenizer
 
 from stages.preprocess.chat import ChatColumns
-from stages.preprocess.core import encode, parse_params
+from stages.preprocess.core import encode
+from stages.preprocess.params import PreprocessParams
+from stages.runtime import parse_params
 from stages.preprocess.source import load_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +59,7 @@ def main() -> None:
         data = work / "rows.jsonl"
         text = args.data.read_text(encoding="utf-8")
         data.write_text(text * args.copies, encoding="utf-8")
-        params = parse_params({"source": str(data), "tokenizer": args.tokenizer, "seq_len": args.seq_len,
+        params = parse_params(PreprocessParams, {"source": str(data), "tokenizer": args.tokenizer, "seq_len": args.seq_len,
                                "num_proc": args.num_proc})
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         source = load_source(params, work / "cache", log)

@@ -43,7 +43,7 @@ def train(root: Path, data_dir: Path, nproc: int, args: argparse.Namespace) -> d
         output_dir=root / name, inputs={"data": data_dir},
         params={"model": args.model, "dtype": args.dtype, "recipe": args.recipe, "backend": args.backend,
                 "global_batch": args.micro_batch * args.accum * nproc, "micro_batch": args.micro_batch,
-                "steps": args.steps, "lr": 1e-5, "val_batches": 1, "device": args.device,
+                "steps": args.steps, "lr": 1e-5, "val_batches": nproc, "device": args.device,
                 "calib_batches": 0, "log_every": 1},
     )
     spec_path = write_spec(spec)

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from stages.contract import (
     LOG_FILE,
@@ -76,6 +78,19 @@ class StageContext:
 
 
 Work = Callable[[StageContext], dict[str, Any]]
+
+ParamsModel = TypeVar("ParamsModel", bound=BaseModel)
+
+
+def parse_params(model: type[ParamsModel], raw: dict[str, Any]) -> ParamsModel:
+    """Validate a stage's params; the first problem becomes a one-line StageInputError."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")  # cross-field checks name their fields
+        raise StageInputError(f"params.{where}: {message}" if where else f"params: {message}") from None
 
 
 def stage_main(work: Work, argv: list[str] | None = None) -> None:

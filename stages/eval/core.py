@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from stages.contract import write_json_atomic
 from stages.eval.deployed import Deployment, fake_quant_deployment, load_unified, pack_in_memory
@@ -24,18 +23,12 @@ from stages.eval.params import EvalStageParams
 from stages.export.sources import model_dir_of, read_precision
 from stages.export.unified import deployed_format
 from stages.precision.recipe import Recipe
-from stages.runtime import StageContext, StageInputError
+from stages.runtime import StageContext, StageInputError, parse_params
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 EXPORT_FILE = "export.json"
 
 
-def parse_params(raw: dict[str, Any]) -> EvalStageParams:
-    try:
-        return EvalStageParams.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise StageInputError(f"params.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
 def _check_recipe(params: EvalStageParams, recorded: dict[str, Any] | None, where: Path) -> Recipe:
@@ -113,7 +106,7 @@ def validation_loss(model: torch.nn.Module, data_dir: Path, micro_batch: int, ma
 def run(ctx: StageContext) -> dict[str, Any]:
     from stages.ptq.core import resolve_device
 
-    params = parse_params(ctx.params)
+    params = parse_params(EvalStageParams, ctx.params)
     device = resolve_device(params.device)
     deployment, recipe, tokenizer = load_deployment(ctx, params, device)
     val_loss, val_tokens = validation_loss(deployment.model, ctx.input_dir("data"), params.micro_batch, params.max_batches, device)

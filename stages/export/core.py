@@ -25,25 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from stages.contract import write_json_atomic
 from stages.export.params import ExportParams
 from stages.export.sources import linear_amax, model_dir_of, quantizer_state, read_precision
 from stages.export.unified import deployed_format, unpacked_reason, write_unified_checkpoint
-from stages.runtime import StageContext, StageInputError
+from stages.runtime import StageContext, StageInputError, parse_params
 
 EXPORT_FILE = "export.json"
 BF16_DIR = "bf16"
 QUANTIZED_DIR = "quantized"
 
 
-def parse_params(raw: dict[str, Any]) -> ExportParams:
-    try:
-        return ExportParams.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise StageInputError(f"params.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
 def choose_packer(requested: str, model_dir: Path) -> str:
@@ -63,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from stages.precision.emulated import linear_names
     from stages.precision.recipe import Recipe
 
-    params = parse_params(ctx.params)
+    params = parse_params(ExportParams, ctx.params)
     model_dir = model_dir_of(ctx.input_dir("model"))
     precision = read_precision(model_dir)
     if precision is None:

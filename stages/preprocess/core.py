@@ -17,7 +17,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from stages.contract import write_json_atomic
@@ -33,7 +32,7 @@ from stages.preprocess.chat import (
 from stages.preprocess.packing import TokenTable, plan_rows, write_rows
 from stages.preprocess.params import PreprocessParams
 from stages.preprocess.source import SourceRows, load_source
-from stages.runtime import StageContext, StageInputError
+from stages.runtime import StageContext, StageInputError, parse_params
 
 DATA_MANIFEST = "data_manifest.json"
 SPLITS = ("train", "val")
@@ -41,7 +40,7 @@ CACHE_DIR = ".preprocess-cache"  # intermediate files, removed when the stage en
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = parse_params(ctx.params)
+    params = parse_params(PreprocessParams, ctx.params)
     manifest = preprocess(params, ctx.output_dir, ctx.log)
     # The runtime logs the numeric summary as metrics; the file keeps the strings too.
     ctx.tracker.set_tags({"tokenizer_hash": manifest["tokenizer_hash"]})
@@ -49,13 +48,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return manifest
 
 
-def parse_params(raw: dict[str, Any]) -> PreprocessParams:
-    try:
-        return PreprocessParams.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "params"
-        raise StageInputError(f"params.{field}: {first['msg']}") from None
 
 
 def preprocess(params: PreprocessParams, output_dir: Path, log: Any) -> dict[str, Any]:

@@ -8,11 +8,11 @@ from typing import Any
 
 from stages.contract import write_atomic
 from stages.probe.params import ProbeParams
-from stages.runtime import StageContext
+from stages.runtime import StageContext, parse_params
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = ProbeParams.model_validate(ctx.params)
+    params = parse_params(ProbeParams, ctx.params)
     started = time.monotonic()
     deadline = started + params.sleep_s
     next_metric, step = started + params.metric_every_s, 0

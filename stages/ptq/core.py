@@ -19,24 +19,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 
 from stages.contract import write_json_atomic
 from stages.export.sources import PRECISION_FILE, QUANTIZER_STATE_FILE, model_dir_of
 from stages.ptq.params import PtqStageParams
-from stages.runtime import StageContext, StageInputError
+from stages.runtime import StageContext, StageInputError, parse_params
 from stages.train.batches import TokenSplit
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def parse_params(raw: dict[str, Any]) -> PtqStageParams:
-    try:
-        return PtqStageParams.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise StageInputError(f"params.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -96,7 +89,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
     from stages.precision.emulated import linear_names
 
-    params = parse_params(ctx.params)
+    params = parse_params(PtqStageParams, ctx.params)
     try:
         recipe = load_recipe(params.recipe)
     except ValueError as error:

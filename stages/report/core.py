@@ -14,12 +14,13 @@ from typing import Any
 from stages.contract import load_spec, write_atomic
 from stages.report.params import ReportParams
 from stages.report.table import build_rows, read_step_metrics, to_csv, to_markdown
-from stages.runtime import StageContext, StageInputError
+from stages.runtime import StageContext, StageInputError, parse_params
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = ReportParams.model_validate({k: v for k, v in ctx.params.items()
-                                          if k in ReportParams.model_fields})
+    # The study builder adds `study` and `description` beside the report section's own fields.
+    params = parse_params(ReportParams, {k: v for k, v in ctx.params.items()
+                                         if k in ReportParams.model_fields})
     tags = {role: load_spec(path / "spec.json").tags for role, path in ctx.spec.inputs.items()}
     rows = build_rows(dict(ctx.spec.inputs), tags, params.baseline_run, params.skip_first_steps)
     if not rows:

@@ -11,9 +11,8 @@ import time
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
-from stages.runtime import StageContext, StageInputError
+from stages.runtime import StageContext, StageInputError, parse_params
 from stages.train import checkpoint as ckpt
 from stages.train.batches import StepPlan, TokenSplit, TrainOrder
 from stages.train.distributed import World, barrier, decoder_layers, init_world, shard, any_rank
@@ -27,18 +26,10 @@ from stages.train.schedule import build_scheduler
 WARMUP_STEPS_EXCLUDED = 2
 
 
-def parse_params(raw: dict[str, Any]) -> TrainParams:
-    try:
-        return TrainParams.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")  # cross-field checks name their fields
-        raise StageInputError(f"params{'.' + where if where else ''}: {message}") from None
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = parse_params(ctx.params)
+    params = parse_params(TrainParams, ctx.params)
     ctx.defer_signals = True  # finish the step, checkpoint, then stop (Slurm preemption)
     world = init_world(params.device, need_group=_compute_dtype(params) is not None)
     try:
