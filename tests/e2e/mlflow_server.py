@@ -51,11 +51,23 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server did not answer on {self.uri} in {timeout_s} s")
 
     def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
+        """Stop the server and every process it started (its job consumers ignore SIGTERM)."""
+        if self._process is None:
             return
-        os.killpg(self._process.pid, signal.SIGTERM)
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self._process.pid, signum)
+            except ProcessLookupError:
+                break
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                continue
+        self._process.wait()
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

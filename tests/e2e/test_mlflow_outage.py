@@ -15,14 +15,13 @@ from pipeline.cli import main
 from pipeline.layout import RunLayout
 from stages.contract import TrackingRef
 from stages.tracking import pending_event_count, read_events, sync_stage_events
-from tests.e2e.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("source", "a", "b", "c", "d", "join")
 
 
-def test_tracking_server_outage_mid_run_then_sync(tmp_path):
-    server = MlflowServer(tmp_path / "mlflow.db", tmp_path / "artifacts")
+def test_tracking_server_outage_mid_run_then_sync(tmp_path, mlflow_server):
+    server = mlflow_server
     server.start()
     root = tmp_path / "runs"
     driver = subprocess.Popen(
@@ -60,4 +59,3 @@ def test_tracking_server_outage_mid_run_then_sync(tmp_path):
         assert len(history) == len(logged) >= 10, stage  # each logged value once
         assert mlflow_run.info.status == "FINISHED"
         assert "stage.log" in [a.path for a in client.list_artifacts(mlflow_run.info.run_id)]
-    server.stop()
