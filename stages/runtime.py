@@ -146,10 +146,11 @@ def run_stage(spec_path: Path, work: Work) -> int:
         out / MANIFEST_FILE,
         {"stage": spec.stage, "kind": spec.kind, "fingerprint": spec.fingerprint, "summary": summary},
     )
+    # Logged before the marker: whoever sees `_SUCCESS` finds the whole log.
+    log.info("%s: succeeded in %.1f s", spec.stage, summary["wall_s"])
     _log_stage_log(ctx)
     tracker.finish("FINISHED")
     mark_succeeded(out, spec.fingerprint)
-    log.info("%s: succeeded in %.1f s", spec.stage, summary["wall_s"])
     return 0
 
 

@@ -3,40 +3,18 @@ rerun, and the MLflow UI (a real server, a real headless browser) showing the ru
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.layout import RunLayout
+from tests.smoke import pipeline_cli as pipeline, report_rows
 from tests.e2e.browser import chromium, render
 from tests.e2e.mlflow_server import MlflowServer
 
-REPO = Path(__file__).resolve().parents[2]
 RUNS = ("qat-nvfp4", "bf16", "fp8", "mxfp8", "nv4f-mx8b", "qad-nvfp4", "int8-int4")
-
-
-def pipeline(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=1500)
-
-
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("smoke") / "runs"
-    result = pipeline("run", "-c", "smoke", "--root", str(root), "--plain")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "smoke: all 28 stages succeeded" in result.stdout
-    return root
-
-
-def report_rows(root: Path) -> dict[tuple[str, str], dict[str, str]]:
-    with (root / "smoke" / "report" / "report.csv").open() as handle:
-        return {(row["run"], row["phase"]): row for row in csv.DictReader(handle)}
 
 
 def test_the_study_table_compares_every_run_to_bf16(smoke_root):

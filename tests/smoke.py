@@ -1,0 +1,25 @@
+"""Running the CLI the way a user does, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_STAGES = 28
+# Runs left out when a backend test runs the smoke study with only its QAT baseline and bf16
+# runs (11 stages); FASTER_QAT_SLOW_TESTS=1 runs all 28 stages there too.
+TRIMMED_OUT = ("fp8", "mxfp8", "nv4f-mx8b", "qad-nvfp4", "int8-int4")
+
+
+def pipeline_cli(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def report_rows(root: Path, run_id: str = "smoke") -> dict[tuple[str, str], dict[str, str]]:
+    """The study table the report stage wrote, keyed by (run, phase)."""
+    with (root / run_id / "report" / "report.csv").open() as handle:
+        return {(row["run"], row["phase"]): row for row in csv.DictReader(handle)}
