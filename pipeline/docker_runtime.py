@@ -10,6 +10,7 @@ the stages code of this checkout.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,16 @@ class DockerLauncher:
                    "--image", self.image_refs[stage.image],
                    "--spec", str(spec_path),
                    "--root", str(root),
-                   "--name", f"fq-{run_id}-{stage.name}",
+                   "--name", container_name(root, run_id, stage.name),
                    "--network", self.network,
                    "--shm-gb", str(stage.resources.shm_gb)]
         if gpus:
             command += ["--gpus", ",".join(str(gpu) for gpu in gpus)]
         return [*command, "--", *inner]
+
+
+def container_name(root: Path, run_id: str, stage: str) -> str:
+    """`fq-<run>-<stage>-<hash of the root>`: one engine may hold runs of the same id under other
+    artifact roots (or a container a killed driver left behind); names must not collide."""
+    root_hash = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    return f"fq-{run_id}-{stage}-{root_hash}"

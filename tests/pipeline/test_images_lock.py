@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ImagesConfig
-from pipeline.docker_runtime import DockerLauncher
+from pipeline.docker_runtime import DockerLauncher, container_name
 from pipeline.graph import Stage
 from pipeline.image_lock import ImageRef, ImageRefError, LockEntry, LockFile, pin_refs, read_lock, write_lock
 from pipeline.images import build_context, code_labels
@@ -102,6 +102,6 @@ def test_the_docker_launcher_wraps_the_stage_command_in_the_container_runner():
     assert command[1:3] == ["-m", "pipeline.docker_stage"]
     options = dict(zip(command[3:split:2], command[4:split:2]))
     assert options == {"--image": f"faster-qat-train@{DIGEST}", "--spec": str(spec), "--root": "/data/runs",
-                       "--name": "fq-study-train-fp8", "--network": "host", "--shm-gb": "8.0", "--gpus": "2,3"}
+                       "--name": container_name(Path("/data/runs"), "study", "train-fp8"), "--network": "host", "--shm-gb": "8.0", "--gpus": "2,3"}
     assert command[split + 1:] == ["python", "-m", "torch.distributed.run", "--standalone",
                                    "--nproc-per-node=2", "-m", "stages.train", "--spec", str(spec)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.docker_runtime import DockerLauncher
+from pipeline.docker_runtime import DockerLauncher, container_name
 from pipeline.docker_stage import STAGE_DIR_LABEL
 from pipeline.errors import BackendError
 from pipeline.image_lock import ImageRef, read_lock
@@ -45,8 +45,9 @@ def cpu_ref(lock_file) -> str:
 
 
 def _containers(client, root: Path) -> list:
-    return [c for c in client.containers.list(all=True)
-            if c.labels.get(STAGE_DIR_LABEL, "").startswith(str(root))]
+    # Sparse: the list call alone, so a container another test removes meanwhile is no error.
+    listed = client.containers.list(all=True, sparse=True, filters={"label": STAGE_DIR_LABEL})
+    return [c for c in listed if (c.attrs.get("Labels") or {}).get(STAGE_DIR_LABEL, "").startswith(str(root))]
 
 
 def test_lock_pins_the_built_image_and_the_config_takes_its_digest(docker_client, lock_file, cpu_ref):
@@ -72,7 +73,8 @@ def test_a_probe_dag_runs_in_containers_and_records_the_digest(docker_client, cp
     assert record["exit_code"] == 0 and record["network"] == "none"
     assert record["command"] == ["python", "-m", "stages.probe", "--spec", str(run_dir / "join" / "spec.json")]
     log = (run_dir / "join" / "stage.log").read_text()
-    assert f"=== container fq-probe-join: image {cpu_ref}" in log
+    name = container_name(tmp_path, "probe", "join")
+    assert name.startswith("fq-probe-join-") and f"=== container {name}: image {cpu_ref}" in log
     assert "join: succeeded" in log  # the container's own output reached the stage log
     assert _containers(docker_client, tmp_path) == []  # removed after
 
