@@ -48,17 +48,20 @@ def fake_quantize_cuda(x: torch.Tensor, spec: OperandSpec, amax: torch.Tensor | 
     return ops.fake_nvfp4(x)
 
 
+def fused_pair_supported(row_spec: OperandSpec, col_spec: OperandSpec) -> bool:
+    """Whether the fused kernel runs this (row, column) pair: rows nvfp4 or MX, columns MX."""
+    if col_spec.format not in _MX or not kernel_covers(row_spec) or row_spec.format not in (*_MX, "nvfp4"):
+        return False
+    return row_spec.format not in _MX or row_spec.scale_rounding == col_spec.scale_rounding
+
+
 def fused_rows_and_cols(
     x2: torch.Tensor, row_spec: OperandSpec, col_spec: OperandSpec
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One read of a 2-D CUDA x for two roles: row_spec along K (fprop x, dgrad dy) and the
     MXFP8 col_spec along the rows (wgrad x^T, dy^T), both returned in x's layout.
     None when the pair is not a (nvfp4 | mx, mx) pair the fused kernel runs."""
-    if not x2.is_cuda or x2.dim() != 2 or col_spec.format not in _MX or not kernel_covers(row_spec):
-        return None
-    if row_spec.format not in (*_MX, "nvfp4"):
-        return None
-    if row_spec.format in _MX and row_spec.scale_rounding != col_spec.scale_rounding:
+    if not x2.is_cuda or x2.dim() != 2 or not fused_pair_supported(row_spec, col_spec):
         return None
     return _ops().fake_rows_and_cols(x2, row_spec.format, _MX[col_spec.format], col_spec.scale_rounding)
 

@@ -7,16 +7,47 @@ blocks along the last dim; a 2-D x may be a transposed view (column-wise quantiz
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 
 from stages.precision.fp8 import Fp8Quantized
+from stages.precision.kernels import toolchain
 from stages.precision.kernels import triton_jit as jit
 from stages.precision.mx import MxQuantized
 from stages.precision.nvfp4 import Nvfp4Quantized
 
+toolchain.use_fixed_ptxas()
+
 _MX_CODE = {torch.float8_e4m3fn: jit.MX_E4M3, torch.float8_e5m2: jit.MX_E5M2}
-_BR, _BK = 32, 128  # a tile: 32 rows (one column-wise MX block) by 4 MX / 8 NVFP4 blocks
+
+
+@dataclass(frozen=True)
+class Tile:
+    """What one Triton program covers: rows x cols of the 2-D view, and its warps."""
+
+    rows: int
+    cols: int
+    warps: int
+
+
+# Chosen on an H100 with `python -m bench.quantizers --sweep` (bench/results/quantizers.json:
+# each within 1% of its family's fastest candidate on the training step's shapes).
+# Block tiles hold whole blocks: cols a multiple of 32 (MX) / 16 (NVFP4), rows a multiple of 32
+# (a column-wise MX block runs along the rows).
+TILES: dict[str, Tile] = {
+    "amax": Tile(32, 512, 8),  # one atomic per 16K elements
+    "fp8": Tile(64, 128, 8),  # the transposed store writes 64-byte runs
+    "block": Tile(32, 128, 4),
+}
+# What `bench.quantizers --sweep` tries (and the GPU tests check bit for bit) per family.
+TILE_CANDIDATES: dict[str, list[Tile]] = {
+    "amax": [Tile(r, c, w) for r, c in [(16, 512), (32, 512), (32, 1024), (64, 1024), (128, 512)] for w in (4, 8, 16)],
+    "fp8": [Tile(r, c, w) for r, c in [(32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)] for w in (4, 8)],
+    "block": [Tile(r, c, w) for r, c in [(32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64)] for w in (2, 4, 8)],
+}
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -25,8 +56,8 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x.reshape(1, -1)
 
 
-def _grid(r: int, k: int) -> tuple[int, int]:
-    return triton.cdiv(r, _BR), triton.cdiv(k, _BK)
+def _grid(r: int, k: int, tile: Tile) -> tuple[int, int]:
+    return triton.cdiv(r, tile.rows), triton.cdiv(k, tile.cols)
 
 
 def _empty_like_strided(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -41,9 +72,10 @@ def amax(x: torch.Tensor) -> torch.Tensor:
     x2 = _as_2d(x)
     out = torch.zeros((), dtype=torch.int32, device=x.device)
     if x2.numel():
-        # Larger tiles than the quantizers': one atomic per 16K elements.
-        grid = (triton.cdiv(x2.shape[0], 32), triton.cdiv(x2.shape[1], 512))
-        jit._amax_kernel[grid](x2, out, *x2.shape, *x2.stride(), BR=32, BK=512, num_warps=8)
+        tile = TILES["amax"]
+        jit._amax_kernel[_grid(*x2.shape, tile)](
+            x2, out, *x2.shape, *x2.stride(), BR=tile.rows, BK=tile.cols, num_warps=tile.warps
+        )
     return out.view(torch.float32)
 
 
@@ -63,23 +95,47 @@ def fp8(
     """Per-tensor FP8 (fp8.quantize_fp8 / fake_quantize_fp8). amax None = current scaling.
 
     Returns (Fp8Quantized, data^T contiguous [K, R] of a 2-D x, dequantized in x's dtype);
-    each part only if asked for."""
+    each part only if asked for, all from one read of x after the amax pass (two where the
+    ptxas in use cannot fuse the transposed store: toolchain.py)."""
     x2 = _as_2d(x)
     bits = _amax_bits(amax(x2) if amax_value is None else amax_value)
     r, k = x2.shape
-    d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data or transposed else None
+    d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data else None
+    d_t = torch.empty(k, r, dtype=dtype, device=x.device) if transposed else None
     f = _empty_like_strided(x2, x.dtype) if fake else None
     scale = torch.empty((), dtype=torch.float32, device=x.device)
-    dummy = scale
-    jit._fp8_kernel[_grid(r, k)](
-        x2, bits, dummy if d is None else d, dummy if f is None else f, scale,
-        r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
-        E5M2=dtype == torch.float8_e5m2, WRITE_DATA=d is not None, WRITE_FAKE=fake, BR=_BR, BK=_BK,
-    )
-    # A copy pass over the 1-byte data (see _fp8_kernel on why it is not written in-kernel).
-    d_t = d.t().contiguous() if transposed else None
+    if d_t is not None and (d is not None or f is not None) and not toolchain.fused_transpose_ok(_arch(x)):
+        # This ptxas miscompiles a transposed FP8 store beside another store (toolchain.py).
+        _fp8_launch(x2, bits, None, d_t, None, None, dtype)
+        _fp8_launch(x2, bits, d, None, f, scale, dtype)
+    else:
+        _fp8_launch(x2, bits, d, d_t, f, scale, dtype)
     q = Fp8Quantized(d.reshape(x.shape), scale) if data else None
     return q, d_t, None if f is None else f.reshape(x.shape)
+
+
+def _fp8_launch(x2, bits, d, d_t, f, scale, dtype) -> None:
+    """One _fp8_kernel pass writing the parts given (not None)."""
+    r, k = x2.shape
+    dummy = bits
+    tile = TILES["fp8"]
+    jit._fp8_kernel[_grid(r, k, tile)](
+        x2, bits, dummy if d is None else d, dummy if d_t is None else d_t, dummy if f is None else f,
+        dummy if scale is None else scale,
+        r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
+        E5M2=dtype == torch.float8_e5m2, WRITE_DATA=d is not None, WRITE_T=d_t is not None, WRITE_FAKE=f is not None,
+        WRITE_SCALE=scale is not None, BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
+    )
+
+
+def _arch(x: torch.Tensor) -> int:
+    return _arch_of(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _arch_of(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor
 
 
 def fake_fp8(x: torch.Tensor, dtype: torch.dtype, amax_value: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,12 +169,14 @@ def _block(
         data = torch.empty(x2.shape, dtype=data_dtype, device=x.device)
         scales = torch.empty(r, n_scale_cols, dtype=scale_dtype, device=x.device)
     dummy = bits
-    jit._block_kernel[_grid(r, k)](
+    tile = TILES["block"]
+    jit._block_kernel[_grid(r, k, tile)](
         x2, bits, dummy if row_out is None else row_out, dummy if col_out is None else col_out,
         dummy if data is None else data, dummy if scales is None else scales,
         r, k, *x2.stride(), *(row_out.stride() if row_out is not None else (0, 0)),
         *(col_out.stride() if col_out is not None else (0, 0)), n_scale_cols,
-        ROW=row, COL=col, FLOOR=floor, WRITE_ROW_FAKE=row_out is not None, WRITE_ROW_Q=row_q, BR=_BR, BK=_BK,
+        ROW=row, COL=col, FLOOR=floor, WRITE_ROW_FAKE=row_out is not None, WRITE_ROW_Q=row_q,
+        BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
     )
     lead = x.shape[:-1]
     return (
@@ -143,7 +201,7 @@ def nvfp4(x: torch.Tensor, global_amax: torch.Tensor | None = None) -> Nvfp4Quan
     """nvfp4.quantize_nvfp4 (1-D blocks, round to nearest even): codes, e4m3 block scales, g."""
     bits_amax = amax(x) if global_amax is None else global_amax.to(torch.float32)
     _, _, codes, scales = _block(x, jit.NVFP4, row_fake=False, row_q=True, global_amax=bits_amax)
-    g = torch.where(bits_amax == 0, torch.ones_like(bits_amax), bits_amax / torch.tensor(2688.0, device=x.device))
+    g = torch.where(bits_amax == 0, torch.ones_like(bits_amax), bits_amax / torch.full((), 2688.0, device=x.device))
     return Nvfp4Quantized(codes, scales, g)
 
 

@@ -81,22 +81,22 @@ def _nvfp4(xb, g, AXIS: tl.constexpr):
     block_scale = tl.clamp(block_scale, 2.0**-6, 448.0, propagate_nan=tl.PropagateNan.ALL)
     block_scale = block_scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
     scale_f32 = block_scale.to(tl.float32)
-    inv_g = tl.math.div_rn(tl.full(block_amax.shape, 1.0, tl.float32), g + tl.zeros_like(block_amax))
-    reciprocal = tl.math.div_rn(inv_g, scale_f32)
+    inv_g = tl.math.div_rn(tl.full((), 1.0, tl.float32), g)
+    reciprocal = tl.math.div_rn(inv_g + tl.zeros_like(block_amax), scale_f32)
     v = tl.clamp(xb * reciprocal, -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
     mag = tl.abs(v)
-    # Round to nearest, ties to the even code (the thresholds of nvfp4._MIDPOINTS).
-    code = (
-        (mag > 0.25).to(tl.int32)
-        + (mag >= 0.75).to(tl.int32)
-        + (mag > 1.25).to(tl.int32)
-        + (mag >= 1.75).to(tl.int32)
-        + (mag > 2.5).to(tl.int32)
-        + (mag >= 3.5).to(tl.int32)
-        + (mag > 5.0).to(tl.int32)
-    )
+    # E2M1 round to nearest even (the thresholds of nvfp4._MIDPOINTS): the grid step is 0.5
+    # below 2, 1 below 4, then 2, and rounding mag / step to an even integer lands on the even code.
+    below_2, below_4 = mag < 2.0, mag < 4.0
+    steps_per_unit = tl.where(below_2, 2.0, tl.where(below_4, 1.0, 0.5))
+    step = tl.where(below_2, 0.5, tl.where(below_4, 1.0, 2.0))
+    # rint(y) for 0 <= y <= 4: adding 2^23 leaves no fraction bits, so the fp32 add rounds y to
+    # an integer, ties to even. Powers of two: both products are exact.
+    value = ((mag * steps_per_unit + 8388608.0) - 8388608.0) * step
+    value = tl.where(mag == mag, value, 0.0)  # NaN compares below every midpoint: code 0
+    # Codes 0..7 of 0, .5, 1, 1.5, 2, 3, 4, 6.
+    code = tl.where(value <= 2.0, value * 2.0, tl.where(value < 6.0, value + 2.0, 7.0)).to(tl.int32)
     sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
-    value = tl.where(code < 4, code.to(tl.float32) * 0.5, tl.where(code == 4, 2.0, tl.where(code == 5, 3.0, tl.where(code == 6, 4.0, 6.0))))
     # The sign as a bit (Triton's unary minus is 0 - x, which would turn -0.0 into +0.0).
     value = (value.to(tl.int32, bitcast=True) | (sign << 31)).to(tl.float32, bitcast=True)
     return code | (sign << 3), block_scale, value * (g * scale_f32)
@@ -122,15 +122,14 @@ def _amax_kernel(x_ptr, out_ptr, R, K, sxr, sxk, BR: tl.constexpr, BK: tl.conste
 
 @triton.jit
 def _fp8_kernel(
-    x_ptr, amax_ptr, data_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
-    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_FAKE: tl.constexpr,
-    BR: tl.constexpr, BK: tl.constexpr,
+    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
+    WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     """Per-tensor FP8 cast with the multiplier fp8_max / max(amax, 1e-12) (float64, then fp32).
 
-    Writes data (strided), the dequantized tensor, and the dequantization scale 1/multiplier.
-    (An in-kernel transposed copy of the data was dropped: it left some elements unwritten for
-    an fp32 64x256 input on an H100 with Triton 3.6; ops.fp8 transposes with torch instead.)"""
+    Writes data (strided), its transpose (contiguous [K, R]: the other major order cuBLASLt
+    needs for dgrad and wgrad), the dequantized tensor, and the dequantization scale 1/multiplier."""
     if E5M2:
         fmax: tl.constexpr = 57344.0
     else:
@@ -151,8 +150,12 @@ def _fp8_kernel(
         data = clamped.to(tl.float8e4nv, fp_downcast_rounding="rtne")
     if WRITE_DATA:
         tl.store(data_ptr + rows * sdr + cols * sdk, data, mask=mask)
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
+    if WRITE_T:
+        # The same tile at transposed addresses: Triton stages it through shared memory. With
+        # another store beside it this needs ptxas >= 13 (toolchain.py).
+        tl.store(data_t_ptr + cols * R + rows, data, mask=mask)
+    if WRITE_SCALE and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
     if WRITE_FAKE:
         fake = tl.math.div_rn(data.to(tl.float32), multiplier + tl.zeros_like(x))
         tl.store(fake_ptr + rows * sfr + cols * sfk, fake.to(fake_ptr.dtype.element_ty), mask=mask)
@@ -168,7 +171,7 @@ def _block_kernel(
     """One read of a [BR, BK] tile of x; up to two quantizations of it:
     ROW (MX_E4M3 / MX_E5M2 / NVFP4) in blocks along K, writing the dequantized tile and/or the
     quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its block scales;
-    COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR == 32), writing the dequantized tile."""
+    COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR a multiple of 32), writing the dequantized tile."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
     mask = (rows < R) & (cols < K)
@@ -194,7 +197,7 @@ def _block_kernel(
             scale2 = tl.reshape(scale, (BR, nblk))
             tl.store(scale_ptr + srows * n_scale_cols + scols, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
     if COL != 0:
-        xc = tl.reshape(x, (1, BR, BK))
+        xc = tl.reshape(x, (BR // 32, 32, BK))
         _, _, cfake = _mx(xc, 1, COL == 2, FLOOR)
         cfake2 = tl.reshape(cfake, (BR, BK))
         tl.store(col_fake_ptr + rows * scr + cols * sck, cfake2.to(col_fake_ptr.dtype.element_ty), mask=mask)

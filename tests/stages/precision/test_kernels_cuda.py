@@ -71,6 +71,21 @@ def test_fp8_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, int]
 
 
 @needs_cuda
+def test_fp8_transpose_in_a_second_launch_gives_the_same_bits(monkeypatch) -> None:
+    """The path taken where Triton's ptxas cannot fuse the transposed FP8 store (toolchain.py)."""
+    from stages.precision.kernels import toolchain
+
+    x = edge_tensor(96, 160, torch.bfloat16, seed=6)
+    fused = ops().fp8(x, torch.float8_e5m2, transposed=True, fake=True)
+    monkeypatch.setattr(toolchain, "fused_transpose_ok", lambda arch: False)
+    q, q_t, fake = ops().fp8(x, torch.float8_e5m2, transposed=True, fake=True)
+    ref = quantize_fp8(x, torch.float8_e5m2)
+    assert torch.equal(bits(q_t), bits(ref.data.t())) and torch.equal(bits(q_t), bits(fused[1]))
+    assert torch.equal(bits(q.data), bits(ref.data)) and torch.equal(q.scale.cpu(), ref.scale.cpu())
+    assert torch.equal(bits(fake), bits(fused[2]))
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rounding", ["rceil", "floor"])
@@ -133,6 +148,31 @@ def test_fused_rows_and_cols_equal_two_reference_quantizations(row_format: str) 
     assert torch.equal(bits(cols), bits(fake_quantize_mxfp8(x.t()).t()))
 
 
+def tile_cases() -> list[tuple[str, object]]:
+    """Per family the first, a middle and the last candidate: each compiles its own kernels."""
+    from stages.precision.kernels.ops import TILE_CANDIDATES
+
+    return [(family, tiles[i]) for family, tiles in TILE_CANDIDATES.items() for i in sorted({0, len(tiles) // 2, len(tiles) - 1})]
+
+
+@needs_cuda
+@pytest.mark.parametrize(("family", "tile"), tile_cases() if torch.cuda.is_available() else [])
+def test_every_candidate_tile_gives_the_reference_bits(family: str, tile, monkeypatch) -> None:
+    """The tile is a speed knob (bench.quantizers --sweep picks it), never a numerics one."""
+    monkeypatch.setitem(ops().TILES, family, tile)
+    x = edge_tensor(96, 160, torch.bfloat16, seed=5)  # partial tiles on both axes for every candidate
+    assert ops().amax(x).item() == x.abs().max().item()
+    if family == "fp8":
+        q, q_t, _ = ops().fp8(x, torch.float8_e5m2, transposed=True)
+        ref = quantize_fp8(x, torch.float8_e5m2)
+        assert torch.equal(bits(q.data), bits(ref.data)) and torch.equal(bits(q_t), bits(ref.data.t()))
+    if family == "block":
+        assert torch.equal(bits(ops().mxfp8(x.t()).data), bits(quantize_mxfp8(x.t()).data))
+        rows, cols = ops().fake_rows_and_cols(x, "nvfp4")
+        assert torch.equal(bits(rows), bits(fake_quantize_nvfp4(x)))
+        assert torch.equal(bits(cols), bits(fake_quantize_mxfp8(x.t()).t()))
+
+
 def train_two_steps(name: str, backend: str, use_kernels: bool, monkeypatch) -> tuple[list[float], list[torch.Tensor]]:
     """Two optimizer steps of 2 micro-batches on CUDA; kernels off = the reference quantizers."""
     import stages.precision.emulated as emulated
@@ -140,6 +180,7 @@ def train_two_steps(name: str, backend: str, use_kernels: bool, monkeypatch) -> 
     if not use_kernels:
         monkeypatch.setattr(emulated, "fake_quantize_cuda", lambda x, spec, amax=None: None)
         monkeypatch.setattr(emulated, "fused_rows_and_cols", lambda x, a, b: None)
+        monkeypatch.setattr(emulated, "fused_pair_supported", lambda a, b: False)
     model = tiny_qwen3().to("cuda", torch.bfloat16)
     prepared = prepare_model(model, load_recipe(name), backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
