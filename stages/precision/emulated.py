@@ -21,13 +21,13 @@ from torch import nn
 
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.fp8 import FP8_DTYPES, fake_quantize_fp8
-from stages.precision.kernels.dispatch import ActivationMemo, fake_quantize_cuda, fused_rows_and_cols
+from stages.precision.kernels.dispatch import fake_quantize_cuda, fused_pair_supported, fused_rows_and_cols
+from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
 from stages.precision.mx import ELEM_DTYPES, fake_quantize_mxfp8
 from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4, hadamard_16
 from stages.precision.recipe import OperandSpec, Recipe
 
 EMULATED_FORMATS = ("bf16", *FP8_DTYPES, *ELEM_DTYPES, "nvfp4")
-_ACTIVATIONS = ActivationMemo()  # CUDA only: one quantization of x shared by the linears reading it
 
 
 class OperandQuantizer:
@@ -84,89 +84,21 @@ class OperandQuantizer:
         self.pending_amax = None
 
 
-class _QuantizedLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):  # type: ignore[override]
-        q = layer.quantizers
-        recipe = layer.recipe
-        # Without autocast grad_y has x's dtype, so wgrad would quantize this same x.
-        fuse = recipe.backward_source == "original" and layer.hadamard is None and not torch.is_autocast_enabled(x.device.type)
-        memo_key = (recipe.fprop.input, recipe.wgrad.input if fuse else None)
-        use_memo = x.is_cuda and recipe.fprop.input.scaling != "delayed"  # delayed: each layer records its amax
-        hit = _ACTIVATIONS.get(x, memo_key) if use_memo else None
-        if hit is not None:
-            x_q, x_wgrad = hit
-        else:
-            x_wgrad = None  # wgrad's quantized x, when one fused kernel read gives it with fprop's
-            pair = fused_rows_and_cols(x.reshape(-1, x.shape[-1]), recipe.fprop.input, recipe.wgrad.input) if fuse else None
-            if pair is not None:
-                x_q, x_wgrad = pair[0].reshape(x.shape), pair[1]
-            else:
-                x_q = q["fprop.input"](x)  # blocks along the last dim = K, for any leading shape
-            if use_memo:
-                _ACTIVATIONS.put(x, memo_key, (x_q, x_wgrad))
-        w_q = layer.cached_weight("fprop.weight", weight, lambda w: q["fprop.weight"](w).to(x.dtype))
-        # No reshape of the output: FSDP2 warns about (and mishandles in-place ops on) views.
-        y = F.linear(x_q, w_q, None if bias is None else bias.to(x.dtype))
-        if recipe.backward_source == "original":
-            ctx.save_for_backward(x if x_wgrad is None else x_wgrad, weight)
-        else:
-            ctx.save_for_backward(x_q, w_q)
-        ctx.x_wgrad_quantized = x_wgrad is not None
-        ctx.x_shape = x.shape
-        ctx.layer = layer
-        ctx.weight_dtype = weight.dtype
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        x_saved, w_src = ctx.saved_tensors
-        x_shape = ctx.x_shape
-        x_src = x_saved.reshape(-1, x_shape[-1])
-        layer = ctx.layer
-        q = layer.quantizers
-        recipe = layer.recipe
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
-        dx = dw = db = None
-        g_pair = None
-        if all(ctx.needs_input_grad[:2]) and layer.hadamard is None:
-            g_pair = fused_rows_and_cols(g2, recipe.dgrad.grad_output, recipe.wgrad.grad_output)
-        if ctx.needs_input_grad[0]:
-            g_q = q["dgrad.grad_output"](g2) if g_pair is None else g_pair[0]
-            w_q = layer.cached_weight(  # blocks along N
-                "dgrad.weight", w_src, lambda w: q["dgrad.weight"](w.t().to(g2.dtype)).t(), cache=w_src is layer.weight
-            )
-            dx = (g_q @ w_q).reshape(x_shape)
-        if ctx.needs_input_grad[1]:
-            g_t, x_t = g2.t(), x_src.t().to(g2.dtype)
-            if layer.hadamard is not None:
-                h = layer.hadamard.to(g2.device)
-                g_t, x_t = apply_hadamard(g_t, h), apply_hadamard(x_t, h)
-            g_wq = q["wgrad.grad_output"](g_t) if g_pair is None else g_pair[1].t()
-            x_wq = x_t if ctx.x_wgrad_quantized else q["wgrad.input"](x_t)  # already quantized in forward
-            dw = (g_wq @ x_wq.t()).to(ctx.weight_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0).to(ctx.weight_dtype)
-        return dx, dw, db, None
+def _quantize_input(fprop_input: OperandQuantizer, recipe: Recipe, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """x's quantized forms for linear_op.KINDS[kind]: fprop's (blocks along K) and, for
+    input_cols, wgrad's (blocks along the tokens) from the same fused kernel read."""
+    if kind == "input_cols":
+        x_q, x_wgrad = fused_rows_and_cols(x.reshape(-1, x.shape[-1]), recipe.fprop.input, recipe.wgrad.input)
+        return [x_q.reshape(x.shape), x_wgrad]
+    return [fprop_input(x)]
 
 
-@torch._dynamo.disable
-def _apply_quantized(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-    """Eager under torch.compile: the quantizers are Triton kernels with per-step caches, and
-    tracing the Function recompiled it for every weight shape."""
-    return _QuantizedLinearFn.apply(x, layer.weight, layer.bias, layer)
-
-
-class QuantizedLinear(nn.Module):
-    """Drop-in for nn.Linear: the same Parameter objects (FSDP2 may shard them after this swap);
-    each forward quantizes from self.weight. Fake quant can be switched off (QAT delay)."""
+class QuantizedLinear(OpaqueLinear):
+    """Drop-in for nn.Linear: each forward quantizes from self.weight (cached per weight
+    version). Fake quant can be switched off (QAT delay)."""
 
     def __init__(self, linear: nn.Linear, recipe: Recipe, name: str) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        super().__init__(linear)
         self.recipe = recipe
         self.fake_quant_enabled = recipe.fake_quant_after_steps == 0
         self.quantizers = {f"{gemm}.{operand}": OperandQuantizer(spec) for (gemm, operand), spec in recipe.operands()}
@@ -180,6 +112,7 @@ class QuantizedLinear(nn.Module):
             gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             signs = torch.randint(0, 2, (16,), generator=gen) * 2 - 1
             self.hadamard = hadamard_16(signs)
+        self._register()
 
     def cached_weight(self, role: str, weight: torch.Tensor, quantize, cache: bool = True) -> torch.Tensor:
         """quantize(weight), computed once per weight version (delayed scaling: never cached,
@@ -200,7 +133,72 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_enabled:
             return F.linear(x, self.weight, self.bias)
-        return _apply_quantized(x, self)
+        return super().forward(x)
+
+    def kind(self, x: torch.Tensor) -> str:
+        recipe = self.recipe
+        if recipe.backward_source != "original":
+            return "quantized_input"
+        # Without autocast grad_y has x's dtype, so wgrad would quantize this same x: one fused
+        # kernel read then gives fprop's and wgrad's quantized x.
+        fuse = (
+            x.is_cuda and self.hadamard is None and not torch.is_autocast_enabled(x.device.type)
+            and fused_pair_supported(recipe.fprop.input, recipe.wgrad.input)
+        )
+        return "input_cols" if fuse else "input"
+
+    def input_key(self) -> str:
+        if self.recipe.fprop.input.scaling == "delayed":  # each layer records its own amax
+            return f"layer:{int(self.handle)}"
+        return f"emulated:{self.recipe.fprop.input.model_dump_json()}|{self.recipe.wgrad.input.model_dump_json()}"
+
+    def input_passthrough(self) -> bool:
+        return self.recipe.fprop.input.format == "bf16"
+
+    def quantize_input(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        return _quantize_input(self.quantizers["fprop.input"], self.recipe, x, kind)
+
+    def stateless_input_quantizer(self):
+        fprop_input, recipe = OperandQuantizer(self.recipe.fprop.input), self.recipe
+        return lambda x, kind: _quantize_input(fprop_input, recipe, x, kind)
+
+    def _weight_fprop(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.cached_weight("fprop.weight", weight, lambda w: self.quantizers["fprop.weight"](w).to(dtype))
+
+    def linear_forward(
+        self, x: torch.Tensor, parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, kind: str
+    ) -> torch.Tensor:
+        # No reshape of the output: FSDP2 warns about (and mishandles in-place ops on) views.
+        return F.linear(parts[0], self._weight_fprop(weight, x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def linear_backward(
+        self, grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, saved: list[torch.Tensor],
+        kind: str, needs_dx: bool, needs_dw: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        q, recipe = self.quantizers, self.recipe
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        x_src = (x if kind == "input" else saved[0]).reshape(-1, self.in_features)
+        # QAT (STE): the backward multiplies the fake-quantized W the forward used.
+        w_src = self._weight_fprop(weight, g2.dtype) if kind == "quantized_input" else weight
+        dx = dw = None
+        g_pair = None
+        if needs_dx and needs_dw and self.hadamard is None:
+            g_pair = fused_rows_and_cols(g2, recipe.dgrad.grad_output, recipe.wgrad.grad_output)
+        if needs_dx:
+            g_q = q["dgrad.grad_output"](g2) if g_pair is None else g_pair[0]
+            w_q = self.cached_weight(  # blocks along N
+                "dgrad.weight", w_src, lambda w: q["dgrad.weight"](w.t().to(g2.dtype)).t(), cache=w_src is weight
+            )
+            dx = (g_q @ w_q).reshape(*grad_y.shape[:-1], self.in_features)
+        if needs_dw:
+            g_t, x_t = g2.t(), x_src.t().to(g2.dtype)
+            if self.hadamard is not None:
+                h = self.hadamard.to(g2.device)
+                g_t, x_t = apply_hadamard(g_t, h), apply_hadamard(x_t, h)
+            g_wq = q["wgrad.grad_output"](g_t) if g_pair is None else g_pair[1].t()
+            x_wq = x_t if kind == "input_cols" else q["wgrad.input"](x_t)  # input_cols: quantized in the forward
+            dw = (g_wq @ x_wq.t()).to(weight.dtype)
+        return dx, dw
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}"
@@ -251,7 +249,7 @@ def step_emulated(layers: list[QuantizedLinear], recipe: Recipe, step: int) -> N
     for layer in layers:
         layer.fake_quant_enabled = step >= recipe.fake_quant_after_steps
         layer.clear_weight_cache()
-    _ACTIVATIONS.clear()
+    SHARED_INPUTS.clear()
     if not recipe.uses_delayed_scaling:
         return
     pending = [qz for layer in layers for qz in layer.quantizers.values() if qz.pending_amax is not None]

@@ -10,7 +10,9 @@ transpose (the other major order that cuBLASLt needs) is written by the same ker
   fprop  y  = x_q  @ W_q^T      A = x_q [M,K] row-major,  B = W_q^T (W_q is [N,K] row-major)
   dgrad  dx = dy_q @ W_q        A = dy_q [M,N],           B = (W_q^T contiguous [K,N]).t()
   wgrad  dW = dy_q^T @ x_q      A = dy_q^T contiguous,    B = (x_q^T contiguous [K,M]).t()
-The weight's FP8 forms are cached per weight version (reused by the micro-batches of a step).
+The weight's FP8 forms are cached per weight version (reused by the micro-batches of a step);
+q/k/v (gate/up) quantize their shared x once. The GEMMs run inside linear_op's custom ops,
+so a compiled decoder layer stays one graph.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.precision.emulated import linear_names, replace_module
+from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.recipe import Recipe
 
@@ -57,66 +60,36 @@ def check_device() -> None:
 
 
 def _quantize(x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(data [R, K], dequantization scale, data^T contiguous [K, R]) from one amax pass and one cast pass."""
     from stages.precision.kernels import ops
 
     q, q_t, _ = ops.fp8(x2, dtype, transposed=True)
     return q.data, q.scale, q_t
 
 
-class _ScaledMMFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):  # type: ignore[override]
-        x2 = x.reshape(-1, x.shape[-1])
-        xq, x_scale, xq_t = _quantize(x2, layer.x_dtype)
-        wq, w_scale, wq_t = layer.weight_fp8(weight)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
-        if bias is not None:
-            y = y + bias.to(out_dtype)
-        ctx.save_for_backward(xq_t, x_scale, wq_t, w_scale)
-        ctx.layer, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = layer, x.shape, x.dtype, weight.dtype
-        ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        xq_t, x_scale, wq_t, w_scale = ctx.saved_tensors
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
-        gq, g_scale, gq_t = _quantize(g2, ctx.layer.g_dtype)
-        out_dtype = g2.dtype if g2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch._scaled_mm(gq, wq_t.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=out_dtype)
-            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = torch._scaled_mm(gq_t, xq_t.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=out_dtype)
-            dw = dw.to(ctx.weight_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0).to(ctx.weight_dtype)
-        return dx, dw, db, None
+_KIND = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
+_DTYPE_OF_KIND = {kind: dtype for dtype, kind in _KIND.items()}
 
 
-@torch._dynamo.disable
-def _apply_scaled_mm(x: torch.Tensor, layer: ScaledMMLinear) -> torch.Tensor:
-    """Eager under torch.compile (Triton quantizers, a per-step weight cache)."""
-    return _ScaledMMFn.apply(x, layer.weight, layer.bias, layer)
+def _quantize_input(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """linear_op.KINDS' fp8 parts of x: [x_q [M, K], scale, x_q^T [K, M]]."""
+    return list(_quantize(x.reshape(-1, x.shape[-1]), _DTYPE_OF_KIND[kind]))
 
 
-class ScaledMMLinear(nn.Module):
+class ScaledMMLinear(OpaqueLinear):
     """Drop-in for nn.Linear holding the same Parameters; GEMMs in FP8 via torch._scaled_mm."""
 
     def __init__(self, linear: nn.Linear, recipe: Recipe) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         if self.in_features % 16 or self.out_features % 16:
             raise PrecisionUnavailable(
                 f"backend scaled_mm needs in/out features divisible by 16, got {self.in_features}x"
                 f"{self.out_features}; list the layer in high_precision or choose backend emulated"
             )
-        self.weight, self.bias = linear.weight, linear.bias
         self.recipe = recipe
         self.x_dtype, self.w_dtype, self.g_dtype = check_recipe(recipe)
         self._cache: tuple[tuple[int, int], tuple[torch.Tensor, ...]] | None = None
+        self._register()
 
     def weight_fp8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W_q [N,K], dequantization scale, W_q^T contiguous [K,N]), once per weight version."""
@@ -135,7 +108,48 @@ class ScaledMMLinear(nn.Module):
                 f"backend scaled_mm needs the token count divisible by 16, got {x.shape[:-1].numel()}; "
                 "pad the batch or choose backend emulated"
             )
-        return _apply_scaled_mm(x, self)
+        return super().forward(x)
+
+    def kind(self, x: torch.Tensor) -> str:
+        return _KIND[self.x_dtype]
+
+    def input_key(self) -> str:
+        return f"scaled_mm:{_KIND[self.x_dtype]}"
+
+    def quantize_input(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        return _quantize_input(x, kind)
+
+    def stateless_input_quantizer(self):
+        return _quantize_input
+
+    def linear_forward(
+        self, x: torch.Tensor, parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, kind: str
+    ) -> torch.Tensor:
+        xq, x_scale, _ = parts
+        wq, w_scale, _ = self.weight_fp8(weight)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def linear_backward(
+        self, grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, saved: list[torch.Tensor],
+        kind: str, needs_dx: bool, needs_dw: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x_scale, xq_t = saved
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        gq, g_scale, gq_t = _quantize(g2, self.g_dtype)
+        out_dtype = g2.dtype if g2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        dx = dw = None
+        if needs_dx:
+            _, w_scale, wq_t = self.weight_fp8(weight)
+            dx = torch._scaled_mm(gq, wq_t.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=out_dtype)
+            dx = dx.reshape(*grad_y.shape[:-1], self.in_features).to(grad_y.dtype)
+        if needs_dw:
+            dw = torch._scaled_mm(gq_t, xq_t.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=out_dtype)
+            dw = dw.to(weight.dtype)
+        return dx, dw
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}"
@@ -153,9 +167,11 @@ def convert_scaled_mm(model: nn.Module, recipe: Recipe) -> list[ScaledMMLinear]:
 
 
 def step_scaled_mm(layers: list[ScaledMMLinear]) -> None:
-    """Once per optimizer step: drop the cached FP8 weights (their version moved on anyway)."""
+    """Once per optimizer step: drop the cached FP8 weights (their version moved on anyway)
+    and the last shared activation."""
     for layer in layers:
         layer.clear_cache()
+    SHARED_INPUTS.clear()
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:

@@ -1,0 +1,224 @@
+"""A quantized linear layer as custom ops that torch.compile keeps in one graph.
+
+The quantizers are Triton kernels with Python state around them: the quantized weights cached
+for the micro-batches of a step, delayed-scaling amax histories. A traced graph cannot hold that
+state. Wrapping each linear in `torch._dynamo.disable` kept it, but split every compiled decoder
+layer at its seven linears, so RMSNorm, SiLU * up and the residual adds compiled in pieces.
+Custom ops are opaque to the compiler without breaking the graph:
+
+  parts = faster_qat::quantize_input(x, key, kind)     the activation's quantized forms
+  y     = faster_qat::quantized_linear(x, parts, W, b, handle, kind)   GEMMs, weight cache
+          (its backward: faster_qat::quantized_linear_backward)
+
+`quantize_input` is a pure function of x and a recipe (`key`), so when q/k/v (gate/up) read the
+same x the compiler's common-subexpression pass leaves one call, and the graph knows the parts
+are shared (its memory planning may reuse a buffer once its last reader ran; a Python-side memo
+returning the same tensors from three calls would hide that from it). In eager mode a memo
+keyed on x's identity does the sharing instead. Delayed scaling records each layer's amax, so
+its key names the layer and nothing is shared.
+
+`handle` finds the layer: a CPU int64 tensor, so one compiled graph serves every decoder layer
+(an int would be a constant: a recompile per layer). `kind` says which quantized forms exist
+and which the backward keeps; it depends only on the recipe and the device, so it is the same
+constant in every layer and the fake (shape-only) functions know every shape from it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from stages.precision.kernels.dispatch import ActivationMemo
+
+# Eager mode: one quantization of x shared by the linears that read the same x.
+SHARED_INPUTS = ActivationMemo()
+
+
+def _fp8_parts(dtype: torch.dtype) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    def like(x: torch.Tensor) -> list[torch.Tensor]:
+        m, k = x.shape[:-1].numel(), x.shape[-1]
+        return [x.new_empty(m, k, dtype=dtype), x.new_empty((), dtype=torch.float32), x.new_empty(k, m, dtype=dtype)]
+
+    return like
+
+
+# kind -> (the quantized forms of x as empty tensors shaped like the real ones,
+#          the indices of those the backward keeps, whether the backward reads the original x)
+KINDS: dict[str, tuple[Callable[[torch.Tensor], list[torch.Tensor]], tuple[int, ...], bool]] = {
+    # emulated: fake-quantized x for fprop; wgrad quantizes the original x itself
+    "input": (lambda x: [torch.empty_like(x)], (), True),
+    # emulated: fprop's x and wgrad's x (blocks along the tokens, [M, K]) from one fused read
+    "input_cols": (lambda x: [torch.empty_like(x), x.new_empty(x.shape[:-1].numel(), x.shape[-1])], (1,), False),
+    # emulated QAT (STE): the backward multiplies the fake-quantized x the forward multiplied
+    "quantized_input": (lambda x: [torch.empty_like(x)], (0,), False),
+    # native FP8: x as FP8 [M, K], its fp32 dequantization scale, x^T as FP8 [K, M] for wgrad
+    "fp8_e4m3": (_fp8_parts(torch.float8_e4m3fn), (1, 2), False),
+    "fp8_e5m2": (_fp8_parts(torch.float8_e5m2), (1, 2), False),
+}
+
+_LAYERS: dict[int, weakref.ref] = {}
+_HANDLES = itertools.count()
+_INPUT_QUANTIZERS: dict[str, Callable[[torch.Tensor, str], list[torch.Tensor]]] = {}
+
+
+class OpaqueLinear(nn.Module):
+    """Drop-in for nn.Linear holding the same Parameters (FSDP2 may shard them after the swap),
+    whose quantization and GEMMs run inside the custom ops. Subclasses implement `kind`,
+    `input_key`, `quantize_input`, `linear_forward` and `linear_backward`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def _register(self) -> None:
+        # A plain attribute, not a buffer: .to(device) leaves it on the CPU (reading it costs no
+        # GPU sync) and state_dict leaves it out.
+        self.handle = torch.tensor(next(_HANDLES), dtype=torch.int64)
+        _LAYERS[int(self.handle)] = weakref.ref(self)
+        self._input_key = key = self.input_key()  # a str once: the compiled forward only reads it
+        if key.startswith("layer:"):  # stateful: this layer's own quantizers
+            ref = weakref.ref(self)
+            _INPUT_QUANTIZERS[key] = lambda x, kind: ref().quantize_input(x, kind)
+        else:  # stateless: any layer of the same key quantizes alike
+            _INPUT_QUANTIZERS.setdefault(key, self.stateless_input_quantizer())
+
+    def __setstate__(self, state: dict) -> None:
+        # deepcopy and unpickling: the copy is a layer of its own, with its own caches.
+        super().__setstate__(state)
+        self._register()
+
+    def kind(self, x: torch.Tensor) -> str:
+        raise NotImplementedError
+
+    def input_key(self) -> str:
+        """Names how x is quantized: equal keys quantize alike ("layer:<handle>" when stateful)."""
+        raise NotImplementedError
+
+    def quantize_input(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        """x's quantized forms, as KINDS[kind] lays them out."""
+        raise NotImplementedError
+
+    def stateless_input_quantizer(self) -> Callable[[torch.Tensor, str], list[torch.Tensor]]:
+        """quantize_input as a function that keeps no reference to this layer."""
+        raise NotImplementedError
+
+    def linear_forward(
+        self, x: torch.Tensor, parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, kind: str
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def linear_backward(
+        self, grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, saved: list[torch.Tensor],
+        kind: str, needs_dx: bool, needs_dw: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(dx shaped like x in grad_y's dtype, dW in the weight's dtype); None where not needed."""
+        raise NotImplementedError
+
+    def input_passthrough(self) -> bool:
+        """True when x's only quantized form is x itself (a bf16 fprop input)."""
+        return False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind, key = self.kind(x), self._input_key
+        if self.input_passthrough():
+            parts = [x.detach()]  # an op may not return its input; this needs no op
+        elif torch.compiler.is_compiling():
+            parts = quantize_input(x.detach(), key, kind)  # shared through the graph (see module doc)
+        else:
+            parts = SHARED_INPUTS.get(x, (key, kind))
+            if parts is None:
+                parts = quantize_input(x.detach(), key, kind)
+                SHARED_INPUTS.put(x, (key, kind), parts)
+        return quantized_linear(x, parts, self.weight, self.bias, self.handle, kind)
+
+
+def _layer(handle: torch.Tensor) -> OpaqueLinear:
+    layer = _LAYERS[int(handle)]()
+    if layer is None:
+        raise RuntimeError(f"quantized linear {int(handle)} no longer exists")
+    return layer
+
+
+# The ops are registered with torch.library.Library, not torch.library.custom_op: the latter's
+# Python wrapper around each call cost ~0.45 ms of host time on an H100 machine (torch 2.11;
+# `python -m bench.step --tiny --profile`), 18 calls per decoder layer and micro-batch, which
+# the GPU waited on. Here the dispatcher calls the functions below directly.
+_LIB = torch.library.Library("faster_qat", "DEF")
+_LIB.define("quantize_input(Tensor x, str key, str kind) -> Tensor[]")
+_LIB.define(
+    "quantized_linear(Tensor x, Tensor[] parts, Tensor weight, Tensor? bias, Tensor handle, str kind) -> Tensor"
+)
+_LIB.define(
+    "quantized_linear_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor[] saved, Tensor handle, str kind, "
+    "bool needs_dx, bool needs_dw) -> Tensor[]"
+)
+
+
+def _quantize_input_impl(x: torch.Tensor, key: str, kind: str) -> list[torch.Tensor]:
+    return _INPUT_QUANTIZERS[key](x, kind)
+
+
+def _quantize_input_fake(x, key, kind):
+    return KINDS[kind][0](x)
+
+
+def _quantized_linear_impl(
+    x: torch.Tensor, parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+    handle: torch.Tensor, kind: str,
+) -> torch.Tensor:
+    return _layer(handle).linear_forward(x, parts, weight, bias, kind).contiguous()
+
+
+def _quantized_linear_fake(x, parts, weight, bias, handle, kind):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _quantized_linear_backward_impl(
+    grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, saved: list[torch.Tensor],
+    handle: torch.Tensor, kind: str, needs_dx: bool, needs_dw: bool,
+) -> list[torch.Tensor]:
+    dx, dw = _layer(handle).linear_backward(grad_y, x, weight, saved, kind, needs_dx, needs_dw)
+    empty = grad_y.new_empty(0)
+    return [empty if dx is None else dx.contiguous(), empty if dw is None else dw.contiguous()]
+
+
+def _quantized_linear_backward_fake(grad_y, x, weight, saved, handle, kind, needs_dx, needs_dw):
+    dx = grad_y.new_empty(*grad_y.shape[:-1], weight.shape[1]) if needs_dx else grad_y.new_empty(0)
+    return [dx, torch.empty_like(weight) if needs_dw else grad_y.new_empty(0)]
+
+
+for _name, _impl, _fake in (
+    ("quantize_input", _quantize_input_impl, _quantize_input_fake),
+    ("quantized_linear", _quantized_linear_impl, _quantized_linear_fake),
+    ("quantized_linear_backward", _quantized_linear_backward_impl, _quantized_linear_backward_fake),
+):
+    for _device in ("CPU", "CUDA"):
+        _LIB.impl(_name, _impl, _device)
+    torch.library.register_fake(f"faster_qat::{_name}", _fake, lib=_LIB)
+
+quantize_input = torch.ops.faster_qat.quantize_input.default
+quantized_linear = torch.ops.faster_qat.quantized_linear.default
+quantized_linear_backward = torch.ops.faster_qat.quantized_linear_backward.default
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, parts, weight, bias, handle, kind = inputs
+    _, kept, reads_input = KINDS[kind]
+    ctx.kind, ctx.has_bias, ctx.n_parts = kind, bias is not None, len(parts)
+    ctx.save_for_backward(x if reads_input else None, weight, handle, *(parts[i] for i in kept))
+
+
+def _backward(ctx, grad_y):
+    x, weight, handle, *saved = ctx.saved_tensors
+    needs_dx, _, needs_dw, needs_db = ctx.needs_input_grad[:4]
+    dx, dw = quantized_linear_backward(grad_y, x, weight, saved, handle, ctx.kind, needs_dx, needs_dw)
+    db = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(weight.dtype) if ctx.has_bias and needs_db else None
+    return dx if needs_dx else None, [None] * ctx.n_parts, dw if needs_dw else None, db, None, None
+
+
+torch.library.register_autograd("faster_qat::quantized_linear", _backward, setup_context=_setup_context, lib=_LIB)
