@@ -1,11 +1,19 @@
 """Bandwidth of the Triton quantizers vs the device's copy bandwidth (x.clone(), same process).
 
-GB/s counts the bytes a kernel must move at least: the bf16 input read once plus every output
-written (FP8 data 1 B, E2M1 codes 1 B unpacked, scales, dequantized bf16 2 B). Per-tensor FP8
-and NVFP4 also read the input a second time for the global amax (one extra pass not counted:
-their fraction of copy bandwidth shows its cost). The PyTorch reference is timed too.
+Times are GPU time of CUDA-graph replays (triton.testing.do_bench_cudagraph): in a training step
+the quantizers are queued behind GEMMs, so Python's launch cost is hidden there and would only
+blur a kernel's bandwidth here. `eager_ms` (do_bench, launch cost included) is printed beside it.
+GB/s counts every byte the kernels move: the bf16 input read once per pass (per-tensor FP8 and
+NVFP4 scale from the whole tensor's amax, so they read it twice: an amax pass, then the cast)
+plus every output written (FP8 data 1 B, E2M1 codes 1 B unpacked, scales, dequantized bf16 2 B).
+`fraction_if_one_read` is the same time against a single read of the input. The PyTorch
+reference is timed too.
 
-  python -m bench.quantizers [--out FILE]
+`--sweep` first times each kernel family over candidate tiles (ops.TILES) on the training
+step's shapes, prints the table and uses the fastest tile for the rest of the run: how the
+defaults in ops.TILES were chosen.
+
+  python -m bench.quantizers [--sweep] [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,35 +23,44 @@ import json
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from stages.precision import fp8, mx, nvfp4
 from stages.precision.kernels import ops
 
 SIZES = [(4096, 4096), (4096, 12288), (151936, 4096)]
+SWEEP_SIZES = [(4096, 4096), (4096, 12288)]
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# family (of ops.TILES) -> kernels of kernels() timed together; amax first: the others call it.
+SWEEP = {
+    "amax": ["amax"],
+    "fp8": ["fp8_e4m3_quantize", "fp8_e5m2_quantize_and_transpose"],
+    "block": ["mxfp8_quantize", "nvfp4_fake", "nvfp4_rows_mxfp8_cols_fake"],
+}
 
 
-def kernels(n: int) -> dict[str, tuple[callable, callable | None, float]]:
-    """name -> (kernel(x), reference(x) or None, bytes moved per element besides the 2-B read)."""
+def kernels() -> dict[str, tuple[callable, callable | None, int, float]]:
+    """name -> (kernel(x), reference(x) or None, reads of the 2-B input, bytes written per element)."""
     return {
-        "amax": (ops.amax, lambda x: x.abs().max(), 0.0),
-        "fp8_e4m3_quantize": (lambda x: ops.fp8(x, E4M3), lambda x: fp8.quantize_fp8(x, E4M3), 1.0),
-        "fp8_e5m2_quantize_and_transpose": (lambda x: ops.fp8(x, E5M2, transposed=True), None, 2.0),
-        "fp8_e4m3_fake": (lambda x: ops.fake_fp8(x, E4M3), lambda x: fp8.fake_quantize_fp8(x, "fp8_e4m3"), 2.0),
-        "mxfp8_quantize": (ops.mxfp8, mx.quantize_mxfp8, 1.0 + 1 / 32),
-        "mxfp8_quantize_colwise": (lambda x: ops.mxfp8(x.t()), lambda x: mx.quantize_mxfp8(x.t()), 1.0 + 1 / 32),
-        "mxfp8_fake": (ops.fake_mxfp8, mx.fake_quantize_mxfp8, 2.0),
-        "nvfp4_quantize": (ops.nvfp4, nvfp4.quantize_nvfp4, 1.0 + 1 / 16),
-        "nvfp4_fake": (ops.fake_nvfp4, nvfp4.fake_quantize_nvfp4, 2.0),
+        "amax": (ops.amax, lambda x: x.abs().max(), 1, 0.0),
+        "fp8_e4m3_quantize": (lambda x: ops.fp8(x, E4M3), lambda x: fp8.quantize_fp8(x, E4M3), 2, 1.0),
+        "fp8_e5m2_quantize_and_transpose": (lambda x: ops.fp8(x, E5M2, transposed=True), None, 2, 2.0),
+        "fp8_e4m3_fake": (lambda x: ops.fake_fp8(x, E4M3), lambda x: fp8.fake_quantize_fp8(x, "fp8_e4m3"), 2, 2.0),
+        "mxfp8_quantize": (ops.mxfp8, mx.quantize_mxfp8, 1, 1.0 + 1 / 32),
+        "mxfp8_quantize_colwise": (lambda x: ops.mxfp8(x.t()), lambda x: mx.quantize_mxfp8(x.t()), 1, 1.0 + 1 / 32),
+        "mxfp8_fake": (ops.fake_mxfp8, mx.fake_quantize_mxfp8, 1, 2.0),
+        "nvfp4_quantize": (ops.nvfp4, nvfp4.quantize_nvfp4, 2, 1.0 + 1 / 16),
+        "nvfp4_fake": (ops.fake_nvfp4, nvfp4.fake_quantize_nvfp4, 2, 2.0),
         "nvfp4_rows_mxfp8_cols_fake": (
             lambda x: ops.fake_rows_and_cols(x, "nvfp4"),
             lambda x: (nvfp4.fake_quantize_nvfp4(x), mx.fake_quantize_mxfp8(x.t())),
+            2,
             4.0,
         ),
         "mxfp8_rows_and_cols_fake": (
             lambda x: ops.fake_rows_and_cols(x, "mxfp8"),
             lambda x: (mx.fake_quantize_mxfp8(x), mx.fake_quantize_mxfp8(x.t())),
+            1,
             4.0,
         ),
     }
@@ -63,25 +80,52 @@ def modelopt_nvfp4(x: torch.Tensor) -> tuple[float, float] | None:
     return equal, do_bench(lambda: fp4_fake_quant_block(x, amax))
 
 
+def sweep() -> list[dict]:
+    """Time each family's kernels over its candidate tiles; keep the fastest in ops.TILES."""
+    inputs = [torch.randn(r, k, device="cuda", dtype=torch.bfloat16) for r, k in SWEEP_SIZES]
+    rows = []
+    for family, names in SWEEP.items():
+        fns = [kernels()[name][0] for name in names]
+        timed = []
+        for tile in ops.TILE_CANDIDATES[family]:
+            ops.TILES[family] = tile
+            try:
+                ms = sum(do_bench_cudagraph(lambda: fn(x)) for fn in fns for x in inputs)
+            except Exception as error:  # noqa: BLE001 - a tile the compiler rejects is skipped, and said
+                print(f"sweep {family} {tile}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+                continue
+            timed.append((ms, tile))
+            rows.append({"family": family, "tile": [tile.rows, tile.cols, tile.warps], "ms": ms})
+            print(f"sweep {family:6} rows {tile.rows:4} cols {tile.cols:5} warps {tile.warps:3}: {ms:8.3f} ms")
+        best_ms, best = min(timed, key=lambda t: t[0])
+        ops.TILES[family] = best
+        print(f"sweep {family}: fastest {best} ({best_ms:.3f} ms for {', '.join(names)} on {SWEEP_SIZES})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "quantizers.json"))
     parser.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
+    parser.add_argument("--sweep", action="store_true", help="choose ops.TILES by timing candidate tiles first")
     args = parser.parse_args()
     rows = []
     device = torch.cuda.get_device_name()
     print(device)
-    print(f"{'kernel':32} {'size':>14} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'ref ms':>8} {'speedup':>8}")
+    swept = sweep() if args.sweep else []
+    print(f"{'kernel':32} {'size':>14} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'1 read':>7} {'eager ms':>8} {'ref ms':>8} {'speedup':>8}")
     for r, k in SIZES:
         x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
         n = x.numel()
-        copy_ms = do_bench(lambda: x.clone())
+        copy_ms = do_bench_cudagraph(lambda: x.clone())
         copy_bw = 2 * n * 2 / (copy_ms * 1e-3) / 1e9
         rows.append({"kernel": "copy (x.clone)", "size": f"{r}x{k}", "ms": copy_ms, "gb_per_s": copy_bw, "fraction_of_copy_bw": 1.0})
         print(f"{'copy (x.clone)':32} {f'{r}x{k}':>14} {copy_ms:8.3f} {copy_bw:8.0f} {1.0:8.2f}")
-        for name, (kernel, reference, out_bytes) in kernels(n).items():
-            ms = do_bench(lambda: kernel(x))
-            gbs = n * (2 + out_bytes) / (ms * 1e-3) / 1e9
+        for name, (kernel, reference, reads, out_bytes) in kernels().items():
+            ms = do_bench_cudagraph(lambda: kernel(x))
+            eager_ms = do_bench(lambda: kernel(x))
+            gbs = n * (2 * reads + out_bytes) / (ms * 1e-3) / 1e9
+            one_read = n * (2 + out_bytes) / (ms * 1e-3) / 1e9 / copy_bw
             ref_ms = None
             if reference is not None and not args.no_reference:
                 try:
@@ -90,10 +134,11 @@ def main() -> None:
                     ref_ms = None
                 torch.cuda.empty_cache()
             row = {"kernel": name, "size": f"{r}x{k}", "ms": ms, "gb_per_s": gbs, "fraction_of_copy_bw": gbs / copy_bw,
+                   "input_reads": reads, "fraction_if_one_read": one_read, "eager_ms": eager_ms,
                    "reference_ms": ref_ms, "speedup_vs_reference": (ref_ms / ms) if ref_ms else None}
             rows.append(row)
             ref_text = f"{ref_ms:8.3f} {ref_ms / ms:8.1f}" if ref_ms else f"{'-':>8} {'-':>8}"
-            print(f"{name:32} {f'{r}x{k}':>14} {ms:8.3f} {gbs:8.0f} {gbs / copy_bw:8.2f} {ref_text}")
+            print(f"{name:32} {f'{r}x{k}':>14} {ms:8.3f} {gbs:8.0f} {gbs / copy_bw:8.2f} {one_read:7.2f} {eager_ms:8.3f} {ref_text}")
         if (r, k) == (4096, 4096):
             compared = modelopt_nvfp4(x)
             if compared is not None:
@@ -105,7 +150,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "results": rows}, indent=1))
+    tiles = {family: [t.rows, t.cols, t.warps] for family, t in ops.TILES.items()}
+    out.write_text(json.dumps({"device": device, "tiles": tiles, "sweep": swept, "results": rows}, indent=1))
     print(f"wrote {out}")
 
 

@@ -4,9 +4,15 @@
 micro-batch 1; a step = 8 micro-batches of gradient accumulation + one fused AdamW step.
 Random init from transformers' Qwen3 config (no downloads). lm_head and the embedding stay
 bf16 in every variant; their time (and the optimizer's) is reported apart from the decoder
-layers' time, and the ratios are on the decoder layers' time, against the fastest bf16 variant.
+layers' time, and the ratios are on the decoder layers' time, against the fastest bf16 run
+(bf16 runs first and again last in each compile mode, which bounds clock drift).
+`--tiny` runs the same step on layers so small that the GPU's work is negligible: its ms/step
+is each backend's host cost (Python, kernel launches), which the GPU waits on wherever the host
+is not ahead of it. `--profile DIR` writes, per variant, the GPU kernels of one step and the
+Python functions (cProfile) of another.
 
   python -m bench.step [--variants bf16,fp8_native,...] [--compile both|off|on] [--out FILE]
+                       [--profile DIR] [--tiny]
 """
 
 from __future__ import annotations
@@ -22,8 +28,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, SEQ, LAYERS, MICRO = 4096, 12288, 32, 8, 128, 151936, 4096, 4, 8
-DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 4
+    hidden: int = 4096
+    ffn: int = 12288
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    vocab: int = 151936
+    seq: int = 4096
+    micro_batches: int = 8
+
+
+STUDY = Shape()  # Qwen3-8B's layers
+# So small that the GPU's work is negligible: the step time is the host's (Python, launches).
+TINY = Shape(hidden=256, ffn=768, heads=4, kv_heads=2, head_dim=64, vocab=1024, seq=64)
+SPEC_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # the data sheet, dense; printed for reference
 # name -> (recipe, backend); torchao_float8 is the anchor (torchao's own tensorwise float8 training).
 VARIANTS = {
     "bf16": ("bf16", None),
@@ -48,26 +71,31 @@ class Result:
     ratio_to_bf16: float | None = None  # decoder time / the fastest bf16 variant's decoder time
     tflops: float | None = None  # model FLOPs of the whole step / step time
     decoder_tflops: float | None = None
+    decoder_fraction_of_peak: float | None = None  # decoder TFLOP/s / measured dense bf16 peak
     peak_mem_gib: float | None = None
+    # With --profile: profiled step time minus the sum of its GPU kernels' times (launch gaps,
+    # a GPU waiting on Python).
+    gpu_idle_ms: float | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def flops() -> tuple[float, float]:
+def flops(s: Shape) -> tuple[float, float]:
     """(decoder, lm_head) FLOPs of one step: 6 x tokens x weights (+ causal attention, 3x fwd)."""
-    tokens = SEQ * MICRO
-    linear = HIDDEN * (HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM) + HEADS * HEAD_DIM * HIDDEN + 3 * HIDDEN * FFN
-    attention_fwd = 2 * 2 * SEQ * SEQ * HEADS * HEAD_DIM / 2 * MICRO  # QK^T and PV, causal half
-    decoder = LAYERS * (6 * tokens * linear + 3 * attention_fwd)
-    return decoder, 6 * tokens * VOCAB * HIDDEN
+    tokens = s.seq * s.micro_batches
+    q_out = s.heads * s.head_dim
+    linear = s.hidden * (q_out + 2 * s.kv_heads * s.head_dim) + q_out * s.hidden + 3 * s.hidden * s.ffn
+    attention_fwd = 2 * 2 * s.seq * s.seq * q_out / 2 * s.micro_batches  # QK^T and PV, causal half
+    decoder = s.layers * (6 * tokens * linear + 3 * attention_fwd)
+    return decoder, 6 * tokens * s.vocab * s.hidden
 
 
-def build_model() -> torch.nn.Module:
+def build_model(s: Shape) -> torch.nn.Module:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=VOCAB, max_position_embeddings=SEQ,
+        hidden_size=s.hidden, intermediate_size=s.ffn, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads, head_dim=s.head_dim, vocab_size=s.vocab, max_position_embeddings=s.seq,
         tie_word_embeddings=False,
     )
     config._attn_implementation = "sdpa"
@@ -77,7 +105,7 @@ def build_model() -> torch.nn.Module:
         return Qwen3ForCausalLM(config).to(torch.bfloat16)
 
 
-def convert(model: torch.nn.Module, recipe_name: str, backend: str | None):
+def convert(model: torch.nn.Module, recipe_name: str, backend: str | None, s: Shape):
     """The variant's conversion; returns on_step(step) for after each optimizer step."""
     if backend is None:
         return lambda step: None
@@ -90,7 +118,7 @@ def convert(model: torch.nn.Module, recipe_name: str, backend: str | None):
 
     calibrate = None
     if backend == "modelopt":
-        ids = torch.randint(0, VOCAB, (1, 256), device="cuda")
+        ids = torch.randint(0, s.vocab, (1, min(256, s.seq)), device="cuda")
 
         def calibrate(m: torch.nn.Module) -> None:
             with torch.no_grad():
@@ -100,11 +128,64 @@ def convert(model: torch.nn.Module, recipe_name: str, backend: str | None):
     return prepared.on_step
 
 
-def run_variant(name: str, compiled: bool, steps: int, warmup: int) -> Result:
+def measured_bf16_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
+    """Dense bf16 GEMM throughput of this device, measured: the best of `repeats` n^3 matmuls."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    del a, b
+    return 2 * n**3 / (best * 1e-3) / 1e12
+
+
+def profile_step(step_fn, path: Path) -> float:
+    """One more step under torch.profiler: the GPU kernels by total time, as a text table.
+    Returns the step's GPU idle time: its wall time minus the sum of its kernels' times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        step_fn()
+        end.record()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+    busy_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    return start.elapsed_time(end) - busy_ms
+
+
+def profile_host(step_fn, path: Path) -> None:
+    """One more step under cProfile: the Python functions by their own time, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step_fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(45)
+    path.write_text(text.getvalue())
+
+
+def run_variant(
+    name: str, compiled: bool, steps: int, warmup: int, s: Shape = STUDY, profile_dir: Path | None = None
+) -> Result:
     recipe_name, backend = VARIANTS[name]
     result = Result(name, backend or "bf16", compiled)
-    model = build_model()
-    on_step = convert(model, recipe_name, backend)
+    model = build_model(s)
+    on_step = convert(model, recipe_name, backend, s)
     inner = model.model
     layers = list(inner.layers)
     if compiled:
@@ -112,12 +193,12 @@ def run_variant(name: str, compiled: bool, steps: int, warmup: int) -> Result:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    positions = torch.arange(SEQ, device="cuda").unsqueeze(0)
+    positions = torch.arange(s.seq, device="cuda").unsqueeze(0)
     events = []
 
     def micro_batch() -> list[torch.cuda.Event]:
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
-        ids = torch.randint(0, VOCAB, (1, SEQ), device="cuda", generator=gen)
+        ids = torch.randint(0, s.vocab, (1, s.seq), device="cuda", generator=gen)
         marks[0].record()
         emb = inner.embed_tokens(ids)
         h0 = emb.detach().requires_grad_()
@@ -130,7 +211,7 @@ def run_variant(name: str, compiled: bool, steps: int, warmup: int) -> Result:
         hd = h.detach().requires_grad_()
         marks[2].record()
         logits = model.lm_head(inner.norm(hd)).float()
-        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:]) / MICRO
+        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:]) / s.micro_batches
         loss.backward()
         del logits
         marks[3].record()
@@ -140,14 +221,10 @@ def run_variant(name: str, compiled: bool, steps: int, warmup: int) -> Result:
         marks[5].record()
         return marks
 
-    for step in range(warmup + steps):
-        if step == warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            events.clear()
+    def train_step(step: int) -> None:
         t_start = torch.cuda.Event(enable_timing=True)
         t_start.record()
-        mbs = [micro_batch() for _ in range(MICRO)]
+        mbs = [micro_batch() for _ in range(s.micro_batches)]
         t_opt = torch.cuda.Event(enable_timing=True)
         t_opt.record()
         optimizer.step()
@@ -156,7 +233,20 @@ def run_variant(name: str, compiled: bool, steps: int, warmup: int) -> Result:
         t_end = torch.cuda.Event(enable_timing=True)
         t_end.record()
         events.append((t_start, mbs, t_opt, t_end))
+
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            events.clear()
+        train_step(step)
     torch.cuda.synchronize()
+    peak_mem = torch.cuda.max_memory_allocated()
+    if profile_dir is not None:
+        stem = f"{name}{'_compiled' if compiled else ''}"
+        result.gpu_idle_ms = profile_step(lambda: train_step(warmup + steps), profile_dir / f"{stem}.txt")
+        profile_host(lambda: train_step(warmup + steps + 1), profile_dir / f"{stem}_host.txt")
+        del events[-2:]
     decoder = head = opt = total = 0.0
     for t_start, mbs, t_opt, t_end in events:
         total += t_start.elapsed_time(t_end)
@@ -167,10 +257,10 @@ def run_variant(name: str, compiled: bool, steps: int, warmup: int) -> Result:
     n = len(events)
     result.ms_per_step, result.decoder_ms = total / n, decoder / n
     result.head_embed_ms, result.optimizer_ms = head / n, opt / n
-    dec_flops, head_flops = flops()
+    dec_flops, head_flops = flops(s)
     result.tflops = (dec_flops + head_flops) / (result.ms_per_step * 1e-3) / 1e12
     result.decoder_tflops = dec_flops / (result.decoder_ms * 1e-3) / 1e12
-    result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    result.peak_mem_gib = peak_mem / 2**30
     del model, optimizer
     return result
 
@@ -179,47 +269,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--compile", choices=["both", "off", "on"], default="both")
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, caches)")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the variants left after this many seconds")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "step.json"))
+    parser.add_argument("--profile", type=Path, help="write each variant's top GPU kernels (one profiled step) here")
+    parser.add_argument("--tiny", action="store_true", help="tiny layers: the step time is the host's overhead")
     args = parser.parse_args()
+    shape = TINY if args.tiny else STUDY
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     modes = {"both": [False, True], "off": [False], "on": [True]}[args.compile]
+    measured_peak = measured_bf16_peak_tflops()
+    print(f"measured dense bf16 peak (8192^3 matmul): {measured_peak:.0f} TFLOP/s", flush=True)
     started = time.monotonic()
     results: list[Result] = []
     for compiled in modes:
-        for name in names:
+        # bf16 once more at the end: the GPU's clocks drift over minutes of full load (power,
+        # heat), and the two bf16 numbers bound that drift; ratios take the faster one.
+        runs = names + (["bf16"] if "bf16" in names and len(names) > 1 else [])
+        for i, name in enumerate(runs):
             if time.monotonic() - started > args.budget_s:
                 results.append(Result(name, VARIANTS[name][1] or "bf16", compiled, error="skipped: time budget"))
                 continue
             t0 = time.monotonic()
             try:
-                result = run_variant(name, compiled, args.steps, args.warmup)
+                result = run_variant(name, compiled, args.steps, args.warmup, shape, args.profile)
             except Exception as error:  # one broken variant must not hide the others' numbers
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
                 result = Result(name, VARIANTS[name][1] or "bf16", compiled, error=f"{type(error).__name__}: {first}")
                 traceback.print_exc()
             result.notes.append(f"wall {time.monotonic() - t0:.0f}s incl. build/compile")
+            if i == len(names):
+                result.notes.append("bf16 repeated last: clock drift check")
             results.append(result)
             print(json.dumps(asdict(result)), flush=True)
             torch.cuda.empty_cache()
-    write(results, Path(args.out))
+    write(results, Path(args.out), measured_peak, shape)
 
 
-def write(results: list[Result], out: Path) -> None:
+def write(results: list[Result], out: Path, measured_peak: float, shape: Shape) -> None:
     bf16 = [r.decoder_ms for r in results if r.name == "bf16" and r.decoder_ms]
     base = min(bf16) if bf16 else None
     for r in results:
         if base and r.decoder_ms:
             r.ratio_to_bf16 = r.decoder_ms / base
     device = torch.cuda.get_device_name()
-    peak = next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in device), None)
-    header = f"{'variant':22} {'compile':7} {'ms/step':>9} {'decoder':>8} {'head+emb':>8} {'optim':>7} {'ratio':>6} {'TFLOP/s':>8} {'dec TF/s':>8} {'peak GiB':>8}"
-    print(f"\n{device}; ratio = decoder-layer time / fastest bf16 decoder time; dense bf16 peak {peak} TFLOP/s")
+    spec_peak = next((v for k, v in SPEC_BF16_PEAK_TFLOPS.items() if k in device), None)
+    header = f"{'variant':22} {'compile':7} {'ms/step':>9} {'decoder':>8} {'head+emb':>8} {'optim':>7} {'ratio':>6} {'TFLOP/s':>8} {'dec TF/s':>8} {'of peak':>7} {'peak GiB':>8} {'idle ms':>7}"
+    print(
+        f"\n{device}; ratio = decoder-layer time / fastest bf16 decoder time; dense bf16 peak measured "
+        f"{measured_peak:.0f} TFLOP/s (data sheet {spec_peak}); 'of peak' = decoder TFLOP/s / measured peak"
+    )
     print(header)
     for r in results:
         if r.error:
@@ -227,12 +330,14 @@ def write(results: list[Result], out: Path) -> None:
             continue
         print(
             f"{r.name:22} {str(r.compile):7} {r.ms_per_step:9.1f} {r.decoder_ms:8.1f} {r.head_embed_ms:8.1f} "
-            f"{r.optimizer_ms:7.1f} {r.ratio_to_bf16 or float('nan'):6.3f} {r.tflops:8.1f} {r.decoder_tflops:8.1f} {r.peak_mem_gib:8.1f}"
+            f"{r.optimizer_ms:7.1f} {r.ratio_to_bf16 or float('nan'):6.3f} {r.tflops:8.1f} {r.decoder_tflops:8.1f} {r.decoder_tflops / measured_peak:7.2f} {r.peak_mem_gib:8.1f} {r.gpu_idle_ms if r.gpu_idle_ms is not None else float('nan'):7.1f}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"device": device, "dense_bf16_peak_tflops": peak, "shape": {
-        "layers": LAYERS, "hidden": HIDDEN, "ffn": FFN, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-        "vocab": VOCAB, "seq": SEQ, "micro_batches": MICRO}, "variants": [asdict(r) for r in results]}
+    for r in results:
+        if r.decoder_tflops:
+            r.decoder_fraction_of_peak = r.decoder_tflops / measured_peak
+    payload = {"device": device, "measured_bf16_peak_tflops": measured_peak, "spec_bf16_peak_tflops": spec_peak,
+               "shape": asdict(shape), "variants": [asdict(r) for r in results]}
     out.write_text(json.dumps(payload, indent=1))
     print(f"wrote {out}")
 
