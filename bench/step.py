@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 @dataclass(frozen=True)
 class Shape:
     layers: int = 4

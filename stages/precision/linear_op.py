@@ -145,9 +145,9 @@ def _layer(handle: torch.Tensor) -> OpaqueLinear:
 
 
 # The ops are registered with torch.library.Library, not torch.library.custom_op: the latter's
-# Python wrapper around each call cost ~0.45 ms of host time on an H100 machine (torch 2.11;
-# `python -m bench.step --tiny --profile`), 18 calls per decoder layer and micro-batch, which
-# the GPU waited on. Here the dispatcher calls the functions below directly.
+# Python wrapper spent ~0.45 ms of its own time per call under cProfile on the H100 machine
+# (torch 2.11; `python -m bench.step --tiny --profile`), 18 calls per decoder layer and
+# micro-batch, which the GPU waited on. Here the dispatcher calls the functions below directly.
 _LIB = torch.library.Library("faster_qat", "DEF")
 _LIB.define("quantize_input(Tensor x, str key, str kind) -> Tensor[]")
 _LIB.define(

@@ -1,13 +1,13 @@
 """Which ptxas assembles the Triton kernels, and whether a fused FP8 cast + transpose is safe.
 
-Triton up to 3.8 assembles Hopper (sm_90) kernels with its bundled ptxas 12.9, which
-miscompiles a kernel that stores an FP8 tile twice, once through a shared-memory layout
-conversion (the transposed copy): that copy then holds bytes the kernel never wrote
-(triton-lang/triton#11111; fixed from ptxas 13). The same wheels ship a CUDA 13 ptxas for
-Blackwell, which assembles sm_90 code correctly, and Triton 3.9 uses it for Hopper too.
+A ptxas older than 13 miscompiles a kernel that stores an FP8 tile twice, once through a
+shared-memory layout conversion (the transposed copy): that copy then holds bytes the kernel
+never wrote (triton-lang/triton#11111). Triton 3.6 bundles only ptxas 12.8 and 12.9 (seen on
+the H100 machine); Triton 3.9 bundles a ptxas 13.4 and uses it for Hopper. PyTorch's CUDA 13
+wheels ship a ptxas 13 (torch/bin/ptxas), which Inductor sets TRITON_PTXAS_PATH to when it
+first compiles.
 
-PyTorch's CUDA 13 wheels ship one too (torch/bin/ptxas), which Inductor sets TRITON_PTXAS_PATH to
-when it first compiles. `use_fixed_ptxas()` points Triton at one of them unless the user set one;
+`use_fixed_ptxas()` points Triton at a ptxas >= 13 from either wheel unless the user set one;
 `fused_transpose_ok()` says whether the ptxas in use is fixed. Where it is not, the FP8
 quantizer writes the transposed copy in a second launch (one more read of x, same bits).
 """
