@@ -34,8 +34,10 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # family (of ops.TILES) -> kernels of kernels() timed together; amax first: the others call it.
 SWEEP = {
     "amax": ["amax"],
-    "fp8": ["fp8_e4m3_quantize", "fp8_e5m2_quantize_and_transpose"],
-    "block": ["mxfp8_quantize", "nvfp4_fake", "nvfp4_rows_mxfp8_cols_fake"],
+    "fp8": ["fp8_e4m3_quantize", "fp8_e5m2_quantize_and_transpose", "fp8_e4m3_fake"],
+    "block": ["mxfp8_quantize", "mxfp8_fake", "nvfp4_rows_mxfp8_cols_fake", "mxfp8_rows_and_cols_fake"],
+    "nvfp4": ["nvfp4_quantize", "nvfp4_fake"],
+    "block_t": ["mxfp8_quantize_colwise"],
 }
 
 

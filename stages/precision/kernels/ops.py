@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -16,12 +17,15 @@ import triton
 from stages.precision.fp8 import Fp8Quantized
 from stages.precision.kernels import toolchain
 from stages.precision.kernels import triton_jit as jit
+from stages.precision.kernels.launch import Launcher
 from stages.precision.mx import MxQuantized
 from stages.precision.nvfp4 import Nvfp4Quantized
 
 toolchain.use_fixed_ptxas()
 
 _MX_CODE = {torch.float8_e4m3fn: jit.MX_E4M3, torch.float8_e5m2: jit.MX_E5M2}
+_AMAX, _AMAX_PARTIALS = Launcher(jit._amax_kernel), Launcher(jit._amax_partials_kernel)
+_FP8, _BLOCK = Launcher(jit._fp8_kernel), Launcher(jit._block_kernel)
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,18 @@ class Tile:
 TILES: dict[str, Tile] = {
     "amax": Tile(32, 512, 8),  # one atomic per 16K elements
     "fp8": Tile(64, 128, 8),  # the transposed store writes 64-byte runs
-    "block": Tile(32, 128, 4),
+    "block": Tile(32, 128, 4),  # MX rows, and any pass with column-wise blocks
+    "nvfp4": Tile(32, 128, 4),  # NVFP4 rows alone (its fake quant, its codes)
+    "block_t": Tile(128, 32, 4),  # a transposed view (column-wise quantization): reads along the rows
 }
 # What `bench.quantizers --sweep` tries (and the GPU tests check bit for bit) per family.
+_BLOCK_SHAPES = [(32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64)]
 TILE_CANDIDATES: dict[str, list[Tile]] = {
     "amax": [Tile(r, c, w) for r, c in [(16, 512), (32, 512), (32, 1024), (64, 1024), (128, 512)] for w in (4, 8, 16)],
     "fp8": [Tile(r, c, w) for r, c in [(32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)] for w in (4, 8)],
-    "block": [Tile(r, c, w) for r, c in [(32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64)] for w in (2, 4, 8)],
+    "block": [Tile(r, c, w) for r, c in _BLOCK_SHAPES for w in (2, 4, 8)],
+    "nvfp4": [Tile(r, c, w) for r, c in [(16, 128), (16, 256), *_BLOCK_SHAPES] for w in (2, 4, 8)],
+    "block_t": [Tile(r, c, w) for r, c in [(64, 32), (128, 32), (256, 32), (512, 32), (128, 64), (256, 64)] for w in (2, 4, 8)],
 }
 
 
@@ -73,14 +82,26 @@ def amax(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros((), dtype=torch.int32, device=x.device)
     if x2.numel():
         tile = TILES["amax"]
-        jit._amax_kernel[_grid(*x2.shape, tile)](
-            x2, out, *x2.shape, *x2.stride(), BR=tile.rows, BK=tile.cols, num_warps=tile.warps
-        )
+        _AMAX(_grid(*x2.shape, tile), x2, out, *x2.shape, *x2.stride(), BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
     return out.view(torch.float32)
 
 
-def _amax_bits(amax_value: torch.Tensor) -> torch.Tensor:
-    return amax_value.to(torch.float32).reshape(()).contiguous().view(torch.int32)
+def _amax_partials(x2: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(int32 bits of per-program maxima of |x|, how many): what the quantizers reduce to the amax."""
+    tile = TILES["amax"]
+    tiles_r, tiles_k = _grid(*x2.shape, tile)
+    programs = max(1, min(tiles_r * tiles_k, jit.MAX_PARTIALS.value))
+    out = torch.empty(programs, dtype=torch.int32, device=x2.device)
+    _AMAX_PARTIALS(
+        (programs,), x2, out, *x2.shape, *x2.stride(), tiles_k, tiles_r * tiles_k,
+        BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
+    )
+    return out, programs
+
+
+def _amax_bits(amax_value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A given amax as the kernels read it: one int32 "partial"."""
+    return amax_value.to(torch.float32).reshape(()).contiguous().view(torch.int32), 1
 
 
 def fp8(
@@ -98,7 +119,7 @@ def fp8(
     each part only if asked for, all from one read of x after the amax pass (two where the
     ptxas in use cannot fuse the transposed store: toolchain.py)."""
     x2 = _as_2d(x)
-    bits = _amax_bits(amax(x2) if amax_value is None else amax_value)
+    bits = _amax_partials(x2) if amax_value is None else _amax_bits(amax_value)
     r, k = x2.shape
     d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data else None
     d_t = torch.empty(k, r, dtype=dtype, device=x.device) if transposed else None
@@ -115,12 +136,13 @@ def fp8(
 
 
 def _fp8_launch(x2, bits, d, d_t, f, scale, dtype) -> None:
-    """One _fp8_kernel pass writing the parts given (not None)."""
+    """One _fp8_kernel pass writing the parts given (not None); bits = (amax partials, how many)."""
     r, k = x2.shape
-    dummy = bits
+    amax_bits, n_amax = bits
+    dummy = amax_bits
     tile = TILES["fp8"]
-    jit._fp8_kernel[_grid(r, k, tile)](
-        x2, bits, dummy if d is None else d, dummy if d_t is None else d_t, dummy if f is None else f,
+    _FP8(
+        _grid(r, k, tile), x2, amax_bits, n_amax, dummy if d is None else d, dummy if d_t is None else d_t, dummy if f is None else f,
         dummy if scale is None else scale,
         r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
         E5M2=dtype == torch.float8_e5m2, WRITE_DATA=d is not None, WRITE_T=d_t is not None, WRITE_FAKE=f is not None,
@@ -142,6 +164,14 @@ def fake_fp8(x: torch.Tensor, dtype: torch.dtype, amax_value: torch.Tensor | Non
     return fp8(x, dtype, amax_value, data=False, fake=True)[2]
 
 
+class _BlockOut(NamedTuple):
+    row_fake: torch.Tensor | None  # dequantized, blocks along K, x's shape and memory order
+    col_fake: torch.Tensor | None  # dequantized, MX blocks along the rows of a 2-D x
+    data: torch.Tensor | None  # fp8 data or uint8 E2M1 codes, contiguous, x's shape
+    scales: torch.Tensor | None  # per block along K
+    global_decode: torch.Tensor | None  # NVFP4's fp32 g, when data was asked for
+
+
 def _block(
     x: torch.Tensor,
     row: int,
@@ -150,64 +180,71 @@ def _block(
     row_fake: bool = True,
     row_q: bool = False,
     global_amax: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> _BlockOut:
     x2 = _as_2d(x)
     r, k = x2.shape
     if col != jit.NONE and x.dim() != 2:
         raise ValueError(f"column-wise quantization needs a 2-D tensor, got shape {tuple(x.shape)}")
     block = 16 if row == jit.NVFP4 else 32
     n_scale_cols = triton.cdiv(k, block)
-    bits = torch.zeros((), dtype=torch.int32, device=x.device)
+    dummy = torch.empty((), dtype=torch.int32, device=x.device)  # never read: a pointer for unused outputs
+    bits, n_amax = dummy, 1
     if row == jit.NVFP4:
-        bits = _amax_bits(amax(x2) if global_amax is None else global_amax)
+        bits, n_amax = _amax_partials(x2) if global_amax is None else _amax_bits(global_amax)
     row_out = _empty_like_strided(x2, x.dtype) if row_fake and row != jit.NONE else None
     col_out = _empty_like_strided(x2, x.dtype) if col != jit.NONE else None
-    data = scales = None
+    data = scales = g = None
     if row_q:
         data_dtype = torch.uint8 if row == jit.NVFP4 else (torch.float8_e5m2 if row == jit.MX_E5M2 else torch.float8_e4m3fn)
         scale_dtype = torch.float8_e4m3fn if row == jit.NVFP4 else torch.uint8
         data = torch.empty(x2.shape, dtype=data_dtype, device=x.device)
         scales = torch.empty(r, n_scale_cols, dtype=scale_dtype, device=x.device)
-    dummy = bits
-    tile = TILES["block"]
-    jit._block_kernel[_grid(r, k, tile)](
-        x2, bits, dummy if row_out is None else row_out, dummy if col_out is None else col_out,
-        dummy if data is None else data, dummy if scales is None else scales,
+        if row == jit.NVFP4:
+            g = torch.empty((), dtype=torch.float32, device=x.device)
+    tile = TILES[_block_family(x2, row, col)]
+    _BLOCK(
+        _grid(r, k, tile), x2, bits, n_amax, dummy if row_out is None else row_out, dummy if col_out is None else col_out,
+        dummy if data is None else data, dummy if scales is None else scales, dummy if g is None else g,
         r, k, *x2.stride(), *(row_out.stride() if row_out is not None else (0, 0)),
         *(col_out.stride() if col_out is not None else (0, 0)), n_scale_cols,
         ROW=row, COL=col, FLOOR=floor, WRITE_ROW_FAKE=row_out is not None, WRITE_ROW_Q=row_q,
         BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
     )
     lead = x.shape[:-1]
-    return (
+    return _BlockOut(
         None if row_out is None else row_out.reshape(x.shape),
         col_out,
         None if data is None else data.reshape(x.shape),
         None if scales is None else scales.reshape(*lead, n_scale_cols),
+        g,
     )
+
+
+def _block_family(x2: torch.Tensor, row: int, col: int) -> str:
+    if x2.stride(0) == 1 and x2.stride(1) != 1:
+        return "block_t"  # a transposed view reads along its rows: tiles long that way
+    return "nvfp4" if row == jit.NVFP4 and col == jit.NONE else "block"
 
 
 def mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil") -> MxQuantized:
     """mx.quantize_mxfp8: fp8 data and biased E8M0 scales, blocks of 32 along the last dim."""
-    _, _, data, scales = _block(x, _MX_CODE[elem_dtype], floor=_floor(scale_rounding), row_fake=False, row_q=True)
-    return MxQuantized(data, scales)
+    out = _block(x, _MX_CODE[elem_dtype], floor=_floor(scale_rounding), row_fake=False, row_q=True)
+    return MxQuantized(out.data, out.scales)
 
 
 def fake_mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil") -> torch.Tensor:
-    return _block(x, _MX_CODE[elem_dtype], floor=_floor(scale_rounding))[0]
+    return _block(x, _MX_CODE[elem_dtype], floor=_floor(scale_rounding)).row_fake
 
 
 def nvfp4(x: torch.Tensor, global_amax: torch.Tensor | None = None) -> Nvfp4Quantized:
     """nvfp4.quantize_nvfp4 (1-D blocks, round to nearest even): codes, e4m3 block scales, g."""
-    bits_amax = amax(x) if global_amax is None else global_amax.to(torch.float32)
-    _, _, codes, scales = _block(x, jit.NVFP4, row_fake=False, row_q=True, global_amax=bits_amax)
-    g = torch.where(bits_amax == 0, torch.ones_like(bits_amax), bits_amax / torch.full((), 2688.0, device=x.device))
-    return Nvfp4Quantized(codes, scales, g)
+    out = _block(x, jit.NVFP4, row_fake=False, row_q=True, global_amax=global_amax)
+    return Nvfp4Quantized(out.data, out.scales, out.global_decode)
 
 
 def fake_nvfp4(x: torch.Tensor) -> torch.Tensor:
     """nvfp4.fake_quantize_nvfp4 in one amax pass plus one fused quantize-dequantize pass."""
-    return _block(x, jit.NVFP4)[0]
+    return _block(x, jit.NVFP4).row_fake
 
 
 def fake_rows_and_cols(
@@ -219,8 +256,8 @@ def fake_rows_and_cols(
     The column-wise result equals fake_quantize_mxfp8(x.t()).t(): what wgrad needs of x
     (blocks along the tokens) while fprop needs x along K."""
     row = {"nvfp4": jit.NVFP4, "mxfp8": jit.MX_E4M3, "mxfp8_e5m2": jit.MX_E5M2}[row_format]
-    row_out, col_out, _, _ = _block(x, row, _MX_CODE[col_dtype], floor=_floor(scale_rounding))
-    return row_out, col_out
+    out = _block(x, row, _MX_CODE[col_dtype], floor=_floor(scale_rounding))
+    return out.row_fake, out.col_fake
 
 
 def _floor(scale_rounding: str) -> bool:

@@ -17,6 +17,8 @@ import triton.language as tl
 
 # Format codes shared with ops.py (constexpr in the kernels).
 NONE, MX_E4M3, MX_E5M2, NVFP4 = 0, 1, 2, 3
+# Most per-program maxima _amax_partials_kernel leaves for a quantizer to reduce (a power of 2).
+MAX_PARTIALS = tl.constexpr(512)
 
 
 @triton.jit
@@ -103,9 +105,17 @@ def _nvfp4(xb, g, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _global_decode(amax_ptr):
+def _load_amax(amax_ptr, n_amax):
+    """The tensor's amax from n_amax int32 partial maxima (fp32 bits; NaN's bits order highest)."""
+    offsets = tl.arange(0, MAX_PARTIALS)
+    bits = tl.load(amax_ptr + offsets, mask=offsets < n_amax, other=0)
+    return tl.max(bits, axis=0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _global_decode(amax_ptr, n_amax):
     """nvfp4.global_scale_from_amax: amax / 2688, or 1 for an all-zero tensor."""
-    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    amax = _load_amax(amax_ptr, n_amax)
     return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, tl.full((), 2688.0, tl.float32)))
 
 
@@ -121,8 +131,25 @@ def _amax_kernel(x_ptr, out_ptr, R, K, sxr, sxk, BR: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
+def _amax_partials_kernel(x_ptr, out_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR: tl.constexpr, BK: tl.constexpr):
+    """out[program] = max |x| (int32 bits) over the [BR, BK] tiles program, program + programs, ...
+
+    What the quantizers read instead of one atomic maximum: no zero-filled output to launch
+    first (a fill kernel and its launch per quantized tensor), and each quantizer program
+    reduces the <= MAX_PARTIALS values itself (a few KB from L2)."""
+    acc = tl.zeros((BR, BK), tl.int32)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
+        cols = (tile % n_tiles_k) * BK + tl.arange(0, BK)[None, :]
+        mask = (rows < R) & (cols < K)
+        x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
+    tl.store(out_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
+
+
+@triton.jit
 def _fp8_kernel(
-    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    x_ptr, amax_ptr, n_amax, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
     E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
     WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
@@ -134,7 +161,7 @@ def _fp8_kernel(
         fmax: tl.constexpr = 57344.0
     else:
         fmax: tl.constexpr = 448.0
-    amax64 = tl.load(amax_ptr).to(tl.float32, bitcast=True).to(tl.float64)
+    amax64 = _load_amax(amax_ptr, n_amax).to(tl.float64)
     # The epsilon as an fp64 tensor: a Python float literal would be rounded to fp32 first.
     amax64 = tl.maximum(amax64, tl.full((), 1e-12, tl.float64), propagate_nan=tl.PropagateNan.ALL)
     # fp64 `/` is IEEE div.rn.f64 in Triton (only the fp32 `/` is approximate).
@@ -163,14 +190,15 @@ def _fp8_kernel(
 
 @triton.jit
 def _block_kernel(
-    x_ptr, amax_ptr, row_fake_ptr, col_fake_ptr, data_ptr, scale_ptr,
+    x_ptr, amax_ptr, n_amax, row_fake_ptr, col_fake_ptr, data_ptr, scale_ptr, g_ptr,
     R, K, sxr, sxk, sfr, sfk, scr, sck, n_scale_cols,
     ROW: tl.constexpr, COL: tl.constexpr, FLOOR: tl.constexpr,
     WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     """One read of a [BR, BK] tile of x; up to two quantizations of it:
     ROW (MX_E4M3 / MX_E5M2 / NVFP4) in blocks along K, writing the dequantized tile and/or the
-    quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its block scales;
+    quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its block scales
+    (and NVFP4's global decode scale g);
     COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR a multiple of 32), writing the dequantized tile."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
@@ -179,7 +207,7 @@ def _block_kernel(
     if ROW != 0:
         if ROW == 3:
             xb = tl.reshape(x, (BR, BK // 16, 16))
-            data, scale, fake = _nvfp4(xb, _global_decode(amax_ptr), 2)
+            data, scale, fake = _nvfp4(xb, _global_decode(amax_ptr, n_amax), 2)
             nblk: tl.constexpr = BK // 16
         else:
             xb = tl.reshape(x, (BR, BK // 32, 32))
@@ -196,6 +224,8 @@ def _block_kernel(
             smask = (srows < R) & (scols < n_scale_cols)
             scale2 = tl.reshape(scale, (BR, nblk))
             tl.store(scale_ptr + srows * n_scale_cols + scols, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
+            if ROW == 3 and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(g_ptr, _global_decode(amax_ptr, n_amax))
     if COL != 0:
         xc = tl.reshape(x, (BR // 32, 32, BK))
         _, _, cfake = _mx(xc, 1, COL == 2, FLOOR)
