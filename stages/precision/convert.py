@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import PrecisionBackend, Recipe
+from stages.precision.recipe import GEMM_OPERANDS, PrecisionBackend, Recipe
 
 BACKENDS = get_args(PrecisionBackend)
 Calibrate = Callable[[nn.Module], None]
@@ -63,6 +63,10 @@ class PreparedModel:
             "converted_linears": str(len(self.converted)),
             "torch_version": torch.__version__,
         }
+        fast = [gemm for gemm in GEMM_OPERANDS if getattr(self.recipe, gemm).fast_accumulation]
+        if fast and self.backend not in ("scaled_mm", "te"):
+            # Only FP8 tensor cores accumulate that way; an emulated GEMM multiplies bf16 values in FP32.
+            tags["fast_accumulation"] = f"not modeled by backend {self.backend} ({','.join(fast)}): FP32 accumulation"
         if self.backend in _BACKEND_PACKAGE:
             package = _BACKEND_PACKAGE[self.backend]
             tags[f"{package.replace('-', '_')}_version"] = _version(package)

@@ -5,6 +5,9 @@ quantized exactly as the emulated backend quantizes it (the same Triton kernel, 
 the reference of fp8.py); only the GEMM differs: the hardware multiplies the FP8 operands
 exactly and accumulates in FP32, where the emulation multiplies bf16-rounded dequantized values.
 
+Each GEMM accumulates as its recipe's `fast_accumulation` says (the fp8 recipe: fast in fprop,
+promoted to FP32 in dgrad and wgrad, as Transformer Engine does).
+
 Per-tensor scales do not depend on the layout, so each tensor is quantized once and its
 transpose (the other major order that cuBLASLt needs) is written by the same kernel:
   fprop  y  = x_q  @ W_q^T      A = x_q [M,K] row-major,  B = W_q^T (W_q is [N,K] row-major)
@@ -128,7 +131,10 @@ class ScaledMMLinear(OpaqueLinear):
         xq, x_scale, _ = parts
         wq, w_scale, _ = self.weight_fp8(weight)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        y = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+        y = torch._scaled_mm(
+            xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
+            use_fast_accum=self.recipe.fprop.fast_accumulation,
+        )
         if bias is not None:
             y = y + bias.to(out_dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -144,10 +150,16 @@ class ScaledMMLinear(OpaqueLinear):
         dx = dw = None
         if needs_dx:
             _, w_scale, wq_t = self.weight_fp8(weight)
-            dx = torch._scaled_mm(gq, wq_t.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=out_dtype)
+            dx = torch._scaled_mm(
+                gq, wq_t.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=out_dtype,
+                use_fast_accum=self.recipe.dgrad.fast_accumulation,
+            )
             dx = dx.reshape(*grad_y.shape[:-1], self.in_features).to(grad_y.dtype)
         if needs_dw:
-            dw = torch._scaled_mm(gq_t, xq_t.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=out_dtype)
+            dw = torch._scaled_mm(
+                gq_t, xq_t.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=out_dtype,
+                use_fast_accum=self.recipe.wgrad.fast_accumulation,
+            )
             dw = dw.to(weight.dtype)
         return dx, dw
 
@@ -176,7 +188,7 @@ def step_scaled_mm(layers: list[ScaledMMLinear]) -> None:
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """What the FP8 GEMM computes, in fp32: the dequantized operands' exact product
-    (for tests: equal to the native output up to accumulation order and the bf16 output)."""
+    (for tests: equal to the native output up to accumulation order and precision, and the bf16 output)."""
     from stages.precision.fp8 import quantize_fp8
 
     x_dtype, w_dtype, _ = check_recipe(recipe)

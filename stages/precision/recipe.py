@@ -119,22 +119,41 @@ class OperandSpec(BaseModel):
 
 
 def _operand_pair(first: str, second: str) -> Any:
-    """A GEMM's `before` validator: a bare format or operand dict applies to both operands."""
+    """A GEMM's `before` validator: a bare format or operand dict applies to both operands
+    (a GEMM-level key such as fast_accumulation in that dict stays with the GEMM)."""
 
     def expand(value: Any) -> Any:
         if isinstance(value, str):
             return {first: value, second: value}
         if isinstance(value, dict) and "format" in value:
-            return {first: value, second: value}
+            gemm = {k: v for k, v in value.items() if k in GEMM_FIELDS}
+            operand = {k: v for k, v in value.items() if k not in GEMM_FIELDS}
+            return {first: operand, second: operand, **gemm}
         return value
 
     return expand
+
+
+# The operands of each GEMM, in order; the other fields of a GEMM spec are GEMM_FIELDS.
+GEMM_OPERANDS = {"fprop": ("input", "weight"), "dgrad": ("grad_output", "weight"), "wgrad": ("grad_output", "input")}
+GEMM_FIELDS = ("fast_accumulation",)
+PER_TENSOR_FP8 = ("fp8_e4m3", "fp8_e5m2")
+
+
+def _fast_accumulation() -> Any:
+    return Field(
+        False,
+        description="Per-tensor FP8 GEMMs on Hopper: accumulate in the tensor cores' own precision without "
+        "promoting partial sums to FP32 (faster, less exact; torch._scaled_mm use_fast_accum, Transformer "
+        "Engine's use_split_accumulator=False, which TE's FP8 recipes use for fprop).",
+    )
 
 
 class FpropSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     input: OperandSpec = Field(default_factory=OperandSpec, description="Activation x.")
     weight: OperandSpec = Field(default_factory=OperandSpec, description="Weight W.")
+    fast_accumulation: bool = _fast_accumulation()
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +165,7 @@ class DgradSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     grad_output: OperandSpec = Field(default_factory=OperandSpec, description="Output gradient dy.")
     weight: OperandSpec = Field(default_factory=OperandSpec, description="Weight W.")
+    fast_accumulation: bool = _fast_accumulation()
 
     @model_validator(mode="before")
     @classmethod
@@ -157,6 +177,7 @@ class WgradSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     grad_output: OperandSpec = Field(default_factory=OperandSpec, description="Output gradient dy.")
     input: OperandSpec = Field(default_factory=OperandSpec, description="Activation x.")
+    fast_accumulation: bool = _fast_accumulation()
 
     @model_validator(mode="before")
     @classmethod
@@ -216,21 +237,28 @@ class Recipe(BaseModel):
             raise ValueError("wgrad.hadamard: set it on both grad_output and input (the rotations must cancel)")
         return self
 
+    @model_validator(mode="after")
+    def _fast_accumulation_is_per_tensor_fp8(self) -> Recipe:
+        for gemm_name, operands in GEMM_OPERANDS.items():
+            gemm = getattr(self, gemm_name)
+            if gemm.fast_accumulation and any(getattr(gemm, op).format not in PER_TENSOR_FP8 for op in operands):
+                raise ValueError(
+                    f"{gemm_name}.fast_accumulation: only for GEMMs of per-tensor FP8 operands ({', '.join(PER_TENSOR_FP8)})"
+                )
+        return self
+
     def operands(self) -> list[tuple[tuple[str, str], OperandSpec]]:
         """((gemm, operand), spec) for all six operands, in a fixed order."""
-        out: list[tuple[tuple[str, str], OperandSpec]] = []
-        for gemm_name in ("fprop", "dgrad", "wgrad"):
-            gemm = getattr(self, gemm_name)
-            for op_name in type(gemm).model_fields:
-                out.append(((gemm_name, op_name), getattr(gemm, op_name)))
-        return out
+        return [((gemm, op), getattr(getattr(self, gemm), op)) for gemm, ops in GEMM_OPERANDS.items() for op in ops]
 
     def gemm_summary(self) -> str:
-        """One line for humans and tags: `fprop=nvfp4,nvfp4 dgrad=mxfp8,mxfp8 wgrad=mxfp8,mxfp8 (original)`."""
+        """One line for humans and tags: `fprop=nvfp4,nvfp4 dgrad=mxfp8,mxfp8 wgrad=mxfp8,mxfp8 (original)`;
+        a GEMM with fast accumulation reads `fprop=fp8_e4m3,fp8_e4m3+fast_accumulation`."""
         parts = []
-        for gemm_name in ("fprop", "dgrad", "wgrad"):
+        for gemm_name, operands in GEMM_OPERANDS.items():
             gemm = getattr(self, gemm_name)
-            parts.append(f"{gemm_name}=" + ",".join(getattr(gemm, op).format for op in type(gemm).model_fields))
+            fast = "+fast_accumulation" if gemm.fast_accumulation else ""
+            parts.append(f"{gemm_name}=" + ",".join(getattr(gemm, op).format for op in operands) + fast)
         return " ".join(parts) + f" ({self.backward_source})"
 
     @property

@@ -1,11 +1,15 @@
 """The `te` backend: nn.Linear -> transformer_engine.pytorch.Linear, run under te.autocast.
 
 Recipe mapping (TE >= 2.x; see NUMERICS.md):
-  fp8 (current, HYBRID)      -> Float8CurrentScaling(fp8_format=Format.HYBRID)
-  fp8_delayed                -> DelayedScaling(fp8_format=Format.HYBRID, amax_history_len, amax_compute_algo)
+  fp8 (current, HYBRID)      -> Float8CurrentScaling(fp8_format=Format.HYBRID, fp8_gemm_{fprop,dgrad,wgrad}=
+                                MMParams(use_split_accumulator=not <gemm>.fast_accumulation))
+  fp8_delayed                -> DelayedScaling(fp8_format=Format.HYBRID, amax_history_len, amax_compute_algo);
+                                its accumulation is fixed in TE (fprop fast, dgrad/wgrad split): a recipe
+                                asking for another gets a one-line error
   mxfp8 (all GEMMs)          -> MXFP8BlockScaling(fp8_format=Format.E4M3)
   nvfp4 (all GEMMs)          -> NVFP4BlockScaling(disable_rht/stochastic_rounding/2d from the recipe)
-  anything else              -> CustomRecipe(qfactory) built from the operand specs: per TE tensor
+  anything else              -> CustomRecipe(qfactory) built from the operand specs (per-tensor FP8
+     GEMMs accumulate as in DelayedScaling, checked the same way): per TE tensor
      role, rowwise = the fprop (input, weight) or dgrad (grad_output) operand, columnwise = the
      dgrad (weight) or wgrad (input, grad_output) operand; different specs -> HybridQuantizer,
      with columnwise_source "original" (TE style) or "rowwise_dequantized" (QAT style).
@@ -23,7 +27,7 @@ from torch import nn
 
 from stages.precision.emulated import linear_names, replace_module
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import OperandSpec, Recipe
+from stages.precision.recipe import GEMM_OPERANDS, PER_TENSOR_FP8, OperandSpec, Recipe
 
 _SUPPORT_CHECKS = {  # format family -> (TE checker name, what it needs)
     "fp8": ("check_fp8_support", "FP8 (Hopper or newer)"),
@@ -95,10 +99,16 @@ def native_te_recipe(recipe: Recipe) -> Any | None:
         return None
     hybrid_fp8 = all(o.format == "fp8_e4m3" for o in fwd) and all(o.format == "fp8_e5m2" for o in grads)
     if hybrid_fp8 and _all_same(recipe, scaling="current"):
-        return te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.HYBRID)
+        split = {gemm: te_recipe.MMParams(use_split_accumulator=not getattr(recipe, gemm).fast_accumulation)
+                 for gemm in ("fprop", "dgrad", "wgrad")}
+        return te_recipe.Float8CurrentScaling(
+            fp8_format=te_recipe.Format.HYBRID,
+            fp8_gemm_fprop=split["fprop"], fp8_gemm_dgrad=split["dgrad"], fp8_gemm_wgrad=split["wgrad"],
+        )
     first = fwd[0]
     if hybrid_fp8 and all(o.scaling == "delayed" and o.amax_history_len == first.amax_history_len
                           and o.amax_compute_algo == first.amax_compute_algo for o in fwd + grads):
+        _check_fixed_accumulation(recipe, "DelayedScaling")
         return te_recipe.DelayedScaling(
             fp8_format=te_recipe.Format.HYBRID,
             amax_history_len=first.amax_history_len,
@@ -113,6 +123,22 @@ def native_te_recipe(recipe: Recipe) -> Any | None:
             disable_2d_quantization=not recipe.fprop.weight.block_2d,
         )
     return None
+
+
+# How TE accumulates per-tensor FP8 GEMMs outside Float8CurrentScaling (its _2X_ACC_* constants).
+_TE_FIXED_FAST_ACCUMULATION = {"fprop": True, "dgrad": False, "wgrad": False}
+
+
+def _check_fixed_accumulation(recipe: Recipe, te_path: str) -> None:
+    """A per-tensor FP8 GEMM whose fast_accumulation TE would not honour: one-line error."""
+    for gemm, te_fast in _TE_FIXED_FAST_ACCUMULATION.items():
+        spec = getattr(recipe, gemm)
+        per_tensor = all(getattr(spec, op).format in PER_TENSOR_FP8 for op in GEMM_OPERANDS[gemm])
+        if per_tensor and spec.fast_accumulation != te_fast:
+            raise PrecisionUnavailable(
+                f"recipe {recipe.name}: backend te's {te_path} accumulates FP8 fprop fast and dgrad/wgrad in "
+                f"FP32, fixed; set {gemm}.fast_accumulation: {str(te_fast).lower()} or choose backend emulated"
+            )
 
 
 def _nvfp4_expressible_natively(recipe: Recipe) -> bool:
@@ -189,6 +215,7 @@ def custom_te_recipe(recipe: Recipe) -> Any:
             f"recipe {recipe.name}: backend te needs HybridQuantizer (TE newer than 2.18) for "
             "different forward/backward formats; choose backend emulated"
         ) from None
+    _check_fixed_accumulation(recipe, "CustomRecipe")
     ops = dict(recipe.operands())
     source = "original" if recipe.backward_source == "original" else "rowwise_dequantized"
 

@@ -166,11 +166,40 @@ def test_every_candidate_tile_gives_the_reference_bits(family: str, tile, monkey
         q, q_t, _ = ops().fp8(x, torch.float8_e5m2, transposed=True)
         ref = quantize_fp8(x, torch.float8_e5m2)
         assert torch.equal(bits(q.data), bits(ref.data)) and torch.equal(bits(q_t), bits(ref.data.t()))
+    if family == "nvfp4":
+        q, ref = ops().nvfp4(x), quantize_nvfp4(x)
+        assert torch.equal(q.codes.cpu(), ref.codes.cpu()) and torch.equal(bits(q.block_scales), bits(ref.block_scales))
+        assert torch.equal(bits(ops().fake_nvfp4(x)), bits(fake_quantize_nvfp4(x)))
     if family == "block":
-        assert torch.equal(bits(ops().mxfp8(x.t()).data), bits(quantize_mxfp8(x.t()).data))
+        assert torch.equal(bits(ops().mxfp8(x).data), bits(quantize_mxfp8(x).data))
         rows, cols = ops().fake_rows_and_cols(x, "nvfp4")
         assert torch.equal(bits(rows), bits(fake_quantize_nvfp4(x)))
         assert torch.equal(bits(cols), bits(fake_quantize_mxfp8(x.t()).t()))
+    if family == "block_t":  # the tile of transposed views
+        assert torch.equal(bits(ops().mxfp8(x.t()).data), bits(quantize_mxfp8(x.t()).data))
+        assert torch.equal(ops().nvfp4(x.t()).codes.cpu(), quantize_nvfp4(x.t()).codes.cpu())
+        rows, cols = ops().fake_rows_and_cols(x.t(), "mxfp8")
+        assert torch.equal(bits(rows), bits(fake_quantize_mxfp8(x.t())))
+        assert torch.equal(bits(cols), bits(fake_quantize_mxfp8(x).t()))
+
+
+@needs_cuda
+def test_direct_launches_keep_one_kernel_per_specialization() -> None:
+    """Launcher reuses Triton's compiled kernel only where Triton would: a misaligned view or a
+    stride of 1 is a specialization of its own, and each gives the reference's bits."""
+    x = edge_tensor(96, 160, torch.bfloat16, seed=6)
+    storage = torch.empty(96 * 160 + 1, dtype=torch.bfloat16, device="cuda")
+    misaligned = storage[1:].view(96, 160)  # 2 bytes past a 16-byte boundary
+    misaligned.copy_(x)
+    launcher = ops()._FP8
+    for view in (x, x, misaligned, misaligned, x.t(), x.t()):  # each twice: the second launches directly
+        before = launcher.cached()
+        q, q_t, _ = ops().fp8(view, torch.float8_e4m3fn, transposed=True)
+        ref = quantize_fp8(view, torch.float8_e4m3fn)
+        assert torch.equal(bits(q.data), bits(ref.data)) and torch.equal(bits(q_t), bits(ref.data.t()))
+        assert launcher.cached() - before <= 1
+    keys = list(launcher._compiled)
+    assert len(keys) == len(set(keys)) >= 3
 
 
 def train_two_steps(name: str, backend: str, use_kernels: bool, monkeypatch) -> tuple[list[float], list[torch.Tensor]]:
@@ -244,17 +273,19 @@ def test_shared_inputs_are_quantized_once_per_forward(monkeypatch) -> None:
 
 
 @needs_fp8_gemm
-def test_scaled_mm_linear_matches_the_exact_product_of_the_emulated_operands() -> None:
+@pytest.mark.parametrize("fast_fprop", [True, False], ids=["fprop_fast_accumulation", "fprop_fp32_accumulation"])
+def test_scaled_mm_linear_matches_the_exact_product_of_the_emulated_operands(fast_fprop: bool) -> None:
     from stages.precision.fp8_native import ScaledMMLinear, reference_linear
 
-    recipe = load_recipe("fp8")
+    recipe = recipe_with("fp8", fprop={"format": "fp8_e4m3", "fast_accumulation": fast_fprop})
     gen = torch.Generator().manual_seed(5)
     linear = torch.nn.Linear(256, 128, bias=False).to("cuda", torch.bfloat16)
     layer = ScaledMMLinear(linear, recipe)
     x = torch.randn(4, 32, 256, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
     y = layer(x)
     exact = reference_linear(x.detach(), linear.weight.detach(), recipe)
-    # Same FP8 operands, FP32 accumulation: differs from the exact product only by the bf16 output rounding.
+    # Same FP8 operands: differs from the exact product by the bf16 output rounding (and, with
+    # fast accumulation, partial sums kept in the tensor cores' precision: small at K = 256).
     torch.testing.assert_close(y.float(), exact, rtol=2**-7, atol=1e-3 * exact.abs().max().item())
     emulated = torch.nn.functional.linear(fake_quantize_fp8(x.detach(), "fp8_e4m3"), fake_quantize_fp8(linear.weight.detach(), "fp8_e4m3"))
     rel = (y.float() - emulated.float()).norm() / emulated.float().norm()
@@ -269,6 +300,23 @@ def test_scaled_mm_linear_matches_the_exact_product_of_the_emulated_operands() -
     dx_exact, dw_exact = (g_deq @ w_deq).reshape(x.shape), g_deq.t() @ x_deq
     torch.testing.assert_close(x.grad.float(), dx_exact, rtol=2**-7, atol=1e-3 * dx_exact.abs().max().item())
     torch.testing.assert_close(linear.weight.grad.float(), dw_exact, rtol=2**-7, atol=1e-3 * dw_exact.abs().max().item())
+
+
+@needs_fp8_gemm
+def test_fast_accumulation_reaches_the_gemm() -> None:
+    """Over a long K the tensor cores' own accumulation rounds differently from FP32 promotion."""
+    from stages.precision.fp8_native import ScaledMMLinear
+
+    gen = torch.Generator().manual_seed(7)
+    linear = torch.nn.Linear(8192, 64, bias=False).to("cuda", torch.bfloat16)
+    x = torch.randn(64, 8192, generator=gen).to("cuda", torch.bfloat16)
+    outputs = {}
+    for fast in (True, False):
+        recipe = recipe_with("fp8", fprop={"format": "fp8_e4m3", "fast_accumulation": fast})
+        with torch.no_grad():
+            outputs[fast] = ScaledMMLinear(linear, recipe)(x).float()
+    assert not torch.equal(outputs[True], outputs[False])
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=2**-5, atol=1e-2 * outputs[False].abs().max().item())
 
 
 @needs_fp8_gemm

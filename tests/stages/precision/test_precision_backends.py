@@ -25,6 +25,19 @@ def test_te_missing_is_one_line_naming_emulated() -> None:
     )
 
 
+def test_te_refuses_an_accumulation_its_delayed_scaling_cannot_do() -> None:
+    from stages.precision.te_backend import _check_fixed_accumulation
+
+    _check_fixed_accumulation(load_recipe("fp8_delayed"), "DelayedScaling")  # TE's own choice: fine
+    exact_fprop = recipe_with("fp8_delayed", fprop={**load_recipe("fp8_delayed").fprop.model_dump(), "fast_accumulation": False})
+    with pytest.raises(PrecisionUnavailable) as error:
+        _check_fixed_accumulation(exact_fprop, "DelayedScaling")
+    assert str(error.value) == (
+        "recipe fp8_delayed: backend te's DelayedScaling accumulates FP8 fprop fast and dgrad/wgrad in FP32, "
+        "fixed; set fprop.fast_accumulation: true or choose backend emulated"
+    )
+
+
 def test_modelopt_nvfp4_on_cpu_names_emulated() -> None:
     pytest.importorskip("modelopt.torch.quantization")
     with pytest.raises(PrecisionUnavailable) as error:

@@ -100,6 +100,12 @@ def test_qwen3_keeps_lm_head_and_embeddings_and_parameters() -> None:
     }
     assert tags["torch_version"] == torch.__version__
     assert tags["recipe_gemms"] == "fprop=mxfp8,mxfp8 dgrad=mxfp8,mxfp8 wgrad=mxfp8,mxfp8 (original)"
+    assert "fast_accumulation" not in tags
+
+
+def test_emulated_fp8_says_it_does_not_model_fast_accumulation() -> None:
+    tags = prepare_model(tiny_qwen3(), load_recipe("fp8"), "emulated").describe()
+    assert tags["fast_accumulation"] == "not modeled by backend emulated (fprop): FP32 accumulation"
 
 
 def test_high_precision_globs_cover_whole_submodules() -> None:

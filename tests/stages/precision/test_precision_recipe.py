@@ -41,6 +41,13 @@ def test_fp8_is_hybrid_current_scaling_on_all_three_gemms() -> None:
     }
     assert {spec.scaling for _, spec in recipe.operands()} == {"current"}
     assert recipe.inference_format == "fp8"
+    # As Transformer Engine's Float8CurrentScaling: fprop fast, dgrad and wgrad promoted to FP32.
+    assert (recipe.fprop.fast_accumulation, recipe.dgrad.fast_accumulation, recipe.wgrad.fast_accumulation) == (
+        True, False, False
+    )
+    assert recipe.gemm_summary() == (
+        "fprop=fp8_e4m3,fp8_e4m3+fast_accumulation dgrad=fp8_e5m2,fp8_e4m3 wgrad=fp8_e5m2,fp8_e4m3 (original)"
+    )
 
 
 def test_fp8_delayed_is_the_seeds_ds_recipe() -> None:
@@ -110,6 +117,10 @@ BAD = {
     "should be greater than or equal to 1",
     "fprop: {input: {format: mxfp8, stochastic_rounding: true}}\n": "fprop.input: stochastic_rounding is "
     "only supported for 'nvfp4', not 'mxfp8'",
+    "fprop: {format: mxfp8, fast_accumulation: true}\n": "fprop.fast_accumulation: only for GEMMs of "
+    "per-tensor FP8 operands (fp8_e4m3, fp8_e5m2)",
+    "dgrad: {grad_output: fp8_e5m2, weight: fp8_e4m3, fast_accumulation: maybe}\n": "dgrad.fast_accumulation: "
+    "Input should be a valid boolean, unable to interpret input",
     "fprop: nvfp4\n  dgrad: x\n": "line 2 mapping values are not allowed here",
     "- a\n": "expected a mapping of fields, got list",
 }
