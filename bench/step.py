@@ -65,6 +65,7 @@ class Result:
     compile: bool
     ms_per_step: float | None = None
     decoder_ms: float | None = None
+    decoder_forward_ms: float | None = None  # of decoder_ms: the layers' forward
     head_embed_ms: float | None = None
     optimizer_ms: float | None = None
     ratio_to_bf16: float | None = None  # decoder time / the fastest bf16 variant's decoder time
@@ -246,15 +247,16 @@ def run_variant(
         result.gpu_idle_ms = profile_step(lambda: train_step(warmup + steps), profile_dir / f"{stem}.txt")
         profile_host(lambda: train_step(warmup + steps + 1), profile_dir / f"{stem}_host.txt")
         del events[-2:]
-    decoder = head = opt = total = 0.0
+    decoder = forward = head = opt = total = 0.0
     for t_start, mbs, t_opt, t_end in events:
         total += t_start.elapsed_time(t_end)
         opt += t_opt.elapsed_time(t_end)
         for m in mbs:
+            forward += m[1].elapsed_time(m[2])
             decoder += m[1].elapsed_time(m[2]) + m[3].elapsed_time(m[4])
             head += m[0].elapsed_time(m[1]) + m[2].elapsed_time(m[3]) + m[4].elapsed_time(m[5])
     n = len(events)
-    result.ms_per_step, result.decoder_ms = total / n, decoder / n
+    result.ms_per_step, result.decoder_ms, result.decoder_forward_ms = total / n, decoder / n, forward / n
     result.head_embed_ms, result.optimizer_ms = head / n, opt / n
     dec_flops, head_flops = flops(s)
     result.tflops = (dec_flops + head_flops) / (result.ms_per_step * 1e-3) / 1e12
@@ -317,7 +319,7 @@ def write(results: list[Result], out: Path, measured_peak: float, shape: Shape) 
             r.ratio_to_bf16 = r.decoder_ms / base
     device = torch.cuda.get_device_name()
     spec_peak = next((v for k, v in SPEC_BF16_PEAK_TFLOPS.items() if k in device), None)
-    header = f"{'variant':22} {'compile':7} {'ms/step':>9} {'decoder':>8} {'head+emb':>8} {'optim':>7} {'ratio':>6} {'TFLOP/s':>8} {'dec TF/s':>8} {'of peak':>7} {'peak GiB':>8} {'idle ms':>7}"
+    header = f"{'variant':22} {'compile':7} {'ms/step':>9} {'decoder':>8} {'(fwd)':>7} {'head+emb':>8} {'optim':>7} {'ratio':>6} {'TFLOP/s':>8} {'dec TF/s':>8} {'of peak':>7} {'peak GiB':>8} {'idle ms':>7}"
     print(
         f"\n{device}; ratio = decoder-layer time / fastest bf16 decoder time; dense bf16 peak measured "
         f"{measured_peak:.0f} TFLOP/s (data sheet {spec_peak}); 'of peak' = decoder TFLOP/s / measured peak"
@@ -328,7 +330,7 @@ def write(results: list[Result], out: Path, measured_peak: float, shape: Shape) 
             print(f"{r.name:22} {str(r.compile):7} {r.error}")
             continue
         print(
-            f"{r.name:22} {str(r.compile):7} {r.ms_per_step:9.1f} {r.decoder_ms:8.1f} {r.head_embed_ms:8.1f} "
+            f"{r.name:22} {str(r.compile):7} {r.ms_per_step:9.1f} {r.decoder_ms:8.1f} {r.decoder_forward_ms:7.1f} {r.head_embed_ms:8.1f} "
             f"{r.optimizer_ms:7.1f} {r.ratio_to_bf16 or float('nan'):6.3f} {r.tflops:8.1f} {r.decoder_tflops:8.1f} {r.decoder_tflops / measured_peak:7.2f} {r.peak_mem_gib:8.1f} {r.gpu_idle_ms if r.gpu_idle_ms is not None else float('nan'):7.1f}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
