@@ -8,7 +8,7 @@ Custom ops are opaque to the compiler without breaking the graph:
 
   parts = faster_qat::quantize_input(x, key, kind)     the activation's quantized forms
   y     = faster_qat::quantized_linear(x, parts, W, b, handle, kind)   GEMMs, weight cache
-          (its backward: faster_qat::quantized_linear_backward)
+          (its backward: faster_qat::quantized_linear_backward, the two joined by an autograd.Function)
 
 `quantize_input` is a pure function of x and a recipe (`key`), so when q/k/v (gate/up) read the
 same x the compiler's common-subexpression pass leaves one call, and the graph knows the parts
@@ -134,7 +134,7 @@ class OpaqueLinear(nn.Module):
             if parts is None:
                 parts = quantize_input(x.detach(), key, kind)
                 SHARED_INPUTS.put(x, (key, kind), parts)
-        return quantized_linear(x, parts, self.weight, self.bias, self.handle, kind)
+        return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self.handle, kind, *parts)
 
 
 def _layer(handle: torch.Tensor) -> OpaqueLinear:
@@ -206,19 +206,25 @@ quantized_linear = torch.ops.faster_qat.quantized_linear.default
 quantized_linear_backward = torch.ops.faster_qat.quantized_linear_backward.default
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, parts, weight, bias, handle, kind = inputs
-    _, kept, reads_input = KINDS[kind]
-    ctx.kind, ctx.has_bias, ctx.n_parts = kind, bias is not None, len(parts)
-    ctx.save_for_backward(x if reads_input else None, weight, handle, *(parts[i] for i in kept))
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """quantized_linear and its backward op. The ops themselves have no autograd formula: a
+    compiled forward calls them straight through the dispatcher, where an op with
+    torch.library.register_autograd goes through a Python autograd wrapper on every call, also
+    without grad (the step's forward was host-bound on the H100 machine: bench.step --tiny)."""
 
+    @staticmethod
+    def forward(ctx, x, weight, bias, handle, kind, *parts):
+        _, kept, reads_input = KINDS[kind]
+        ctx.kind, ctx.has_bias, ctx.n_parts, ctx.reads_input = kind, bias is not None, len(parts), reads_input
+        ctx.save_for_backward(*([x] if reads_input else []), weight, handle, *(parts[i] for i in kept))
+        return quantized_linear(x, list(parts), weight, bias, handle, kind)
 
-def _backward(ctx, grad_y):
-    x, weight, handle, *saved = ctx.saved_tensors
-    needs_dx, _, needs_dw, needs_db = ctx.needs_input_grad[:4]
-    dx, dw = quantized_linear_backward(grad_y, x, weight, saved, handle, ctx.kind, needs_dx, needs_dw)
-    db = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(weight.dtype) if ctx.has_bias and needs_db else None
-    return dx if needs_dx else None, [None] * ctx.n_parts, dw if needs_dw else None, db, None, None
-
-
-torch.library.register_autograd("faster_qat::quantized_linear", _backward, setup_context=_setup_context, lib=_LIB)
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved = list(ctx.saved_tensors)
+        x = saved.pop(0) if ctx.reads_input else None
+        weight, handle, *kept = saved
+        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+        dx, dw = quantized_linear_backward(grad_y, x, weight, kept, handle, ctx.kind, needs_dx, needs_dw)
+        db = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(weight.dtype) if ctx.has_bias and needs_db else None
+        return (dx if needs_dx else None, dw if needs_dw else None, db, None, None, *([None] * ctx.n_parts))
