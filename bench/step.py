@@ -18,6 +18,7 @@ Python functions (cProfile) of another.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 import traceback
@@ -234,13 +235,19 @@ def run_variant(
         t_end.record()
         events.append((t_start, mbs, t_opt, t_end))
 
-    for step in range(warmup + steps):
-        if step == warmup:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            events.clear()
-        train_step(step)
-    torch.cuda.synchronize()
+    try:
+        for step in range(warmup + steps):
+            if step == warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                events.clear()
+                # As the train stage (gc_every): no automatic collection pausing the host mid-step.
+                gc.collect()
+                gc.disable()
+            train_step(step)
+        torch.cuda.synchronize()
+    finally:
+        gc.enable()
     peak_mem = torch.cuda.max_memory_allocated()
     if profile_dir is not None:
         stem = f"{name}{'_compiled' if compiled else ''}"

@@ -6,8 +6,11 @@ Order of construction (each step's reason in its comment): params -> process gro
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import random
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -140,7 +143,29 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
     return {**summary, "backend": prepared.backend, "recipe": recipe.name, "world_size": world.world_size}
 
 
+@contextlib.contextmanager
+def collect_garbage_between_steps(every: int) -> Iterator[Callable[[int], None]]:
+    """Python's automatic GC off inside; call the yielded function with the steps done after each
+    step: it collects every `every` steps (0: leave Python's GC as it is, the function does nothing)."""
+    if not every:
+        yield lambda done: None
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield lambda done: None if done % every else gc.collect(1)
+    finally:
+        gc.enable()
+
+
 def _loop(ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile | None) -> dict[str, Any]:
+    with collect_garbage_between_steps(s.params.gc_every) as collect:
+        return _steps(ctx, s, start, metrics_file, collect)
+
+
+def _steps(
+    ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile | None, collect: Callable[[int], None]
+) -> dict[str, Any]:
     p, world = s.params, s.world
     peak = peak_flops(world.device)
     n_params = trainable_flop_params(s.model) if peak is not None else 0
@@ -158,6 +183,7 @@ def _loop(ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile |
         elapsed = time.perf_counter() - began
         step_times.append(elapsed)
         done = step + 1
+        collect(done)  # after the step's timing: a collection pauses no GPU work here
         row: dict[str, Any] = {
             "loss": last.loss,
             "lr": last.lr,
