@@ -37,16 +37,16 @@ class Tile:
     warps: int
 
 
-# Chosen on an H100 with `python -m bench.quantizers --sweep` (bench/results/quantizers.json:
-# each within 1% of its family's fastest candidate on the training step's shapes).
+# Chosen on an H100 with `python -m bench.quantizers --sweep`: each family's fastest candidate on
+# the training step's shapes (bench/results/quantizers.json, "tiles" and "sweep").
 # Block tiles hold whole blocks: cols a multiple of 32 (MX) / 16 (NVFP4), rows a multiple of 32
 # (a column-wise MX block runs along the rows).
 TILES: dict[str, Tile] = {
-    "amax": Tile(32, 512, 8),  # one atomic per 16K elements
-    "fp8": Tile(64, 128, 8),  # the transposed store writes 64-byte runs
+    "amax": Tile(16, 512, 4),  # one atomic (or partial maximum) per 8K elements
+    "fp8": Tile(32, 128, 8),  # the transposed store writes 32-byte runs
     "block": Tile(32, 128, 4),  # MX rows, and any pass with column-wise blocks
-    "nvfp4": Tile(32, 128, 4),  # NVFP4 rows alone (its fake quant, its codes)
-    "block_t": Tile(128, 32, 4),  # a transposed view (column-wise quantization): reads along the rows
+    "nvfp4": Tile(16, 256, 8),  # NVFP4 rows alone (its fake quant, its codes)
+    "block_t": Tile(64, 32, 2),  # a transposed view (column-wise quantization): reads along the rows
 }
 # What `bench.quantizers --sweep` tries (and the GPU tests check bit for bit) per family.
 _BLOCK_SHAPES = [(32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64)]
@@ -55,7 +55,7 @@ TILE_CANDIDATES: dict[str, list[Tile]] = {
     "fp8": [Tile(r, c, w) for r, c in [(32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)] for w in (4, 8)],
     "block": [Tile(r, c, w) for r, c in _BLOCK_SHAPES for w in (2, 4, 8)],
     "nvfp4": [Tile(r, c, w) for r, c in [(16, 128), (16, 256), *_BLOCK_SHAPES] for w in (2, 4, 8)],
-    "block_t": [Tile(r, c, w) for r, c in [(64, 32), (128, 32), (256, 32), (512, 32), (128, 64), (256, 64)] for w in (2, 4, 8)],
+    "block_t": [Tile(r, c, w) for r, c in [(32, 32), (64, 32), (128, 32), (256, 32), (128, 64)] for w in (1, 2, 4)],
 }
 
 
