@@ -243,7 +243,8 @@ class Recipe(BaseModel):
             gemm = getattr(self, gemm_name)
             if gemm.fast_accumulation and any(getattr(gemm, op).format not in PER_TENSOR_FP8 for op in operands):
                 raise ValueError(
-                    f"{gemm_name}.fast_accumulation: only for GEMMs of per-tensor FP8 operands ({', '.join(PER_TENSOR_FP8)})"
+                    f"{gemm_name}.fast_accumulation: only for GEMMs of per-tensor FP8 operands "
+                    f"({', '.join(PER_TENSOR_FP8)})"
                 )
         return self
 

@@ -22,7 +22,7 @@ import torch
 from triton import knobs
 from triton.runtime.driver import driver
 
-_MAX_KEYS = 4096  # a process that sees ever new shapes (inference) keeps only the latest
+_MAX_KEYS = 4096  # a process that sees ever new shapes (inference) starts over past this
 
 
 class Launcher:

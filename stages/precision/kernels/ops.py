@@ -82,7 +82,9 @@ def amax(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros((), dtype=torch.int32, device=x.device)
     if x2.numel():
         tile = TILES["amax"]
-        _AMAX(_grid(*x2.shape, tile), x2, out, *x2.shape, *x2.stride(), BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
+        _AMAX(
+            _grid(*x2.shape, tile), x2, out, *x2.shape, *x2.stride(), BR=tile.rows, BK=tile.cols, num_warps=tile.warps
+        )
     return out.view(torch.float32)
 
 
@@ -142,7 +144,8 @@ def _fp8_launch(x2, bits, d, d_t, f, scale, dtype) -> None:
     dummy = amax_bits
     tile = TILES["fp8"]
     _FP8(
-        _grid(r, k, tile), x2, amax_bits, n_amax, dummy if d is None else d, dummy if d_t is None else d_t, dummy if f is None else f,
+        _grid(r, k, tile), x2, amax_bits, n_amax,
+        dummy if d is None else d, dummy if d_t is None else d_t, dummy if f is None else f,
         dummy if scale is None else scale,
         r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
         E5M2=dtype == torch.float8_e5m2, WRITE_DATA=d is not None, WRITE_T=d_t is not None, WRITE_FAKE=f is not None,
@@ -203,7 +206,8 @@ def _block(
             g = torch.empty((), dtype=torch.float32, device=x.device)
     tile = TILES[_block_family(x2, row, col)]
     _BLOCK(
-        _grid(r, k, tile), x2, bits, n_amax, dummy if row_out is None else row_out, dummy if col_out is None else col_out,
+        _grid(r, k, tile), x2, bits, n_amax,
+        dummy if row_out is None else row_out, dummy if col_out is None else col_out,
         dummy if data is None else data, dummy if scales is None else scales, dummy if g is None else g,
         r, k, *x2.stride(), *(row_out.stride() if row_out is not None else (0, 0)),
         *(col_out.stride() if col_out is not None else (0, 0)), n_scale_cols,
