@@ -150,10 +150,14 @@ def collect_garbage_between_steps(every: int) -> Iterator[Callable[[int], None]]
     if not every:
         yield lambda done: None
         return
+    def collect(done: int) -> None:
+        if done % every == 0:
+            gc.collect(1)  # the young generations: where a step's garbage is
+
     gc.collect()
     gc.disable()
     try:
-        yield lambda done: None if done % every else gc.collect(1)
+        yield collect
     finally:
         gc.enable()
 
