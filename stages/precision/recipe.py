@@ -137,7 +137,6 @@ def _operand_pair(first: str, second: str) -> Any:
 # The operands of each GEMM, in order; the other fields of a GEMM spec are GEMM_FIELDS.
 GEMM_OPERANDS = {"fprop": ("input", "weight"), "dgrad": ("grad_output", "weight"), "wgrad": ("grad_output", "input")}
 GEMM_FIELDS = ("fast_accumulation",)
-PER_TENSOR_FP8 = ("fp8_e4m3", "fp8_e5m2")
 
 
 def _fast_accumulation() -> Any:
@@ -241,10 +240,10 @@ class Recipe(BaseModel):
     def _fast_accumulation_is_per_tensor_fp8(self) -> Recipe:
         for gemm_name, operands in GEMM_OPERANDS.items():
             gemm = getattr(self, gemm_name)
-            if gemm.fast_accumulation and any(getattr(gemm, op).format not in PER_TENSOR_FP8 for op in operands):
+            if gemm.fast_accumulation and any(getattr(gemm, op).format not in PER_TENSOR_FORMATS for op in operands):
                 raise ValueError(
                     f"{gemm_name}.fast_accumulation: only for GEMMs of per-tensor FP8 operands "
-                    f"({', '.join(PER_TENSOR_FP8)})"
+                    f"({', '.join(PER_TENSOR_FORMATS)})"
                 )
         return self
 

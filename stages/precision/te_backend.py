@@ -27,7 +27,7 @@ from torch import nn
 
 from stages.precision.emulated import linear_names, replace_module
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import GEMM_OPERANDS, PER_TENSOR_FP8, OperandSpec, Recipe
+from stages.precision.recipe import GEMM_OPERANDS, PER_TENSOR_FORMATS, OperandSpec, Recipe
 
 _SUPPORT_CHECKS = {  # format family -> (TE checker name, what it needs)
     "fp8": ("check_fp8_support", "FP8 (Hopper or newer)"),
@@ -133,7 +133,7 @@ def _check_fixed_accumulation(recipe: Recipe, te_path: str) -> None:
     """A per-tensor FP8 GEMM whose fast_accumulation TE would not honour: one-line error."""
     for gemm, te_fast in _TE_FIXED_FAST_ACCUMULATION.items():
         spec = getattr(recipe, gemm)
-        per_tensor = all(getattr(spec, op).format in PER_TENSOR_FP8 for op in GEMM_OPERANDS[gemm])
+        per_tensor = all(getattr(spec, op).format in PER_TENSOR_FORMATS for op in GEMM_OPERANDS[gemm])
         if per_tensor and spec.fast_accumulation != te_fast:
             raise PrecisionUnavailable(
                 f"recipe {recipe.name}: backend te's {te_path} accumulates FP8 fprop fast and dgrad/wgrad in "
