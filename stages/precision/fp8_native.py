@@ -70,13 +70,17 @@ def _quantize(x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return q.data, q.scale, q_t
 
 
-_KIND = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
-_DTYPE_OF_KIND = {kind: dtype for dtype, kind in _KIND.items()}
+_KIND = {dtype: kind for kind, dtype in _DTYPES.items()}  # linear_op's kind is the recipe's format name
+
+
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    """What torch._scaled_mm writes for an operand from t: t's dtype if 16-bit, else bf16."""
+    return t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def _quantize_input(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
     """linear_op.KINDS' fp8 parts of x: [x_q [M, K], scale, x_q^T [K, M]]."""
-    return list(_quantize(x.reshape(-1, x.shape[-1]), _DTYPE_OF_KIND[kind]))
+    return list(_quantize(x.reshape(-1, x.shape[-1]), _DTYPES[kind]))
 
 
 class ScaledMMLinear(OpaqueLinear):
@@ -130,7 +134,7 @@ class ScaledMMLinear(OpaqueLinear):
     ) -> torch.Tensor:
         xq, x_scale, _ = parts
         wq, w_scale, _ = self.weight_fp8(weight)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out_dtype = _out_dtype(x)
         y = torch._scaled_mm(
             xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
             use_fast_accum=self.recipe.fprop.fast_accumulation,
@@ -146,7 +150,7 @@ class ScaledMMLinear(OpaqueLinear):
         x_scale, xq_t = saved
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         gq, g_scale, gq_t = _quantize(g2, self.g_dtype)
-        out_dtype = g2.dtype if g2.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        out_dtype = _out_dtype(g2)
         dx = dw = None
         if needs_dx:
             _, w_scale, wq_t = self.weight_fp8(weight)
