@@ -47,15 +47,17 @@ def pieces() -> dict[str, Callable[[], object]]:
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     xq, wq = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
     one = torch.ones((), device="cuda")
-    amax_out = torch.zeros((), dtype=torch.int32, device="cuda")
     tile = ops.TILES["amax"]
-    grid = ops._grid(M, K, tile)
+    tiles_r, tiles_k = ops._grid(M, K, tile)
+    programs = min(tiles_r * tiles_k, jit.MAX_PARTIALS.value)
+    partials = torch.empty(programs, dtype=torch.int32, device="cuda")
+    amax_args = (x, partials, M, K, K, 1, tiles_k, tiles_r * tiles_k)
 
     def amax_jit() -> None:
-        jit._amax_kernel[grid](x, amax_out, M, K, K, 1, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
+        jit._amax_partials_kernel[(programs,)](*amax_args, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
 
     def amax_direct() -> None:
-        ops._AMAX(grid, x, amax_out, M, K, K, 1, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
+        ops._AMAX_PARTIALS((programs,), *amax_args, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
 
     bf16_linear = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
     fp8_linear = ScaledMMLinear(nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16), load_recipe("fp8"))

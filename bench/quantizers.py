@@ -33,7 +33,7 @@ SWEEP_SIZES = [(4096, 4096), (4096, 12288)]
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # family (of ops.TILES) -> kernels of kernels() timed together; amax first: the others call it.
 SWEEP = {
-    "amax": ["amax", "amax_partials"],
+    "amax": ["amax"],
     "fp8": ["fp8_e4m3_quantize", "fp8_e5m2_quantize_and_transpose", "fp8_e4m3_fake"],
     "block": ["mxfp8_quantize", "mxfp8_fake", "nvfp4_rows_mxfp8_cols_fake", "mxfp8_rows_and_cols_fake"],
     "nvfp4": ["nvfp4_quantize", "nvfp4_fake"],
@@ -44,9 +44,7 @@ SWEEP = {
 def kernels() -> dict[str, tuple[callable, callable | None, int, float]]:
     """name -> (kernel(x), reference(x) or None, reads of the 2-B input, bytes written per element)."""
     return {
-        "amax": (ops.amax, lambda x: x.abs().max(), 1, 0.0),
-        # what the quantizers launch: per-program maxima, no zero-filled atomic target
-        "amax_partials": (ops._amax_partials, None, 1, 0.0),
+        "amax": (ops.amax, lambda x: x.abs().max(), 1, 0.0),  # the quantizers' partials, reduced by torch
         "fp8_e4m3_quantize": (lambda x: ops.fp8(x, E4M3), lambda x: fp8.quantize_fp8(x, E4M3), 2, 1.0),
         "fp8_e5m2_quantize_and_transpose": (lambda x: ops.fp8(x, E5M2, transposed=True), None, 2, 2.0),
         "fp8_e4m3_fake": (lambda x: ops.fake_fp8(x, E4M3), lambda x: fp8.fake_quantize_fp8(x, "fp8_e4m3"), 2, 2.0),

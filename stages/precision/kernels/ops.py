@@ -24,8 +24,9 @@ from stages.precision.nvfp4 import Nvfp4Quantized
 toolchain.use_fixed_ptxas()
 
 _MX_CODE = {torch.float8_e4m3fn: jit.MX_E4M3, torch.float8_e5m2: jit.MX_E5M2}
-_AMAX, _AMAX_PARTIALS = Launcher(jit._amax_kernel), Launcher(jit._amax_partials_kernel)
-_FP8, _BLOCK = Launcher(jit._fp8_kernel), Launcher(jit._block_kernel)
+_AMAX_PARTIALS, _FP8, _BLOCK = (
+    Launcher(jit._amax_partials_kernel), Launcher(jit._fp8_kernel), Launcher(jit._block_kernel)
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Tile:
 # Block tiles hold whole blocks: cols a multiple of 32 (MX) / 16 (NVFP4), rows a multiple of 32
 # (a column-wise MX block runs along the rows).
 TILES: dict[str, Tile] = {
-    "amax": Tile(16, 512, 4),  # one atomic (or partial maximum) per 8K elements
+    "amax": Tile(16, 512, 4),  # 8K elements per loop step of a partial maximum
     "fp8": Tile(32, 128, 8),  # the transposed store writes 32-byte runs
     "block": Tile(32, 128, 4),  # MX rows, and any pass with column-wise blocks
     "nvfp4": Tile(16, 256, 8),  # NVFP4 rows alone (its fake quant, its codes)
@@ -77,15 +78,9 @@ def _empty_like_strided(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as an fp32 0-dim tensor (NaN if any element is NaN), one pass."""
-    x2 = _as_2d(x)
-    out = torch.zeros((), dtype=torch.int32, device=x.device)
-    if x2.numel():
-        tile = TILES["amax"]
-        _AMAX(
-            _grid(*x2.shape, tile), x2, out, *x2.shape, *x2.stride(), BR=tile.rows, BK=tile.cols, num_warps=tile.warps
-        )
-    return out.view(torch.float32)
+    """max |x| as an fp32 0-dim tensor (NaN if any element is NaN): the partial maxima's maximum."""
+    partials, _ = _amax_partials(_as_2d(x))
+    return partials.max().view(torch.float32)
 
 
 def _amax_partials(x2: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -120,23 +120,12 @@ def _global_decode(amax_ptr, n_amax):
 
 
 @triton.jit
-def _amax_kernel(x_ptr, out_ptr, R, K, sxr, sxk, BR: tl.constexpr, BK: tl.constexpr):
-    """out (int32 bits, zero-initialised) = max |x| over the whole [R, K] tensor."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
-    mask = (rows < R) & (cols < K)
-    x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
-    bits = tl.abs(x).to(tl.int32, bitcast=True)
-    tl.atomic_max(out_ptr, tl.max(tl.max(bits, axis=1), axis=0))
-
-
-@triton.jit
 def _amax_partials_kernel(x_ptr, out_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR: tl.constexpr, BK: tl.constexpr):
     """out[program] = max |x| (int32 bits) over the [BR, BK] tiles program, program + programs, ...
 
-    What the quantizers read instead of one atomic maximum: no zero-filled output to launch
-    first (a fill kernel and its launch per quantized tensor), and each quantizer program
-    reduces the <= MAX_PARTIALS values itself (a few KB from L2)."""
+    Not one atomic maximum: that needs a zero-filled output launched first (a fill kernel and
+    its launch per quantized tensor). Each quantizer program reduces the <= MAX_PARTIALS values
+    itself (a few KB from L2); ops.amax reduces them with torch."""
     acc = tl.zeros((BR, BK), tl.int32)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
