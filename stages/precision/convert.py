@@ -6,7 +6,7 @@ raises PrecisionUnavailable (one line, naming what to choose instead).
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Any, get_args
 
 import contextlib
 from collections.abc import Callable
@@ -42,6 +42,8 @@ class PreparedModel:
     backend: str
     _autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext, repr=False)
     _on_step: Callable[[int], None] = field(default=lambda step: None, repr=False)
+    _state: Callable[[], dict[str, Any]] = field(default=dict, repr=False)
+    _load_state: Callable[[dict[str, Any]], None] = field(default=lambda state: None, repr=False)
     converted: list[str] = field(default_factory=list)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -52,6 +54,14 @@ class PreparedModel:
         """Call once per optimizer step with the number of steps done: turns delayed fake
         quant on at `fake_quant_after_steps`, rolls the delayed-scaling amax history."""
         self._on_step(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a training checkpoint must keep besides the weights: the quantizers' own state
+        (the emulated backend's delayed-scaling amax histories; empty for stateless recipes)."""
+        return self._state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_state(state)
 
     def describe(self) -> dict[str, str]:
         """Tags for MLflow: what ran, so nobody has to guess."""
@@ -81,10 +91,15 @@ def prepare_model(
         raise PrecisionUnavailable(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
     before = {name for name, m in model.named_modules() if type(m) is nn.Linear}
     if backend == "emulated":
-        from stages.precision.emulated import convert_emulated, step_emulated
+        from stages.precision import emulated
 
-        layers = convert_emulated(model, recipe)
-        prepared = PreparedModel(model, recipe, backend, _on_step=lambda step: step_emulated(layers, recipe, step))
+        layers = emulated.convert_emulated(model, recipe)
+        prepared = PreparedModel(
+            model, recipe, backend,
+            _on_step=lambda step: emulated.step_emulated(layers, recipe, step),
+            _state=lambda: emulated.delayed_scaling_state(layers),
+            _load_state=lambda state: emulated.load_delayed_scaling_state(layers, state),
+        )
     elif backend == "scaled_mm":
         from stages.precision.fp8_native import convert_scaled_mm, step_scaled_mm
 

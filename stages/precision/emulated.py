@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import zlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,8 @@ class OperandQuantizer:
             # No history yet (first step): scale from the current amax rather than TE's initial
             # scale of 1.0, which would saturate or underflow most tensors on step 0.
             return amax_now
+        if self.history.device != x.device:  # restored from a checkpoint on the CPU
+            self.history = self.history.to(x.device)
         if self.spec.amax_compute_algo == "most_recent":
             return self.history[0]
         return self.history.max()
@@ -82,6 +85,18 @@ class OperandQuantizer:
         self.history[0] = self.pending_amax
         self.steps_recorded += 1
         self.pending_amax = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The delayed-scaling state a resumed run needs to scale as the uninterrupted one."""
+        history = None if self.history is None else self.history.detach().cpu()
+        return {"history": history, "steps_recorded": self.steps_recorded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        history = state["history"]
+        if history is not None and history.shape != (self.spec.amax_history_len,):
+            raise ValueError(f"amax history of {tuple(history.shape)} values, recipe has amax_history_len "
+                             f"{self.spec.amax_history_len}")
+        self.history, self.steps_recorded, self.pending_amax = history, int(state["steps_recorded"]), None
 
 
 def _quantize_input(fprop_input: OperandQuantizer, recipe: Recipe, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
@@ -99,6 +114,7 @@ class QuantizedLinear(OpaqueLinear):
 
     def __init__(self, linear: nn.Linear, recipe: Recipe, name: str) -> None:
         super().__init__(linear)
+        self.name = name
         self.recipe = recipe
         self.fake_quant_enabled = recipe.fake_quant_after_steps == 0
         self.quantizers = {f"{gemm}.{operand}": OperandQuantizer(spec) for (gemm, operand), spec in recipe.operands()}
@@ -260,3 +276,33 @@ def step_emulated(layers: list[QuantizedLinear], recipe: Recipe, step: int) -> N
             qz.pending_amax = amax
     for qz in pending:
         qz.roll()
+
+
+
+def _delayed_quantizers(layers: list[QuantizedLinear]) -> dict[str, OperandQuantizer]:
+    """The delayed-scaling quantizers, keyed `<linear name>/<gemm.operand>`."""
+    return {
+        f"{layer.name}/{role}": quantizer
+        for layer in layers
+        for role, quantizer in layer.quantizers.items()
+        if quantizer.spec.scaling == "delayed"
+    }
+
+
+def delayed_scaling_state(layers: list[QuantizedLinear]) -> dict[str, dict[str, Any]]:
+    """What a checkpoint keeps of the emulated layers: each delayed-scaling amax history."""
+    return {key: quantizer.state_dict() for key, quantizer in _delayed_quantizers(layers).items()}
+
+
+def load_delayed_scaling_state(layers: list[QuantizedLinear], state: dict[str, dict[str, Any]]) -> None:
+    quantizers = _delayed_quantizers(layers)
+    if set(state) != set(quantizers):
+        missing, unknown = sorted(set(quantizers) - set(state)), sorted(set(state) - set(quantizers))
+        raise PrecisionUnavailable(
+            f"checkpoint's delayed-scaling state does not fit the recipe (missing {missing[:3]}, unknown {unknown[:3]})"
+        )
+    for key, quantizer in quantizers.items():
+        try:
+            quantizer.load_state_dict(state[key])
+        except ValueError as error:
+            raise PrecisionUnavailable(f"checkpoint's delayed-scaling state for {key}: {error}") from None

@@ -114,7 +114,7 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
     if latest is not None:
         state, quantizer_state = ckpt.load_checkpoint(latest, model, optimizer, world)
         scheduler.load_state_dict(state.scheduler)
-        if quantizer_state is not None and hasattr(prepared, "load_state_dict"):
+        if quantizer_state is not None:
             prepared.load_state_dict(quantizer_state)
         start = state.step
         prepared.on_step(start)  # re-applies step-dependent switches (QAT fake-quant delay)
@@ -233,7 +233,7 @@ def _steps(
 
 
 def _save(ctx: StageContext, s: Session, step: int) -> None:
-    quantizer_state = s.prepared.state_dict() if hasattr(s.prepared, "state_dict") else None
+    quantizer_state = s.prepared.state_dict() or None
     ckpt.save_checkpoint(
         ctx.output_dir,
         ckpt.TrainState(step=step, scheduler=s.scheduler.state_dict()),

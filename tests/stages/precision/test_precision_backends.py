@@ -124,3 +124,30 @@ def test_emulated_converts_before_fsdp2_fully_shard(tmp_path) -> None:
         assert model[0].quantizers["fprop.input"].history[0].item() == pytest.approx(x.abs().max().item())
     finally:
         dist.destroy_process_group()
+
+
+def test_delayed_scaling_state_carries_the_amax_history_to_a_fresh_model() -> None:
+    def prepared_mlp():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        return model, prepare_model(model, load_recipe("fp8_delayed"), "emulated")
+
+    model, prepared = prepared_mlp()
+    assert prepared.state_dict()["0/fprop.input"] == {"history": None, "steps_recorded": 0}
+    for step, scale in enumerate([1.0, 3.0], start=1):
+        model(torch.full((4, 32), scale)).sum().backward()
+        prepared.on_step(step)
+    state = prepared.state_dict()
+    assert sorted(state) == sorted(f"{layer}/{role}" for layer in ("0", "2") for role in
+                                   ("fprop.input", "fprop.weight", "dgrad.grad_output", "dgrad.weight",
+                                    "wgrad.grad_output", "wgrad.input"))
+    assert state["0/fprop.input"]["history"][:3].tolist() == [3.0, 1.0, 0.0]
+
+    resumed_model, resumed = prepared_mlp()
+    resumed.load_state_dict(state)
+    x = torch.randn(4, 32)
+    assert torch.equal(resumed_model(x), model(x))  # both scale x by the history's max, 3.0
+
+    del state["2/wgrad.input"]
+    with pytest.raises(PrecisionUnavailable, match=r"does not fit the recipe \(missing \['2/wgrad.input'\]"):
+        resumed.load_state_dict(state)

@@ -69,8 +69,10 @@ def test_sft_trains_and_writes_a_plain_hf_checkpoint(make_spec, data_dir: Path) 
     assert (tags["backend"], tags["recipe"], tags["method"], tags["world_size"]) == ("emulated", "bf16", "sft", "1")
 
 
-def test_signal_checkpoints_and_the_resumed_run_continues_the_same_curve(make_spec, monkeypatch) -> None:
-    reference = make_spec("straight")
+# fp8_delayed: the resumed run must scale from the amax history the checkpoint kept.
+@pytest.mark.parametrize("recipe", ["bf16", "fp8_delayed"])
+def test_signal_checkpoints_and_the_resumed_run_continues_the_same_curve(make_spec, monkeypatch, recipe: str) -> None:
+    reference = make_spec("straight", recipe=recipe)
     assert run_stage(reference, run) == 0
 
     # A real SIGUSR1 to this process right after step 3 is logged (Slurm preemption).
@@ -82,7 +84,7 @@ def test_signal_checkpoints_and_the_resumed_run_continues_the_same_curve(make_sp
             os.kill(os.getpid(), signal.SIGUSR1)
 
     monkeypatch.setattr(StageTracker, "log_metrics", log_then_signal)
-    spec = make_spec("preempted", checkpoint_every=2, keep_checkpoints=2)
+    spec = make_spec("preempted", checkpoint_every=2, keep_checkpoints=2, recipe=recipe)
     assert run_stage(spec, run) == 143  # interrupted: no marker, resumable
     out = spec.parent
     assert read_marker(out) is None
