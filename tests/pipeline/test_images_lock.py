@@ -105,3 +105,23 @@ def test_the_docker_launcher_wraps_the_stage_command_in_the_container_runner():
                        "--name": container_name(Path("/data/runs"), "study", "train-fp8"), "--network": "host", "--shm-gb": "8.0", "--gpus": "2,3"}
     assert command[split + 1:] == ["python", "-m", "torch.distributed.run", "--standalone",
                                    "--nproc-per-node=2", "-m", "stages.train", "--spec", str(spec)]
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """name -> version of each `name[extras]==version` line (names compared as pip does)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.split("[")[0].lower().replace("_", "-")] = version
+    return pins
+
+
+@pytest.mark.parametrize("image", ["cpu", "train"])
+def test_image_pins_are_the_versions_the_tests_ran_with(image):
+    """An image installs what CI tested: each pin of its requirements.txt is constraints.txt's."""
+    repo = Path(__file__).resolve().parents[2]
+    tested = _pins(repo / "constraints.txt")
+    image_pins = _pins(repo / "images" / image / "requirements.txt")
+    assert len(image_pins) >= 10
+    assert {name: (version, tested.get(name)) for name, version in image_pins.items() if tested.get(name) != version} == {}
