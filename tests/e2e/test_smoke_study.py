@@ -4,7 +4,6 @@ rerun, and the MLflow UI (a real server, a real headless browser) showing the ru
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient

@@ -113,7 +113,7 @@ def ensure_base_image(client: Any, repository: str = "faster-qat-testbase") -> s
     client.api.import_image_from_data(
         rootfs_tar(files), repository=repository, tag=name.split(":")[1],
         changes=[f"ENV PYTHONPATH={SITE}", "ENV PATH=/usr/local/bin:/usr/bin:/bin",
-                 f"ENV LANG=C.UTF-8", "WORKDIR /tmp"],
+                 "ENV LANG=C.UTF-8", "WORKDIR /tmp"],
     )
     return name
 

@@ -1,6 +1,5 @@
 """Building blocks of the train loop: schedule, losses and the data order."""
 
-import math
 
 import pytest
 import torch
