@@ -18,14 +18,13 @@ from typing import Any
 import torch
 
 from stages.contract import write_json_atomic
-from stages.eval.deployed import Deployment, fake_quant_deployment, load_unified, pack_in_memory
+from stages.eval.deployed import Deployment, fake_quant_deployment, load_unified, pack_in_memory, torchao_deployment
 from stages.eval.params import EvalStageParams
-from stages.export.sources import model_dir_of, read_precision
-from stages.export.unified import deployed_format
+from stages.hf_model import DTYPES, load_causal_lm, load_tokenizer, read_precision, resolve_model_source
+from stages.export.unified import TORCHAO_FORMATS, deployed_format
 from stages.precision.recipe import Recipe
 from stages.runtime import StageContext, StageInputError, parse_params
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 EXPORT_FILE = "export.json"
 
 
@@ -47,8 +46,6 @@ def _check_recipe(params: EvalStageParams, recorded: dict[str, Any] | None, wher
 
 
 def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.device) -> tuple[Deployment, Recipe, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = DTYPES[params.dtype]
     source = ctx.spec.inputs.get("model")
     if source is not None and (Path(source) / EXPORT_FILE).exists():
@@ -57,34 +54,33 @@ def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.de
         quantized = export["checkpoints"].get("quantized")
         if params.precision == "deployed" and quantized:
             qdir = Path(source) / quantized
+            tokenizer = load_tokenizer(qdir, "inputs.model")
+            if export["packer"] == "torchao":  # transformers loads it back as torchao's quantized tensors
+                model = load_causal_lm(qdir, params.dtype, "inputs.model").to(device).eval()
+                return Deployment(model, recipe.inference_format, export["activation_scaling"], "torchao"), recipe, tokenizer
             model, fmt, scaling = load_unified(qdir, recipe, dtype, device)
-            return Deployment(model, fmt, scaling, export["packer"]), recipe, AutoTokenizer.from_pretrained(qdir)
-        if params.precision == "deployed" and deployed_format(recipe.inference_format):
+            return Deployment(model, fmt, scaling, export["packer"]), recipe, tokenizer
+        if params.precision == "deployed" and deployed_format(recipe.inference_format) and not export.get("quantized_skipped"):
             raise StageInputError(f"inputs.model: {source} has no quantized checkpoint for {recipe.inference_format}; "
                                   "set eval.precision: bf16 or export.quantized_checkpoint: true")
         bdir = Path(source) / (export["checkpoints"].get("bf16") or "")
         if not (bdir / "config.json").exists():
             raise StageInputError(f"inputs.model: {source} has no bf16 checkpoint; set export.bf16_checkpoint: true")
-        model = AutoModelForCausalLM.from_pretrained(bdir, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(bdir)
+        tokenizer = load_tokenizer(bdir, "inputs.model")
+        model = load_causal_lm(bdir, params.dtype, "inputs.model").to(device).eval()
         if params.precision == "deployed" and recipe.inference_format != "bf16":
             return fake_quant_deployment(model, recipe), recipe, tokenizer
         return Deployment(model, "bf16", "none", None), recipe, tokenizer
-    path = str(model_dir_of(source)) if source is not None else params.model
-    if not path:
-        raise StageInputError("params.model: no model given; set params.model or give the stage a 'model' input")
+    path = resolve_model_source(source, params.model, "params.model")
     precision = read_precision(Path(path)) if Path(path).is_dir() else None
     recipe = _check_recipe(params, precision["recipe"] if precision else None, Path(path))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    except OSError as error:
-        raise StageInputError(f"params.model: cannot load {path!r} ({str(error).strip().splitlines()[0]})") from None
+    tokenizer = load_tokenizer(path, "params.model")
+    model = load_causal_lm(path, params.dtype, "params.model").to(device).eval()
     if params.precision != "deployed" or recipe.inference_format == "bf16":
         return Deployment(model, "bf16", "none", None), recipe, tokenizer
-    fmt = deployed_format(recipe.inference_format)
-    if fmt is None:
-        return fake_quant_deployment(model, recipe), recipe, tokenizer
+    fmt = recipe.inference_format
+    if fmt in TORCHAO_FORMATS:
+        return torchao_deployment(model, recipe), recipe, tokenizer
     return pack_in_memory(model, recipe, fmt, Path(path)), recipe, tokenizer
 
 

@@ -7,9 +7,13 @@ Sources (what `inputs.model` points at):
   train/ptq dir (model/ + precision.json)  packed in memory exactly as export would pack it,
                              then unpacked: eval-ptq sees what an export of the PTQ model deploys
   plain HF dir or hub id     as is (eval-base)
-Recipes with no packed form (torchao int4 / int8_int4) deploy as the recipe's forward fake
-quant on the bf16 weights (prepare_model with backend torchao), recorded as
-precision "<inference_format>-fake-quant".
+  export dir, packer torchao  quantized/ loaded by transformers as torchao tensors (int4,
+                             int8_int4): torchao's own quantized forward
+Int recipes from a train/ptq dir are quantized in memory with the same torchao config. Where
+torchao cannot quantize so on this machine (int4 weight-only without its GPU kernels: export
+then says quantized_skipped), they deploy as the recipe's forward fake quant on the bf16
+weights (prepare_model with backend torchao), recorded as precision
+"<inference_format>-fake-quant".
 Activations: static scale from the stored input_scale when there is one (amax = input_scale *
 2688 for NVFP4, * 448 for FP8: on a CUDA-packed checkpoint this may be an ulp off the
 calibrated amax, as the scale is), else the tensor's own amax at run time ("dynamic");
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.export.packing import UNPACKERS, input_amax_from_scale
+from stages.export.torchao_export import activation_scaling
 from stages.export.unified import pack_device, pack_linear
 from stages.precision.recipe import OperandSpec, Recipe
 
@@ -136,6 +141,18 @@ def load_unified(qdir: Path, recipe: Recipe, dtype: torch.dtype, device: torch.d
     return model.eval(), fmt, scaling
 
 
+def torchao_deployment(model: nn.Module, recipe: Recipe) -> Deployment:
+    """An int recipe's deployed form, quantized in memory as export's torchao checkpoint is."""
+    from stages.precision import PrecisionUnavailable
+    from stages.precision.torchao_backend import quantize_for_deployment
+
+    try:
+        quantize_for_deployment(model, recipe)
+    except PrecisionUnavailable:
+        return fake_quant_deployment(model, recipe)
+    return Deployment(model.eval(), recipe.inference_format, activation_scaling(recipe), "torchao")
+
+
 def fake_quant_deployment(model: nn.Module, recipe: Recipe) -> Deployment:
     """The recipe's forward fake quant, switched on as at the end of training (no packed form)."""
     from stages.precision import PrecisionUnavailable, prepare_model
@@ -147,4 +164,4 @@ def fake_quant_deployment(model: nn.Module, recipe: Recipe) -> Deployment:
     except PrecisionUnavailable as error:
         raise StageInputError(f"params.recipe: {error}") from None
     prepared.on_step(recipe.fake_quant_after_steps)
-    return Deployment(prepared.model.eval(), f"{recipe.inference_format}-fake-quant", "dynamic", None)
+    return Deployment(prepared.model.eval(), f"{recipe.inference_format}-fake-quant", activation_scaling(recipe), None)

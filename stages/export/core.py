@@ -4,12 +4,15 @@ Output dir:
   bf16/          plain HF checkpoint in bfloat16 + tokenizer (every run)
   quantized/     recipes whose inference_format is nvfp4, fp8 or mxfp8: ModelOpt's unified HF
                  checkpoint (see unified.py, packing.py): packed weights + scales,
-                 hf_quant_config.json, quantization_config in config.json
-  export.json    {recipe, inference_format, packer ("modelopt" | "ours" | null),
-                  activation_scaling ("static": input_scale from calibration | "dynamic"),
-                  source_backend, checkpoints: {bf16, quantized}, calibrated_in_export,
-                  quantized_skipped: why there is no quantized/ for a quantized recipe (torchao
-                  int4 / int8_int4 have no ModelOpt unified form here) or null}
+                 hf_quant_config.json, quantization_config in config.json;
+                 int4 or int8_int4 (TorchAO QAT): a torchao-quantized HF checkpoint
+                 (torchao_export.py)
+  export.json    {recipe, inference_format, packer ("modelopt" | "ours" | "torchao" | null),
+                  activation_scaling ("static": input_scale from calibration | "dynamic" |
+                  "none": bf16 activations), source_backend, checkpoints: {bf16, quantized},
+                  calibrated_in_export, quantized_skipped: why there is no quantized/ for a
+                  quantized recipe (torchao cannot quantize so on this machine, e.g. int4
+                  weight-only without its GPU kernels) or null}
 Calibration: the model dir's `quantizer_state.safetensors` amax (ptq, ModelOpt QAT); a model
 without calibrated input amax (SFT with emulated/te) is calibrated here when the stage has a
 `data` input (first `calib_samples` train rows), else it is exported without input_scale
@@ -28,8 +31,12 @@ import torch
 
 from stages.contract import write_json_atomic
 from stages.export.params import ExportParams
-from stages.export.sources import linear_amax, model_dir_of, quantizer_state, read_precision
-from stages.export.unified import deployed_format, unpacked_reason, write_unified_checkpoint
+from stages.export.sources import linear_amax, quantizer_state
+from stages.export.torchao_export import activation_scaling as torchao_activation_scaling
+from stages.export.torchao_export import write_torchao_checkpoint
+from stages.export.unified import TORCHAO_FORMATS, deployed_format, write_unified_checkpoint
+from stages.hf_model import load_causal_lm, load_tokenizer, model_dir_of, read_precision
+from stages.precision.errors import PrecisionUnavailable
 from stages.runtime import StageContext, StageInputError, parse_params
 
 EXPORT_FILE = "export.json"
@@ -51,8 +58,6 @@ def choose_packer(requested: str, model_dir: Path) -> str:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from stages.precision.emulated import linear_names
     from stages.precision.recipe import Recipe
 
@@ -62,8 +67,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if precision is None:
         raise StageInputError(f"inputs.model: {model_dir} has no precision.json; export needs the train or ptq stage's output")
     recipe = Recipe.model_validate(precision["recipe"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    tokenizer = load_tokenizer(model_dir, "inputs.model")
+    model = load_causal_lm(model_dir, "bfloat16", "inputs.model").eval()
     summary: dict[str, Any] = {"recipe": recipe.name, "inference_format": recipe.inference_format}
     checkpoints: dict[str, str | None] = {"bf16": None, "quantized": None}
     if params.bf16_checkpoint:
@@ -71,15 +76,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
         tokenizer.save_pretrained(ctx.output_dir / BF16_DIR)
         checkpoints["bf16"] = BF16_DIR
     fmt = deployed_format(recipe.inference_format) if params.quantized_checkpoint else None
-    skipped = unpacked_reason(recipe.inference_format) if params.quantized_checkpoint else None
-    if skipped:
-        ctx.log.warning("export: no quantized checkpoint: %s", skipped)
-        if not params.bf16_checkpoint:
-            raise StageInputError(f"params.bf16_checkpoint: {skipped}, so the bf16 checkpoint is the only export; set it true")
+    skipped = None
     packer = None
     activation_scaling = None
     calibrated_here = False
-    if fmt is not None:
+    if fmt in TORCHAO_FORMATS:
+        try:
+            write_torchao_checkpoint(model_dir, model, tokenizer, ctx.output_dir / QUANTIZED_DIR, recipe)
+        except PrecisionUnavailable as error:
+            skipped = str(error)
+            ctx.log.warning("export: no quantized checkpoint: %s", skipped)
+            if not params.bf16_checkpoint:
+                raise StageInputError(f"params.bf16_checkpoint: false leaves nothing to export: {skipped}") from None
+        else:
+            packer = "torchao"
+            activation_scaling = torchao_activation_scaling(recipe)
+            checkpoints["quantized"] = QUANTIZED_DIR
+    elif fmt is not None:
         packer = choose_packer(params.packer, model_dir)
         target = ctx.output_dir / QUANTIZED_DIR
         if packer == "modelopt":

@@ -1,5 +1,5 @@
-"""Reading a model stage's output (train or ptq: `model/` + `precision.json`) and the per-linear
-amax the packers need. Shared by export (packs) and eval (deploys a ptq/train dir as exported).
+"""The per-linear amax the packers need, read from a model stage's output (stages/hf_model.py).
+Shared by export (packs) and eval (deploys a ptq/train dir as exported).
 
 amax of a linear, in order of preference:
   weight  `<linear>.weight_quantizer._amax` from `model/quantizer_state.safetensors` (ModelOpt
@@ -13,38 +13,13 @@ share the max of their amax, as ModelOpt's export does (`_fuse_shared_input_modu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from stages.export.packing import LinearAmax
-from stages.runtime import StageInputError
-
-MODEL_DIR = "model"
-PRECISION_FILE = "precision.json"
-QUANTIZER_STATE_FILE = "quantizer_state.safetensors"
-
-
-def model_dir_of(stage_dir: Path) -> Path:
-    """`<stage>/model` when it holds an HF checkpoint, else the dir itself (a plain HF dir)."""
-    for candidate in (Path(stage_dir) / MODEL_DIR, Path(stage_dir)):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise StageInputError(f"inputs.model: {stage_dir} holds no HF checkpoint (no config.json in it or in model/)")
-
-
-def read_precision(model_dir: Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / PRECISION_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise StageInputError(f"inputs.model: {path}: invalid JSON ({error.msg} at line {error.lineno})") from None
-
+from stages.hf_model import QUANTIZER_STATE_FILE
 
 def quantizer_state(model_dir: Path) -> dict[str, torch.Tensor]:
     path = Path(model_dir) / QUANTIZER_STATE_FILE

@@ -22,18 +22,14 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 BLOCK_SIZE = {"nvfp4": 16, "mxfp8": 32, "fp8": 0}
 
 
+# Recipe inference formats deployed as torchao-quantized HF checkpoints (torchao_export.py).
+TORCHAO_FORMATS = ("int4", "int8_int4")
+
+
 def deployed_format(inference_format: str) -> str | None:
-    """The packed format of a recipe's inference_format; None for bf16 and for formats with no
-    ModelOpt unified HF form here (torchao's int4 / int8_int4: see unpacked_reason)."""
-    return inference_format if inference_format in PACKERS else None
-
-
-def unpacked_reason(inference_format: str) -> str | None:
-    """Why a quantized recipe gets no packed checkpoint (None: it gets one, or it is bf16)."""
-    if inference_format == "bf16" or inference_format in PACKERS:
-        return None
-    return (f"inference_format {inference_format} has no ModelOpt unified HF packer here "
-            f"(packers: {', '.join(PACKERS)}); eval fake-quantizes the bf16 checkpoint per the recipe")
+    """The quantized checkpoint format of a recipe's inference_format: ModelOpt's unified HF
+    (PACKERS) or torchao's (TORCHAO_FORMATS); None for bf16."""
+    return inference_format if inference_format in PACKERS or inference_format in TORCHAO_FORMATS else None
 
 
 def hf_quant_config(model: nn.Module, fmt: str, quantized: set[str]) -> dict[str, Any]:

@@ -4,11 +4,13 @@ Prepare: FakeQuantizedLinear with IntxFakeQuantizeConfig built from the recipe's
 (int8 per-token dynamic activations, int4 weights in groups); backward is torchao's STE.
 Delayed fake quant: the fake quantizers stay disabled until `fake_quant_after_steps`.
 Convert (for export): back to nn.Linear, then the matching PTQ config
-(Int8DynamicActivationIntxWeightConfig or Int4WeightOnlyConfig).
+(Int8DynamicActivationIntxWeightConfig or Int4WeightOnlyConfig); `deployment_config` is the same
+quantization as a transformers TorchAoConfig, for the export stage's torchao-quantized checkpoint.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -108,13 +110,26 @@ def ptq_config(recipe: Recipe) -> Any:
         from torchao.quantization.granularity import PerAxis, PerGroup
 
         return Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4, weight_granularity=PerGroup(group) if group else PerAxis(0)
+            weight_dtype=torch.int4, weight_granularity=PerGroup(group) if group else PerAxis(0),
+            weight_scale_dtype=torch.float32,
         )
     if recipe.fprop.input.format == "bf16" and weight.format == "int4" and group:
         from torchao.quantization import Int4WeightOnlyConfig
 
         return Int4WeightOnlyConfig(group_size=group)
     raise PrecisionUnavailable(f"recipe {recipe.name}: torchao has no PTQ config for this recipe; export as bf16")
+
+
+def _quantize_or_explain(model: nn.Module, config: Any, recipe: Recipe, filter_fn: Any = None) -> None:
+    from torchao.quantization import quantize_
+
+    try:
+        quantize_(model, config, filter_fn=filter_fn)
+    except ImportError as error:  # e.g. Int4WeightOnlyConfig needs the mslk GPU kernels
+        raise PrecisionUnavailable(
+            f"recipe {recipe.name}: torchao cannot quantize for deployment here ({error}); "
+            "export the bf16 weights instead"
+        ) from None
 
 
 def convert_for_export_torchao(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -125,17 +140,50 @@ def convert_for_export_torchao(model: nn.Module, recipe: Recipe) -> nn.Module:
 
     base = ptq_config(recipe)
     quantize_(model, QATConfig(step="convert"), filter_fn=lambda m, _: isinstance(m, FakeQuantizedLinear))
-    try:
-        quantize_(model, base, filter_fn=_filter(recipe))
-    except ImportError as error:  # e.g. Int4WeightOnlyConfig needs the mslk GPU kernels
-        raise PrecisionUnavailable(
-            f"recipe {recipe.name}: torchao cannot convert for export here ({error}); "
-            "export the bf16 weights instead"
-        ) from None
+    _quantize_or_explain(model, base, recipe, _filter(recipe))
     return model
+
+
+def deployment_config(model: nn.Module, recipe: Recipe) -> Any:
+    """transformers' TorchAoConfig of the recipe's deployed int form of `model`.
+
+    The recipe's PTQ config on every linear QAT fake-quantized, none on the high-precision
+    ones. Loading the trained weights with it (`from_pretrained(..., quantization_config=)`)
+    gives what QAT's convert step gives; transformers then saves and reloads the model as a
+    torchao-quantized HF checkpoint (vLLM and SGLang load that form too). Raises
+    PrecisionUnavailable where torchao cannot quantize so on this machine.
+    """
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+
+    base = ptq_config(recipe)
+    group = recipe.fprop.weight.group_size or 32
+    _quantize_or_explain(nn.Sequential(nn.Linear(group, 8, bias=False, dtype=torch.bfloat16)), base, recipe)  # a probe
+    keep = _filter(recipe)
+    linears = [(name, keep(module, name)) for name, module in model.named_modules() if type(module) is nn.Linear]
+    pattern = names_pattern([name for name, quantized in linears if quantized], [name for name, quantized in linears if not quantized])
+    return TorchAoConfig(quant_type=FqnToConfig({f"re:{pattern}": base}))
+
+
+def names_pattern(names: list[str], others: list[str]) -> str:
+    """A regex that fully matches every one of `names` and none of `others`: layer indices
+    folded to \\d+ where that stays exact (one entry per projection, not per layer, in config.json)."""
+    def fold(name: str) -> str:
+        return re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", re.escape(name))
+
+    folded = "|".join(sorted({fold(n) for n in names}))
+    if any(re.fullmatch(folded, other) for other in others):  # some layers keep that projection high precision
+        return "|".join(re.escape(n) for n in names)
+    return folded
 
 
 def torchao_version() -> str:
     from importlib.metadata import version
 
     return version("torchao")
+
+
+def quantize_for_deployment(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """`model` (trained, plain linears) quantized in place as deployment_config says."""
+    _quantize_or_explain(model, deployment_config(model, recipe).quant_type, recipe)
+    return model

@@ -22,12 +22,10 @@ import torch
 from torch import nn
 
 from stages.contract import write_json_atomic
-from stages.export.sources import PRECISION_FILE, QUANTIZER_STATE_FILE, model_dir_of
+from stages.hf_model import PRECISION_FILE, QUANTIZER_STATE_FILE, load_causal_lm, load_tokenizer, resolve_model_source
 from stages.ptq.params import PtqStageParams
 from stages.runtime import StageContext, StageInputError, parse_params
 from stages.train.batches import TokenSplit
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 
@@ -84,8 +82,6 @@ def record_amax_modelopt(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
     from stages.precision.emulated import linear_names
 
@@ -99,15 +95,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if params.backend not in ("emulated", "modelopt"):
         raise StageInputError(f"params.backend: ptq calibrates with modelopt or emulated, not {params.backend}")
     device = resolve_device(params.device)
-    model_input = ctx.spec.inputs.get("model")
-    source = str(model_dir_of(model_input)) if model_input is not None else params.model
-    if not source:
-        raise StageInputError("params.model: no model given; set params.model or give the stage a 'model' input")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[params.dtype]).to(device).eval()
-    except OSError as error:
-        raise StageInputError(f"params.model: cannot load {source!r} ({str(error).strip().splitlines()[0]})") from None
+    source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
+    tokenizer = load_tokenizer(source, "params.model")
+    model = load_causal_lm(source, params.dtype, "params.model").to(device).eval()
     split = TokenSplit(ctx.input_dir("data"), "train")
     loop = calibration_loop(split, params.calib_samples, params.calib_batch, device)
     samples = min(params.calib_samples, len(split))

@@ -21,7 +21,8 @@ from stages.train.batches import StepPlan, TokenSplit, TrainOrder
 from stages.train.distributed import World, barrier, decoder_layers, init_world, shard, any_rank
 from stages.train.loop import Session, StepResult, calibration_loop, train_step, validate
 from stages.train.metrics import MetricsFile, Progress, mfu, peak_flops, trainable_flop_params
-from stages.train.model_io import DTYPES, load_causal_lm, load_tokenizer, resolve_model_source, save_final
+from stages.hf_model import DTYPES, load_causal_lm, load_tokenizer, resolve_model_source
+from stages.train.model_io import save_final
 from stages.train.params import TrainParams
 from stages.train.schedule import build_scheduler
 
@@ -248,7 +249,8 @@ def _save(ctx: StageContext, s: Session, step: int) -> None:
 def _load_teacher(ctx: StageContext, params: TrainParams, student_source: str, world: World) -> torch.nn.Module:
     """The full-precision teacher: eval mode, no grad, same dtype as the student was loaded in."""
     source = resolve_model_source(
-        ctx.spec.inputs.get("teacher"), params.qad.teacher_model or student_source, "params.qad.teacher_model"
+        ctx.spec.inputs.get("teacher"), params.qad.teacher_model or student_source, "params.qad.teacher_model",
+        input_field="inputs.teacher",
     )
     teacher = load_causal_lm(source, params.dtype, "params.qad.teacher_model").to(world.device)
     teacher.eval()

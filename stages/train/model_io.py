@@ -10,7 +10,6 @@ the recipe to `precision.json`, for export and eval.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,48 +18,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from stages.contract import write_json_atomic
-from stages.runtime import StageInputError
+from stages.hf_model import MODEL_DIR, PRECISION_FILE, QUANTIZER_STATE_FILE
 from stages.train.distributed import World
-
-MODEL_DIR = "model"
-PRECISION_FILE = "precision.json"
-QUANTIZER_STATE_FILE = "quantizer_state.safetensors"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve_model_source(role_dir: Path | None, fallback: str | None, field: str) -> str:
-    """An upstream stage dir holds its checkpoint in `model/`; a plain HF dir or hub id is used as is."""
-    if role_dir is not None:
-        for candidate in (Path(role_dir) / MODEL_DIR, Path(role_dir)):
-            if (candidate / "config.json").exists():
-                return str(candidate)
-        raise StageInputError(f"{field}: {role_dir} holds no HF checkpoint (no config.json in it or in model/)")
-    if not fallback:
-        raise StageInputError(f"{field}: no model given; set params.model or give the stage a 'model' input")
-    if fallback.startswith(("/", "./", "../", "~")) and not (Path(fallback).expanduser() / "config.json").exists():
-        raise StageInputError(f"{field}: {fallback} is not a Hugging Face model dir (no config.json)")
-    return fallback
-
-
-def load_causal_lm(source: str, dtype: str, field: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
-    except OSError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StageInputError(f"{field}: cannot load {source!r} ({first})") from None
-
-
-def load_tokenizer(source: str, field: str) -> Any:
-    """Checked at start, so a missing tokenizer fails before training, not after."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StageInputError(f"{field}: no tokenizer loadable from {source!r} ({first})") from None
 
 
 def save_final(
@@ -97,6 +56,3 @@ def save_final(
         write_json_atomic(target / PRECISION_FILE, {**precision, "files": files})
     return target
 
-
-def read_precision(model_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(model_dir) / PRECISION_FILE).read_text())

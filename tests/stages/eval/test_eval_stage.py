@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from stages.export.unified import pack_device, pack_linear
 from stages.eval.core import run
 from stages.runtime import run_stage
 from tests.stages.ptq.quant_testkit import (
-    MMLU_TINY, TINY_MODEL, HandNvfp4Linear, fused_amax, mean_ce, stage_spec, val_rows,
+    MMLU_TINY, REPO, TINY_MODEL, HandNvfp4Linear, fused_amax, mean_ce, stage_spec, val_rows,
 )
 
 EVAL = {"micro_batch": 2, "max_batches": 3, "device": "cpu"}  # the first 6 val rows
@@ -151,31 +152,48 @@ def test_lm_eval_accuracy_on_the_local_mmlu_tiny_task(tmp_path: Path, data_dir: 
     assert json.loads((out / "lm_eval.json").read_text())["mmlu_tiny"]["acc"] == summary["acc_mmlu_tiny"]
 
 
-INT8_INT4_G32 = """name: int8_int4_g32
-description: int8 per-token dynamic activations, int4 weights in groups of 32 (fits the tiny model).
-fprop:
-  input: {format: int8, group_size: null, symmetric: false}
-  weight: {format: int4, group_size: 32, symmetric: true}
-backward_source: forward_quantized
-fake_quant_after_steps: 20
-inference_format: int8_int4
-"""
+INT8_INT4_SMOKE = str(TINY_MODEL.parents[1] / "recipes" / "int8_dyn_act_int4_weight_smoke.yaml")
 
 
-def test_a_recipe_without_a_packed_form_evaluates_its_fake_quant(tmp_path: Path, data_dir: Path) -> None:
-    """torchao int recipes export bf16 only; eval deploys them as the recipe's fake quant."""
+def test_torchao_int8_int4_evaluates_torchaos_own_quantized_forward(tmp_path: Path, data_dir: Path) -> None:
+    """An int8_int4 export deploys as torchao's int tensors; eval of the train dir quantizes in
+    memory the same way: the same val loss, and not the bf16 one."""
     pytest.importorskip("torchao")
     from stages.export.core import run as export
     from tests.stages.ptq.quant_testkit import fake_train_dir
 
-    recipe = tmp_path / "int8_int4_g32.yaml"
-    recipe.write_text(INT8_INT4_G32)
+    train = fake_train_dir(tmp_path / "train", INT8_INT4_SMOKE)
+    assert run_stage(stage_spec(tmp_path / "export", "export", {"model": train}, {}), export) == 0
+    summaries = {}
+    for source in ("export", "train"):
+        out = tmp_path / f"eval-{source}"
+        params = {**EVAL, "recipe": INT8_INT4_SMOKE}
+        assert run_stage(stage_spec(out, "eval", {"data": data_dir, "model": tmp_path / source}, params), run) == 0
+        summaries[source] = _summary(out)
+    for summary in summaries.values():
+        assert (summary["precision"], summary["activation_scaling"], summary["packer"]) == ("int8_int4", "dynamic", "torchao")
+    assert summaries["export"]["val_loss"] == summaries["train"]["val_loss"]
+    model, batches = _bf16_model(), [_rows(data_dir, i) for i in range(3)]
+    bf16 = sum(mean_ce(model, b) * b.label_tokens for b in batches) / sum(b.label_tokens for b in batches)
+    assert abs(summaries["export"]["val_loss"] - bf16) > 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mslk") is not None, reason="mslk's int4 kernels are installed")
+def test_int4_weight_only_without_its_kernels_evaluates_its_fake_quant(tmp_path: Path, data_dir: Path) -> None:
+    """No torchao int4 kernels here: export wrote bf16 only (and said why); eval runs the
+    recipe's fake quant and says so in `precision`."""
+    from stages.export.core import run as export
+    from tests.stages.ptq.quant_testkit import fake_train_dir
+
+    recipe = tmp_path / "int4_g32.yaml"
+    recipe.write_text((REPO / "stages/precision/recipes/int4_weight_only.yaml").read_text()
+                      .replace("name: int4_weight_only", "name: int4_g32").replace("group_size: 256", "group_size: 32"))
     train = fake_train_dir(tmp_path / "train", str(recipe))
     assert run_stage(stage_spec(tmp_path / "export", "export", {"model": train}, {}), export) == 0
     out = tmp_path / "eval"
     assert run_stage(stage_spec(out, "eval", {"data": data_dir, "model": tmp_path / "export"}, {**EVAL, "recipe": str(recipe)}), run) == 0
     summary = _summary(out)
-    assert (summary["precision"], summary["activation_scaling"], summary["packer"]) == ("int8_int4-fake-quant", "dynamic", "none")
+    assert (summary["precision"], summary["activation_scaling"], summary["packer"]) == ("int4-fake-quant", "none", "none")
     model, batches = _bf16_model(), [_rows(data_dir, i) for i in range(3)]
     bf16 = sum(mean_ce(model, b) * b.label_tokens for b in batches) / sum(b.label_tokens for b in batches)
-    assert abs(summary["val_loss"] - bf16) > 1e-3  # the fake quant is on (past fake_quant_after_steps)
+    assert abs(summary["val_loss"] - bf16) > 1e-4  # the fake quant is on (int4 weights move the random model little)

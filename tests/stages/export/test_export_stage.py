@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from stages.contract import read_marker
 from stages.export.core import run
 from stages.export.unified import pack_device
 from stages.runtime import run_stage
-from tests.stages.ptq.quant_testkit import TINY_MODEL, fake_train_dir, linear_names, stage_spec
+from tests.stages.ptq.quant_testkit import REPO, TINY_MODEL, fake_train_dir, linear_names, stage_spec
 
 NVFP4_HF_QUANT_CONFIG = {
     "producer": {"name": "modelopt", "version": "0.47.0"},
@@ -85,16 +86,68 @@ def test_bf16_export_reloads_with_the_trained_logits(tmp_path: Path) -> None:
         assert torch.equal(exported(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
-def test_a_recipe_without_a_packed_form_exports_bf16_and_says_why(tmp_path: Path) -> None:
-    train = fake_train_dir(tmp_path / "train", "int8_dyn_act_int4_weight")
+INT8_INT4_SMOKE = str(TINY_MODEL.parents[1] / "recipes" / "int8_dyn_act_int4_weight_smoke.yaml")
+
+
+def test_torchao_int8_int4_export_loads_back_with_the_qat_fake_quantized_weights(tmp_path: Path) -> None:
+    """The seed's TorchAO deploy step as a checkpoint: from_pretrained gives torchao's int
+    tensors, which dequantize to exactly the weights QAT's fake quantizer trained against."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.precision import load_recipe, prepare_model
+
+    train = fake_train_dir(tmp_path / "train", INT8_INT4_SMOKE)
+    assert run_stage(stage_spec(tmp_path / "export", "export", {"model": train}, {}), run) == 0
+    export = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert export["checkpoints"] == {"bf16": "bf16", "quantized": "quantized"}
+    assert (export["packer"], export["activation_scaling"], export["quantized_skipped"]) == ("torchao", "dynamic", None)
+    config = json.loads((tmp_path / "export" / "quantized" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "torchao"
+    projections = "|".join(rf"model\.layers\.\d+\.{p}" for p in (
+        r"mlp\.down_proj", r"mlp\.gate_proj", r"mlp\.up_proj",
+        r"self_attn\.k_proj", r"self_attn\.o_proj", r"self_attn\.q_proj", r"self_attn\.v_proj"))
+    assert list(config["quant_type"]["default"]["_data"]["fqn_to_config"]) == [f"re:{projections}"]  # lm_head stays bf16
+
+    deployed = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "quantized").eval()
+    qat = AutoModelForCausalLM.from_pretrained(train / "model", dtype=torch.bfloat16).eval()
+    prepare_model(qat, load_recipe(INT8_INT4_SMOKE), "torchao").on_step(2)  # fake quant on, as at the end of training
+    assert type(deployed.lm_head.weight).__name__ == "Parameter"
+    for name in linear_names():
+        weight = deployed.get_submodule(name).weight
+        assert type(weight).__name__ == "IntxUnpackedToInt8Tensor"
+        qat_linear = qat.get_submodule(name)
+        assert torch.equal(weight.dequantize(), qat_linear.weight_fake_quantizer(qat_linear.weight))
+    # The activations' int8 quantization rounds differently in bf16 than the fake quantizer's
+    # fp32 arithmetic: close to the QAT forward, far closer than the unquantized model is.
+    plain = AutoModelForCausalLM.from_pretrained(train / "model", dtype=torch.bfloat16).eval()
+    ids = torch.arange(10, 42).reshape(2, 16)
+    with torch.no_grad():
+        qat_logits = qat(input_ids=ids).logits.float()
+        off_deployed = (deployed(input_ids=ids).logits.float() - qat_logits).abs().max()
+        off_plain = (plain(input_ids=ids).logits.float() - qat_logits).abs().max()
+    assert off_deployed < off_plain / 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mslk") is not None, reason="mslk's int4 kernels are installed")
+def test_int4_weight_only_without_its_kernels_exports_bf16_and_says_why(tmp_path: Path) -> None:
+    recipe = tmp_path / "int4_g32.yaml"
+    recipe.write_text((REPO / "stages/precision/recipes/int4_weight_only.yaml").read_text()
+                      .replace("name: int4_weight_only", "name: int4_g32").replace("group_size: 256", "group_size: 32"))
+    train = fake_train_dir(tmp_path / "train", str(recipe))
     assert run_stage(stage_spec(tmp_path / "export", "export", {"model": train}, {}), run) == 0
     export = json.loads((tmp_path / "export" / "export.json").read_text())
     assert export["checkpoints"] == {"bf16": "bf16", "quantized": None} and export["packer"] is None
-    assert export["quantized_skipped"].startswith("inference_format int8_int4 has no ModelOpt unified HF packer")
+    assert export["quantized_skipped"] == (
+        "recipe int4_g32: torchao cannot quantize for deployment here (Requires mslk >= 1.0.0); export the bf16 weights instead"
+    )
+    assert not (tmp_path / "export" / "quantized").exists() and not (tmp_path / "export" / ".quantized.partial").exists()
     # Asked for nothing else, the bf16 checkpoint is required: a one-line error otherwise.
     spec = stage_spec(tmp_path / "export2", "export", {"model": train}, {"bf16_checkpoint": False})
     assert run_stage(spec, run) == 2
-    assert "params.bf16_checkpoint: inference_format int8_int4" in read_marker(tmp_path / "export2").error
+    assert read_marker(tmp_path / "export2").error == (
+        "export2: params.bf16_checkpoint: false leaves nothing to export: recipe int4_g32: torchao cannot quantize "
+        "for deployment here (Requires mslk >= 1.0.0); export the bf16 weights instead"
+    )
 
 
 @pytest.mark.parametrize(("recipe", "preset"), [("fp8", "FP8_DEFAULT_CFG"), ("mxfp8", "MXFP8_DEFAULT_CFG")])

@@ -1,0 +1,80 @@
+"""Hugging Face models as the stages hand them on, and loading them with one-line errors.
+
+A model stage (train, ptq) writes `<stage>/model/`: a plain HF checkpoint, `precision.json`
+(the recipe it was made with) and `quantizer_state.safetensors` (amax and scales left out of
+the checkpoint). The stages that read one (train, ptq, export, eval) take either such a stage
+dir, a plain HF dir, or a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.runtime import StageInputError
+
+MODEL_DIR = "model"
+PRECISION_FILE = "precision.json"
+QUANTIZER_STATE_FILE = "quantizer_state.safetensors"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def model_dir_of(stage_dir: Path, field: str = "inputs.model") -> Path:
+    """`<stage>/model` when it holds an HF checkpoint, else the dir itself (a plain HF dir)."""
+    for candidate in (Path(stage_dir) / MODEL_DIR, Path(stage_dir)):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise StageInputError(f"{field}: {stage_dir} holds no HF checkpoint (no config.json in it or in model/)")
+
+
+def resolve_model_source(stage_dir: Path | None, model: str | None, field: str, input_field: str = "inputs.model") -> str:
+    """The upstream stage's model when the stage has that input, else `model` (params `field`):
+    an HF dir or a hub id."""
+    if stage_dir is not None:
+        return str(model_dir_of(stage_dir, input_field))
+    if not model:
+        raise StageInputError(f"{field}: no model given; set {field} or give the stage a '{input_field.split('.')[-1]}' input")
+    if model.startswith(("/", "./", "../", "~")) and not (Path(model).expanduser() / "config.json").exists():
+        raise StageInputError(f"{field}: {model} is not a Hugging Face model dir (no config.json)")
+    return model
+
+
+def read_precision(model_dir: Path) -> dict[str, Any] | None:
+    """The recipe record a model stage wrote next to its checkpoint; None for a plain HF dir."""
+    path = Path(model_dir) / PRECISION_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise StageInputError(f"inputs.model: {path}: invalid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_causal_lm(source: str | Path, dtype: str, field: str, quantization_config: Any = None) -> nn.Module:
+    """`quantization_config` (e.g. a TorchAoConfig) quantizes the weights as they load."""
+    from transformers import AutoModelForCausalLM
+
+    # Passed only when given: an explicit None would drop the quantization_config a torchao checkpoint carries.
+    quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **quantization)
+    except OSError as error:
+        raise StageInputError(f"{field}: cannot load {str(source)!r} ({_first_line(error)})") from None
+
+
+def load_tokenizer(source: str | Path, field: str) -> Any:
+    """Called before the model is, so a missing tokenizer fails before any real work."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise StageInputError(f"{field}: no tokenizer loadable from {str(source)!r} ({_first_line(error)})") from None
