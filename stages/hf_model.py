@@ -1,8 +1,8 @@
 """Hugging Face models as the stages hand them on, and loading them with one-line errors.
 
 A model stage (train, ptq) writes `<stage>/model/`: a plain HF checkpoint, `precision.json`
-(the recipe it was made with) and `quantizer_state.safetensors` (amax and scales left out of
-the checkpoint). The stages that read one (train, ptq, export, eval) take either such a stage
+(the recipe it was made with), `quantizer_state.safetensors` (amax and scales left out of
+the checkpoint) and, when ModelOpt quantized it, `modelopt_state.pt`. The stages that read one (train, ptq, export, eval) take either such a stage
 dir, a plain HF dir, or a hub id.
 """
 
@@ -20,6 +20,7 @@ from stages.runtime import StageInputError
 MODEL_DIR = "model"
 PRECISION_FILE = "precision.json"
 QUANTIZER_STATE_FILE = "quantizer_state.safetensors"
+MODELOPT_STATE_FILE = "modelopt_state.pt"  # backend modelopt only: mto.modelopt_state (its quantizer modules)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -52,6 +53,21 @@ def read_precision(model_dir: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise StageInputError(f"inputs.model: {path}: invalid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def quantizer_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The amax (and scale) tensors a model stage kept beside its weights, by state-dict key."""
+    path = Path(model_dir) / QUANTIZER_STATE_FILE
+    if not path.exists():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def modelopt_state(model_dir: Path) -> dict[str, Any] | None:
+    path = Path(model_dir) / MODELOPT_STATE_FILE
+    return torch.load(path, weights_only=False) if path.exists() else None
 
 
 def _first_line(error: Exception) -> str:

@@ -99,7 +99,8 @@ def deploy_packed(model: nn.Module, recipe: Recipe, tensors: dict[str, dict[str,
 
 
 def pack_in_memory(model: nn.Module, recipe: Recipe, fmt: str, model_dir: Path) -> Deployment:
-    from stages.export.sources import linear_amax, quantizer_state
+    from stages.export.sources import linear_amax
+    from stages.hf_model import quantizer_state
     from stages.precision.emulated import linear_names
 
     amax = linear_amax(model, linear_names(model, recipe), quantizer_state(model_dir), fmt)

@@ -12,17 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.export.sources import quantizer_state
-
-MODELOPT_STATE = "modelopt_state.pt"
+from stages.hf_model import MODELOPT_STATE_FILE, load_causal_lm, modelopt_state, quantizer_state
 
 
 def modelopt_unavailable(model_dir: Path) -> str | None:
     """Why ModelOpt's exporter cannot run here, or None when it can."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if not (Path(model_dir) / MODELOPT_STATE).exists():
-        return f"{model_dir} has no {MODELOPT_STATE} (the model was not quantized by ModelOpt)"
+    if not (Path(model_dir) / MODELOPT_STATE_FILE).exists():
+        return f"{model_dir} has no {MODELOPT_STATE_FILE} (the model was not quantized by ModelOpt)"
     try:
         import modelopt.torch.export  # noqa: F401
     except ImportError as error:
@@ -32,18 +30,10 @@ def modelopt_unavailable(model_dir: Path) -> str | None:
 
 def restore_modelopt_model(model_dir: Path, device: torch.device) -> nn.Module:
     """The HF model with ModelOpt's quantizers restored and their amax loaded."""
-    import modelopt.torch.opt as mto
-    from transformers import AutoModelForCausalLM
+    from stages.precision.modelopt_backend import SavedQuantizers, restore_quantizers
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
-    state = torch.load(Path(model_dir) / MODELOPT_STATE, weights_only=False)
-    model = mto.restore_from_modelopt_state(model, state)
-    amax = {k: v.to(device) for k, v in quantizer_state(model_dir).items()}
-    missing = [k for k in amax if k not in model.state_dict()]
-    if missing:
-        raise RuntimeError(f"restored ModelOpt model lacks quantizer buffers {missing[:3]}")
-    model.load_state_dict(amax, strict=False)
-    return model
+    model = load_causal_lm(model_dir, "bfloat16", "inputs.model").to(device).eval()
+    return restore_quantizers(model, SavedQuantizers(modelopt_state(model_dir), quantizer_state(model_dir)))
 
 
 def export_with_modelopt(model_dir: Path, target: Path) -> Path:

@@ -13,22 +13,11 @@ share the max of their amax, as ModelOpt's export does (`_fuse_shared_input_modu
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from stages.export.packing import LinearAmax
-from stages.hf_model import QUANTIZER_STATE_FILE
-
-def quantizer_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    path = Path(model_dir) / QUANTIZER_STATE_FILE
-    if not path.exists():
-        return {}
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
 
 def shared_input_groups(model: nn.Module, names: list[str]) -> list[list[str]]:
     """Groups of linears fed the very same tensor in one forward (ModelOpt finds fusions so)."""

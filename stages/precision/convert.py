@@ -6,7 +6,7 @@ raises PrecisionUnavailable (one line, naming what to choose instead).
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import contextlib
 from collections.abc import Callable
@@ -18,6 +18,9 @@ from torch import nn
 
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.recipe import GEMM_OPERANDS, PrecisionBackend, Recipe
+
+if TYPE_CHECKING:
+    from stages.precision.modelopt_backend import SavedQuantizers
 
 BACKENDS = get_args(PrecisionBackend)
 Calibrate = Callable[[nn.Module], None]
@@ -84,9 +87,13 @@ class PreparedModel:
 
 
 def prepare_model(
-    model: nn.Module, recipe: Recipe, backend: str, calibrate: Calibrate | None = None
+    model: nn.Module, recipe: Recipe, backend: str, calibrate: Calibrate | None = None,
+    saved_quantizers: SavedQuantizers | None = None,
 ) -> PreparedModel:
-    """Converts `model` in place (apply FSDP2 fully_shard after this) and returns it wrapped."""
+    """Converts `model` in place (apply FSDP2 fully_shard after this) and returns it wrapped.
+
+    `calibrate`: the forward loop backend modelopt calibrates with; `saved_quantizers`: a
+    ModelOpt run's quantizers of this recipe, which backend modelopt restores instead."""
     if backend not in BACKENDS:
         raise PrecisionUnavailable(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
     before = {name for name, m in model.named_modules() if type(m) is nn.Linear}
@@ -112,7 +119,7 @@ def prepare_model(
     elif backend == "modelopt":
         from stages.precision.modelopt_backend import convert_modelopt
 
-        model = convert_modelopt(model, recipe, calibrate)
+        model = convert_modelopt(model, recipe, calibrate, saved_quantizers)
         prepared = PreparedModel(model, recipe, backend)
         # ModelOpt swaps every nn.Linear (lm_head too) and disables the quantizers it must skip.
         prepared.converted = sorted(

@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.recipe import Recipe
 
 _PRESETS = {"nvfp4": "NVFP4_DEFAULT_CFG", "fp8_e4m3": "FP8_DEFAULT_CFG", "mxfp8": "MXFP8_DEFAULT_CFG"}
+
+
+@dataclass(frozen=True)
+class SavedQuantizers:
+    """What a ModelOpt PTQ or QAT run keeps beside its plain weights: `mto.modelopt_state`
+    (the quantizer modules and their config) and the calibrated amax by state-dict key."""
+
+    modelopt_state: dict[str, Any]
+    amax: dict[str, torch.Tensor]
 
 
 def modelopt_preset_name(recipe: Recipe) -> str:
@@ -51,9 +62,25 @@ def modelopt_config(recipe: Recipe, mtq: Any) -> dict[str, Any]:
     return config
 
 
+def restore_quantizers(model: nn.Module, saved: SavedQuantizers) -> nn.Module:
+    """ModelOpt's resume (its QAT guide): the quantizers first, then their amax; no calibration."""
+    import modelopt.torch.opt as mto
+
+    model = mto.restore_from_modelopt_state(model, saved.modelopt_state)
+    buffers = model.state_dict()
+    missing = [key for key in saved.amax if key not in buffers]
+    if missing:
+        raise PrecisionUnavailable(f"the saved ModelOpt quantizers do not fit the model: it has no {missing[:3]}")
+    model.load_state_dict({key: value.to(buffers[key].device) for key, value in saved.amax.items()}, strict=False)
+    return model
+
+
 def convert_modelopt(
-    model: nn.Module, recipe: Recipe, calibrate: Callable[[nn.Module], None] | None
+    model: nn.Module, recipe: Recipe, calibrate: Callable[[nn.Module], None] | None,
+    saved: SavedQuantizers | None = None,
 ) -> nn.Module:
+    """`mtq.quantize` with `calibrate` as its forward loop, or, given `saved` (a ModelOpt run of
+    this recipe), those quantizers restored with their calibrated amax."""
     preset = modelopt_preset_name(recipe)
     try:
         import modelopt.torch.quantization as mtq
@@ -61,7 +88,7 @@ def convert_modelopt(
         raise PrecisionUnavailable(
             f"recipe {recipe.name}: backend modelopt needs nvidia-modelopt ({error}); choose backend emulated"
         ) from None
-    if calibrate is None:
+    if calibrate is None and saved is None:
         raise PrecisionUnavailable(
             f"recipe {recipe.name}: backend modelopt needs a calibration forward loop "
             "(prepare_model(..., calibrate=fn)); choose backend emulated for none"
@@ -73,6 +100,8 @@ def convert_modelopt(
             f"recipe {recipe.name}: backend modelopt runs NVFP4 fake quant only on CUDA "
             f"(model is on {device.type}); choose backend emulated"
         )
+    if saved is not None:
+        return restore_quantizers(model, saved)
     try:
         return mtq.quantize(model, modelopt_config(recipe, mtq), calibrate)
     except (AssertionError, RuntimeError, NotImplementedError) as error:

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from stages.contract import write_json_atomic
-from stages.hf_model import PRECISION_FILE, QUANTIZER_STATE_FILE, load_causal_lm, load_tokenizer, resolve_model_source
+from stages.hf_model import (
+    MODELOPT_STATE_FILE, PRECISION_FILE, QUANTIZER_STATE_FILE, load_causal_lm, load_tokenizer, resolve_model_source,
+)
 from stages.ptq.params import PtqStageParams
 from stages.runtime import StageContext, StageInputError, parse_params
 from stages.train.batches import TokenSplit
@@ -111,7 +113,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         amax = record_amax_modelopt(model)
         import modelopt.torch.opt as mto
 
-        extra["modelopt_state.pt"] = mto.modelopt_state(model)
+        extra[MODELOPT_STATE_FILE] = mto.modelopt_state(model)
     else:
         amax = record_amax_emulated(model, linear_names(model, recipe), loop)
 

@@ -11,17 +11,23 @@ import gc
 import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from stages.hf_model import (
+    DTYPES, MODELOPT_STATE_FILE, load_causal_lm, load_tokenizer, modelopt_state, quantizer_state, read_precision,
+    resolve_model_source,
+)
+from stages.precision.modelopt_backend import SavedQuantizers
+from stages.precision.recipe import Recipe
 from stages.runtime import StageContext, StageInputError, parse_params
 from stages.train import checkpoint as ckpt
 from stages.train.batches import StepPlan, TokenSplit, TrainOrder
 from stages.train.distributed import World, barrier, decoder_layers, init_world, shard, any_rank
 from stages.train.loop import Session, StepResult, calibration_loop, train_step, validate
 from stages.train.metrics import MetricsFile, Progress, mfu, peak_flops, trainable_flop_params
-from stages.hf_model import DTYPES, load_causal_lm, load_tokenizer, resolve_model_source
 from stages.train.model_io import save_final
 from stages.train.params import TrainParams
 from stages.train.schedule import build_scheduler
@@ -75,16 +81,19 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
         recipe = load_recipe(params.recipe)
     except ValueError as error:  # RecipeError: already one line naming the recipe
         raise StageInputError(f"params.recipe: {error}") from None
+    saved = _saved_modelopt_quantizers(source, recipe) if params.backend == "modelopt" else None
     calibrate = (
         calibration_loop(train_split, order, params.micro_batch, params.calib_batches, world.device)
-        if params.calib_batches
+        if params.calib_batches and saved is None
         else None
     )
     try:
         # Before FSDP2: the recipe swaps linears, and fully_shard must see the final modules.
-        prepared = prepare_model(model, recipe, params.backend, calibrate=calibrate)
+        prepared = prepare_model(model, recipe, params.backend, calibrate=calibrate, saved_quantizers=saved)
     except PrecisionUnavailable as error:
         raise StageInputError(f"params.backend: {error}") from None
+    if saved is not None:
+        ctx.log.info("modelopt: quantizers and their amax restored from %s (no calibration)", source)
     model = prepared.model
     model.train()
     if params.activation_checkpointing:
@@ -122,6 +131,8 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
         ctx.log.info("resumed from %s (step %d)", latest, start)
 
     describe = {str(k): str(v) for k, v in prepared.describe().items()}
+    if prepared.backend == "modelopt":
+        describe["modelopt_quantizers"] = f"restored from {source}" if saved is not None else "calibrated"
     ctx.tracker.set_tags(
         {**describe, "recipe": recipe.name, "backend": prepared.backend, "method": params.method,
          "world_size": str(world.world_size), "device": world.device.type,
@@ -258,10 +269,21 @@ def _load_teacher(ctx: StageContext, params: TrainParams, student_source: str, w
     return shard(teacher, world, _compute_dtype(params))
 
 
+def _saved_modelopt_quantizers(source: str, recipe: Recipe) -> SavedQuantizers | None:
+    """A ModelOpt PTQ or QAT run of this very recipe (its model dir): its quantizers, which
+    training continues from as ModelOpt's QAT guide does, rather than calibrating anew."""
+    model_dir = Path(source)
+    precision = read_precision(model_dir) if model_dir.is_dir() else None
+    if precision is None or precision.get("recipe") != recipe.model_dump(mode="json"):
+        return None
+    state = modelopt_state(model_dir)
+    return None if state is None else SavedQuantizers(state, quantizer_state(model_dir))
+
+
 def _modelopt_state(model: torch.nn.Module) -> dict[str, Any]:
     import modelopt.torch.opt as mto
 
-    return {"modelopt_state.pt": mto.modelopt_state(model)}
+    return {MODELOPT_STATE_FILE: mto.modelopt_state(model)}
 
 
 def _last_logged_loss(metrics_file: MetricsFile | None) -> float | None:

@@ -107,3 +107,34 @@ def test_modelopt_qat_saves_its_quantizer_state_beside_plain_hf_weights(make_spe
     weights = load_file(str(model_dir / "model.safetensors"))
     assert not any("quantizer" in k for k in weights)  # plain HF names only
     assert "modelopt_state_dict" in torch.load(model_dir / "modelopt_state.pt", weights_only=False)
+
+
+@pytest.mark.slow
+def test_modelopt_qat_from_a_modelopt_ptq_restores_its_quantizers(make_spec, tmp_path: Path, data_dir: Path) -> None:
+    """ModelOpt's QAT flow: quantizers and calibrated amax restored from the PTQ run (which
+    eval-ptq measured), not calibrated again on other batches. The amax stay fixed in training."""
+    from safetensors.torch import load_file
+
+    from stages.ptq.core import run as ptq
+    from stages.tracking import read_events
+    from tests.stages.ptq.quant_testkit import TINY_MODEL, stage_spec
+
+    recipe = tmp_path / "fp8_qat.yaml"
+    recipe.write_text(FP8_QAT_RECIPE)
+    ptq_params = {"recipe": str(recipe), "backend": "modelopt", "model": str(TINY_MODEL), "calib_samples": 3,
+                  "device": "cpu", "dtype": "float32"}
+    assert run_stage(stage_spec(tmp_path / "ptq", "ptq", {"data": data_dir}, ptq_params), ptq) == 0
+    qat = {"recipe": str(recipe), "backend": "modelopt", "calib_batches": 2, "steps": 2, "val_batches": 1}
+    from_ptq = make_spec("from-ptq", inputs={"model": tmp_path / "ptq"}, **{**qat, "model": None})
+    calibrated = make_spec("calibrated", **qat)
+    assert run_stage(from_ptq, run) == 0 and run_stage(calibrated, run) == 0
+
+    def input_amax(stage_dir: Path) -> dict[str, float]:
+        state = load_file(str(stage_dir / "model" / "quantizer_state.safetensors"))
+        return {k: v.item() for k, v in state.items() if k.endswith("input_quantizer._amax")}
+
+    assert len(input_amax(tmp_path / "ptq")) == 14
+    assert input_amax(from_ptq.parent) == input_amax(tmp_path / "ptq")
+    assert input_amax(calibrated.parent) != input_amax(tmp_path / "ptq")  # other batches, other amax
+    tags = {k: v for e in read_events(from_ptq.parent) if e["type"] == "tags" for k, v in e["tags"].items()}
+    assert tags["modelopt_quantizers"] == f"restored from {tmp_path / 'ptq' / 'model'}"
