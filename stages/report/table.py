@@ -18,6 +18,7 @@ from stages.contract import MANIFEST_FILE
 from stages.precision.recipe import RecipeError, load_recipe
 
 METRICS_FILE = "metrics.jsonl"
+ACCURACY_PREFIX = "acc_"  # the eval stage's summary key of each lm-eval task's accuracy
 
 
 @dataclass
@@ -104,8 +105,10 @@ def build_rows(inputs: dict[str, Path], tags: dict[str, dict[str, str]], baselin
             phase = "base" if role == "eval-base" else "ptq" if stage_tags.get("phase") == "ptq" else "trained"
             row = row_for(run, phase, stage_tags)
             row.val_loss = summary.get("val_loss")
-            row.accuracy = {k.removeprefix("accuracy_"): v for k, v in summary.items()
-                            if k.startswith("accuracy_") and isinstance(v, (int, float))}
+            # What eval deployed (e.g. int4-fake-quant where torchao had no int4 kernels), not only what the recipe says.
+            row.inference_format = summary.get("precision") or row.inference_format
+            row.accuracy = {k.removeprefix(ACCURACY_PREFIX): v for k, v in summary.items()
+                            if k.startswith(ACCURACY_PREFIX) and isinstance(v, (int, float))}
     ordered = sorted(rows.values(), key=lambda r: ({"base": 0, "ptq": 1, "trained": 2}[r.phase], r.run))
     reference = rows.get((baseline, "trained"))
     for row in ordered:

@@ -26,6 +26,7 @@ def test_the_study_table_compares_every_run_to_bf16(smoke_root):
     assert float(rows[("bf16", "trained")]["val_loss_vs_baseline"]) == 1.0
     assert rows[("nv4f-mx8b", "trained")]["inference_format"] == "nvfp4"
     assert rows[("mxfp8", "trained")]["inference_format"] == "mxfp8"
+    assert rows[("int8-int4", "trained")]["inference_format"] == "int8_int4"  # torchao's quantized checkpoint
     assert ("qat-nvfp4", "ptq") in rows and ("base", "base") in rows
     # Training lowers the loss: every trained run beats the random-init base model.
     base = float(rows[("base", "base")]["val_loss"])
