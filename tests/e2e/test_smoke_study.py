@@ -22,6 +22,7 @@ def test_the_study_table_compares_every_run_to_bf16(smoke_root):
         row = rows[(run, "trained")]
         assert float(row["step_time_s"]) > 0 and float(row["val_loss"]) > 0, row
         assert row["backend"] in ("emulated", "torchao")
+        assert 0 <= float(row["accuracy_mmlu_tiny"]) <= 1  # lm-eval ran on the deployed model
     assert float(rows[("bf16", "trained")]["step_time_vs_baseline"]) == 1.0
     assert float(rows[("bf16", "trained")]["val_loss_vs_baseline"]) == 1.0
     assert rows[("nv4f-mx8b", "trained")]["inference_format"] == "nvfp4"
