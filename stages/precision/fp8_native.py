@@ -27,16 +27,16 @@ from torch import nn
 from stages.precision.emulated import linear_names, replace_module
 from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
 from stages.precision.errors import PrecisionUnavailable
+from stages.precision.fp8 import FP8_DTYPES
 from stages.precision.recipe import Recipe
 
-_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def check_recipe(recipe: Recipe) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     """(x dtype, W dtype, dy dtype) of a recipe this backend runs, else PrecisionUnavailable."""
     ops = dict(((gemm, name), spec) for (gemm, name), spec in recipe.operands())
     problem = None
-    if any(spec.format not in _DTYPES or spec.scaling != "current" for spec in ops.values()):
+    if any(spec.format not in FP8_DTYPES or spec.scaling != "current" for spec in ops.values()):
         problem = "needs per-tensor FP8 current scaling on all six operands"
     elif ops["fprop", "input"].format != ops["wgrad", "input"].format:
         problem = "needs the same format for x in fprop and wgrad"
@@ -49,7 +49,7 @@ def check_recipe(recipe: Recipe) -> tuple[torch.dtype, torch.dtype, torch.dtype]
     elif recipe.fake_quant_after_steps:
         problem = "has no delayed start (fake_quant_after_steps must be 0)"
     if problem is None:
-        x, w, g = (_DTYPES[ops[k].format] for k in (("fprop", "input"), ("fprop", "weight"), ("dgrad", "grad_output")))
+        x, w, g = (FP8_DTYPES[ops[k].format] for k in (("fprop", "input"), ("fprop", "weight"), ("dgrad", "grad_output")))
         if x == w == torch.float8_e5m2 or (torch.float8_e5m2 in (x, w) and g == torch.float8_e5m2):
             problem = "cannot multiply two E5M2 operands (cuBLASLt has no E5M2 x E5M2 GEMM)"
     if problem:
@@ -70,7 +70,7 @@ def _quantize(x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return q.data, q.scale, q_t
 
 
-_KIND = {dtype: kind for kind, dtype in _DTYPES.items()}  # linear_op's kind is the recipe's format name
+_KIND = {dtype: kind for kind, dtype in FP8_DTYPES.items()}  # linear_op's kind is the recipe's format name
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -80,7 +80,7 @@ def _out_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _quantize_input(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
     """linear_op.KINDS' fp8 parts of x: [x_q [M, K], scale, x_q^T [K, M]]."""
-    return list(_quantize(x.reshape(-1, x.shape[-1]), _DTYPES[kind]))
+    return list(_quantize(x.reshape(-1, x.shape[-1]), FP8_DTYPES[kind]))
 
 
 class ScaledMMLinear(OpaqueLinear):
