@@ -10,22 +10,12 @@ import torch
 
 from stages.precision.__main__ import main
 
-FP8_QAT = """\
-name: fp8_qat
-description: ModelOpt-style QAT, fake-quantized FP8 forward, bf16 straight-through backward.
-fprop: fp8_e4m3
-dgrad: bf16
-wgrad: bf16
-backward_source: forward_quantized
-inference_format: fp8
-"""
+FP8_QAT = Path(__file__).resolve().parents[3] / "fixtures" / "recipes" / "fp8_qat.yaml"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's answers")
-def test_the_cpu_matrix_names_what_runs_and_why_the_rest_does_not(tmp_path: Path, capsys) -> None:
-    recipe = tmp_path / "fp8_qat.yaml"
-    recipe.write_text(FP8_QAT)
-    assert main(["fp8", "int8_dyn_act_int4_weight", str(recipe), "--json"]) == 0
+def test_the_cpu_matrix_names_what_runs_and_why_the_rest_does_not(capsys) -> None:
+    assert main(["fp8", "int8_dyn_act_int4_weight", str(FP8_QAT), "--json"]) == 0
     matrix = json.loads(capsys.readouterr().out)
     runs = {name: sorted(b for b, why in cells.items() if why is None) for name, cells in matrix.items()}
     assert runs == {"fp8": ["emulated"], "int8_dyn_act_int4_weight": ["torchao"], "fp8_qat": ["emulated", "modelopt"]}

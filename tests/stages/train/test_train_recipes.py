@@ -77,15 +77,7 @@ def test_every_builtin_recipe_trains_on_cpu(recipe: str, make_spec, tmp_path: Pa
     assert (precision["backend"], precision["recipe"]["name"]) == (backend, recipe)
 
 
-FP8_QAT_RECIPE = """\
-name: fp8_qat
-description: ModelOpt-style QAT, fake-quantized FP8 forward, bf16 straight-through backward.
-fprop: fp8_e4m3
-dgrad: bf16
-wgrad: bf16
-backward_source: forward_quantized
-inference_format: fp8
-"""
+FP8_QAT_RECIPE = Path(__file__).resolve().parents[3] / "fixtures" / "recipes" / "fp8_qat.yaml"  # modelopt on a CPU
 
 
 @pytest.mark.slow
@@ -93,8 +85,7 @@ def test_modelopt_qat_saves_its_quantizer_state_beside_plain_hf_weights(make_spe
     """On CPU ModelOpt runs FP8 fake quant (its NVFP4 needs CUDA): calibrated amaxes are kept."""
     from safetensors.torch import load_file
 
-    recipe = tmp_path / "fp8_qat.yaml"
-    recipe.write_text(FP8_QAT_RECIPE)
+    recipe = FP8_QAT_RECIPE
     spec = make_spec("modelopt", recipe=str(recipe), backend="modelopt", calib_batches=2, steps=2, val_batches=1)
     assert run_stage(spec, run) == 0
     model_dir = spec.parent / "model"
@@ -119,8 +110,7 @@ def test_modelopt_qat_from_a_modelopt_ptq_restores_its_quantizers(make_spec, tmp
     from stages.tracking import read_events
     from tests.stages.ptq.quant_testkit import TINY_MODEL, stage_spec
 
-    recipe = tmp_path / "fp8_qat.yaml"
-    recipe.write_text(FP8_QAT_RECIPE)
+    recipe = FP8_QAT_RECIPE
     ptq_params = {"recipe": str(recipe), "backend": "modelopt", "model": str(TINY_MODEL), "calib_samples": 3,
                   "device": "cpu", "dtype": "float32"}
     assert run_stage(stage_spec(tmp_path / "ptq", "ptq", {"data": data_dir}, ptq_params), ptq) == 0
