@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.backends.slurm_settings import SlurmSettings
 from pipeline.image_lock import (
@@ -25,6 +25,7 @@ from pipeline.stage_kinds import STAGE_KINDS
 from stages.contract import is_dns1123_label
 from stages.eval.params import EvalParams
 from stages.export.params import ExportParams
+from stages.precision.compat import recipe_refusal
 from stages.precision.recipe import PrecisionBackend, RecipeError, load_recipe
 from stages.preprocess.params import PreprocessParams
 from stages.ptq.params import PtqParams
@@ -78,6 +79,17 @@ class RunConfig(BaseModel):
             load_recipe(value)
         except RecipeError as error:
             raise ValueError(str(error)) from None
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_runs_the_recipe(cls, value: str, info: ValidationInfo) -> str:
+        # Judged from the recipe alone (the machine's part is checked where the stage runs):
+        # a pairing no machine can run stops here, before anything is submitted.
+        if "recipe" in info.data:  # else the recipe's own error is reported
+            refusal = recipe_refusal(load_recipe(info.data["recipe"]), value)
+            if refusal:
+                raise ValueError(refusal)
         return value
 
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from stages.precision.compat import emulated_refusal
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.fp8 import FP8_DTYPES, fake_quantize_fp8
 from stages.precision.kernels.dispatch import fake_quantize_cuda, fused_pair_supported, fused_rows_and_cols
@@ -28,7 +29,6 @@ from stages.precision.mx import ELEM_DTYPES, fake_quantize_mxfp8
 from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4, hadamard_16
 from stages.precision.recipe import OperandSpec, Recipe
 
-EMULATED_FORMATS = ("bf16", *FP8_DTYPES, *ELEM_DTYPES, "nvfp4")
 
 
 class OperandQuantizer:
@@ -243,12 +243,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def convert_emulated(model: nn.Module, recipe: Recipe) -> list[QuantizedLinear]:
-    unsupported = sorted(recipe.formats - set(EMULATED_FORMATS))
-    if unsupported:
-        raise PrecisionUnavailable(
-            f"recipe {recipe.name}: backend emulated does not implement {', '.join(unsupported)} "
-            "fake quant; choose backend torchao"
-        )
+    refusal = emulated_refusal(recipe)
+    if refusal:
+        raise PrecisionUnavailable(refusal)
     layers = []
     for name in linear_names(model, recipe):
         layer = QuantizedLinear(model.get_submodule(name), recipe, name)

@@ -26,6 +26,7 @@ from torch import nn
 
 from stages.precision.emulated import linear_names, replace_module
 from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
+from stages.precision.compat import scaled_mm_refusal
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.fp8 import FP8_DTYPES
 from stages.precision.recipe import Recipe
@@ -34,27 +35,10 @@ from stages.precision.recipe import Recipe
 
 def check_recipe(recipe: Recipe) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
     """(x dtype, W dtype, dy dtype) of a recipe this backend runs, else PrecisionUnavailable."""
-    ops = dict(((gemm, name), spec) for (gemm, name), spec in recipe.operands())
-    problem = None
-    if any(spec.format not in FP8_DTYPES or spec.scaling != "current" for spec in ops.values()):
-        problem = "needs per-tensor FP8 current scaling on all six operands"
-    elif ops["fprop", "input"].format != ops["wgrad", "input"].format:
-        problem = "needs the same format for x in fprop and wgrad"
-    elif ops["fprop", "weight"].format != ops["dgrad", "weight"].format:
-        problem = "needs the same format for W in fprop and dgrad"
-    elif ops["dgrad", "grad_output"].format != ops["wgrad", "grad_output"].format:
-        problem = "needs the same format for dy in dgrad and wgrad"
-    elif recipe.backward_source != "original":
-        problem = "runs backward_source original only"
-    elif recipe.fake_quant_after_steps:
-        problem = "has no delayed start (fake_quant_after_steps must be 0)"
-    if problem is None:
-        x, w, g = (FP8_DTYPES[ops[k].format] for k in (("fprop", "input"), ("fprop", "weight"), ("dgrad", "grad_output")))
-        if x == w == torch.float8_e5m2 or (torch.float8_e5m2 in (x, w) and g == torch.float8_e5m2):
-            problem = "cannot multiply two E5M2 operands (cuBLASLt has no E5M2 x E5M2 GEMM)"
-    if problem:
-        raise PrecisionUnavailable(f"recipe {recipe.name}: backend scaled_mm {problem}; choose backend emulated")
-    return x, w, g
+    refusal = scaled_mm_refusal(recipe)
+    if refusal:
+        raise PrecisionUnavailable(refusal)
+    return tuple(FP8_DTYPES[spec.format] for spec in (recipe.fprop.input, recipe.fprop.weight, recipe.dgrad.grad_output))
 
 
 def check_device() -> None:

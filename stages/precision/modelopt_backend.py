@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.precision.compat import modelopt_preset, modelopt_refusal
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.recipe import Recipe
 
-_PRESETS = {"nvfp4": "NVFP4_DEFAULT_CFG", "fp8_e4m3": "FP8_DEFAULT_CFG", "mxfp8": "MXFP8_DEFAULT_CFG"}
 
 
 @dataclass(frozen=True)
@@ -33,24 +33,10 @@ class SavedQuantizers:
 
 
 def modelopt_preset_name(recipe: Recipe) -> str:
-    fprop = {recipe.fprop.input.format, recipe.fprop.weight.format}
-    backward = {op.format for (gemm, _), op in recipe.operands() if gemm != "fprop"}
-    plain = all(
-        op == type(op)(format=op.format) for (gemm, _), op in recipe.operands() if gemm == "fprop"
-    )
-    if (
-        len(fprop) == 1
-        and (fmt := next(iter(fprop))) in _PRESETS
-        and backward == {"bf16"}
-        and recipe.backward_source == "forward_quantized"
-        and plain
-        and recipe.fake_quant_after_steps == 0
-    ):
-        return _PRESETS[fmt]
-    raise PrecisionUnavailable(
-        f"recipe {recipe.name}: backend modelopt runs only fake-quantized forward GEMMs (nvfp4, "
-        "fp8_e4m3 or mxfp8 on both operands) with a bf16 straight-through backward; choose backend emulated"
-    )
+    preset = modelopt_preset(recipe)
+    if preset is None:
+        raise PrecisionUnavailable(modelopt_refusal(recipe))
+    return preset
 
 
 def modelopt_config(recipe: Recipe, mtq: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from stages.precision.emulated import linear_names, replace_module
+from stages.precision.compat import te_refusal
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.recipe import GEMM_OPERANDS, PER_TENSOR_FORMATS, OperandSpec, Recipe
 
@@ -62,11 +63,6 @@ def check_support(recipe: Recipe) -> None:
     except ImportError:  # TE before the module was renamed keeps the checks in .fp8
         import transformer_engine.pytorch.fp8 as te_quantization
 
-    unsupported = sorted({f for f in recipe.formats if f in ("int4", "int8")})
-    if unsupported:
-        raise PrecisionUnavailable(
-            f"recipe {recipe.name}: backend te has no {', '.join(unsupported)} training; choose backend torchao"
-        )
     for family in sorted({_family(f) for f in recipe.formats} - {None}):
         checker_name, needs = _SUPPORT_CHECKS[family]
         checker = getattr(te_quantization, checker_name, None)
@@ -256,6 +252,9 @@ def _te_linear(te: Any, linear: nn.Linear) -> nn.Module:
 
 def convert_te(model: nn.Module, recipe: Recipe) -> Callable[[], contextlib.AbstractContextManager]:
     """Swaps the linears, returns the autocast factory. Raises PrecisionUnavailable first."""
+    refusal = te_refusal(recipe)
+    if refusal:
+        raise PrecisionUnavailable(refusal)
     te = import_te(recipe)
     if not hasattr(te, "autocast"):
         raise PrecisionUnavailable(
@@ -264,10 +263,6 @@ def convert_te(model: nn.Module, recipe: Recipe) -> Callable[[], contextlib.Abst
         )
     check_support(recipe)
     te_recipe_obj = None if recipe.is_high_precision else (native_te_recipe(recipe) or custom_te_recipe(recipe))
-    if recipe.fake_quant_after_steps:
-        raise PrecisionUnavailable(
-            f"recipe {recipe.name}: backend te has no delayed fake quant; choose backend emulated"
-        )
     for name in linear_names(model, recipe):
         replace_module(model, name, _te_linear(te, model.get_submodule(name)))
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.precision.compat import torchao_refusal
 from stages.precision.emulated import stays_high_precision
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.recipe import OperandSpec, Recipe
@@ -24,17 +25,9 @@ _INT_DTYPES = {"int4": torch.int4, "int8": torch.int8}
 
 
 def _check(recipe: Recipe) -> None:
-    weight, act = recipe.fprop.weight, recipe.fprop.input
-    ok = (
-        weight.format in _INT_DTYPES
-        and act.format in ("bf16", *_INT_DTYPES)
-        and all(op.format == "bf16" for (gemm, _), op in recipe.operands() if gemm != "fprop")
-    )
-    if not ok:
-        raise PrecisionUnavailable(
-            f"recipe {recipe.name}: backend torchao runs only int4/int8 fprop QAT recipes "
-            "(int weight, int or bf16 activation, bf16 backward); choose backend emulated or te"
-        )
+    refusal = torchao_refusal(recipe)
+    if refusal:
+        raise PrecisionUnavailable(refusal)
 
 
 def _fake_quant_config(spec: OperandSpec, is_activation: bool) -> Any:

@@ -92,6 +92,15 @@ BAD_INPUTS = [
     (None, ["train.steps=-3"], "train.steps: Input should be greater than or equal to 1"),
     (None, ["runs.bf16.recipe=fp9"], "runs.bf16.recipe: "),
     (None, ["runs.bf16.backend=cuda"], "runs.bf16.backend: Input should be 'emulated', 'te', 'modelopt', 'torchao' or 'scaled_mm'"),
+    # A pairing of recipe and backend that no machine runs: refused before anything starts.
+    (None, ["runs.bf16.recipe=mxfp8", "runs.bf16.backend=torchao"], "runs.bf16.backend: recipe mxfp8: backend torchao runs "
+     "only int4/int8 fprop QAT recipes (int weight, int or bf16 activation, bf16 backward); choose backend emulated or te"),
+    (None, ["runs.bf16.recipe=fp8_delayed", "runs.bf16.backend=scaled_mm"], "runs.bf16.backend: recipe fp8_delayed: "
+     "backend scaled_mm needs per-tensor FP8 current scaling on all six operands; choose backend emulated"),
+    (None, ["runs.bf16.recipe=mxfp8", "runs.bf16.backend=modelopt"], "recipe mxfp8: backend modelopt runs only fake-quantized"),
+    (None, ["runs.bf16.recipe=int4_weight_only", "runs.bf16.backend=te"], "recipe int4_weight_only: backend te has no int4 "
+     "training; choose backend torchao"),
+    (None, ["runs.bf16.recipe=int4_weight_only"], "recipe int4_weight_only: backend emulated does not implement int4 fake quant"),
     (None, ["runs.Bad_Name.recipe=bf16", "runs.Bad_Name.backend=emulated"], "run name 'Bad_Name' must be a DNS-1123 label"),
     (None, ["runs.a-very-long-run-name-that-is-too-long.recipe=bf16",
             "runs.a-very-long-run-name-that-is-too-long.backend=emulated"], "at most 24 characters"),
