@@ -118,9 +118,10 @@ def _quantize_or_explain(model: nn.Module, config: Any, recipe: Recipe, filter_f
 
     try:
         quantize_(model, config, filter_fn=filter_fn)
-    except ImportError as error:  # e.g. Int4WeightOnlyConfig needs the mslk GPU kernels
+    except (ImportError, RuntimeError, NotImplementedError) as error:  # e.g. int4 needs the mslk GPU kernels
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise PrecisionUnavailable(
-            f"recipe {recipe.name}: torchao cannot quantize for deployment here ({error}); "
+            f"recipe {recipe.name}: torchao cannot quantize for deployment here ({first}); "
             "export the bf16 weights instead"
         ) from None
 
