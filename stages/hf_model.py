@@ -2,8 +2,8 @@
 
 A model stage (train, ptq) writes `<stage>/model/`: a plain HF checkpoint, `precision.json`
 (the recipe it was made with), `quantizer_state.safetensors` (amax and scales left out of
-the checkpoint) and, when ModelOpt quantized it, `modelopt_state.pt`. The stages that read one (train, ptq, export, eval) take either such a stage
-dir, a plain HF dir, or a hub id.
+the checkpoint) and, when ModelOpt quantized it, `modelopt_state.pt`. The stages that read
+one (train, ptq, export, eval) take either such a stage dir, a plain HF dir, or a hub id.
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ import torch
 from stages.contract import write_json_atomic
 from stages.export.params import ExportParams
 from stages.export.sources import linear_amax
-from stages.export.torchao_export import activation_scaling as torchao_activation_scaling
-from stages.export.torchao_export import write_torchao_checkpoint
+from stages.export.torchao_export import activation_scaling as torchao_activation_scaling, write_torchao_checkpoint
 from stages.export.unified import TORCHAO_FORMATS, deployed_format, write_unified_checkpoint
 from stages.hf_model import load_causal_lm, load_tokenizer, model_dir_of, quantizer_state, read_precision
 from stages.precision.errors import PrecisionUnavailable

@@ -13,7 +13,6 @@ share the max of their amax, as ModelOpt's export does (`_fuse_shared_input_modu
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -30,7 +30,6 @@ from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4, hadamard
 from stages.precision.recipe import OperandSpec, Recipe
 
 
-
 class OperandQuantizer:
     """Fake-quantizes one operand role (e.g. `dgrad.grad_output`) along the last dim.
 

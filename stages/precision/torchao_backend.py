@@ -178,6 +178,11 @@ def torchao_version() -> str:
 
 
 def quantize_for_deployment(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """`model` (trained, plain linears) quantized in place as deployment_config says."""
-    _quantize_or_explain(model, deployment_config(model, recipe).quant_type, recipe)
+    """`model` (trained, plain linears) quantized in place as deployment_config says.
+
+    Only deployment_config's probe may refuse (PrecisionUnavailable, before the model is
+    touched); a failure half-way through the model's own linears is an error, not a refusal."""
+    from torchao.quantization import quantize_
+
+    quantize_(model, deployment_config(model, recipe).quant_type, filter_fn=None)  # FqnToConfig takes no filter
     return model

@@ -122,10 +122,10 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
     start = 0
     latest = ckpt.latest_checkpoint(ctx.output_dir)
     if latest is not None:
-        state, quantizer_state = ckpt.load_checkpoint(latest, model, optimizer, world)
+        state, checkpointed_quantizers = ckpt.load_checkpoint(latest, model, optimizer, world)
         scheduler.load_state_dict(state.scheduler)
-        if quantizer_state is not None:
-            prepared.load_state_dict(quantizer_state)
+        if checkpointed_quantizers is not None:
+            prepared.load_state_dict(checkpointed_quantizers)
         start = state.step
         prepared.on_step(start)  # re-applies step-dependent switches (QAT fake-quant delay)
         ctx.log.info("resumed from %s (step %d)", latest, start)
@@ -245,14 +245,14 @@ def _steps(
 
 
 def _save(ctx: StageContext, s: Session, step: int) -> None:
-    quantizer_state = s.prepared.state_dict() or None
+    checkpointed_quantizers = s.prepared.state_dict() or None
     ckpt.save_checkpoint(
         ctx.output_dir,
         ckpt.TrainState(step=step, scheduler=s.scheduler.state_dict()),
         s.model,
         s.optimizer,
         s.world,
-        quantizer_state,
+        checkpointed_quantizers,
         s.params.keep_checkpoints,
     )
 

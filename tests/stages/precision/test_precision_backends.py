@@ -151,3 +151,11 @@ def test_delayed_scaling_state_carries_the_amax_history_to_a_fresh_model() -> No
     del state["2/wgrad.input"]
     with pytest.raises(PrecisionUnavailable, match=r"does not fit the recipe \(missing \['2/wgrad.input'\]"):
         resumed.load_state_dict(state)
+
+
+def test_the_torch_free_format_list_is_what_the_emulated_quantizers_implement() -> None:
+    from stages.precision.compat import EMULATED_FORMATS
+    from stages.precision.fp8 import FP8_DTYPES
+    from stages.precision.mx import ELEM_DTYPES
+
+    assert set(EMULATED_FORMATS) == {"bf16", *FP8_DTYPES, *ELEM_DTYPES, "nvfp4"}
