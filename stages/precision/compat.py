@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from stages.precision.recipe import PER_TENSOR_FORMATS, Recipe
+from stages.precision.recipe import PER_TENSOR_FORMATS, OperandSpec, Recipe
 
 INT_FORMATS = ("int4", "int8")
 EMULATED_FORMATS = ("bf16", *PER_TENSOR_FORMATS, "mxfp8", "mxfp8_e5m2", "nvfp4")
@@ -32,6 +32,9 @@ def te_refusal(recipe: Recipe) -> str | None:
         return f"recipe {recipe.name}: backend te has no {', '.join(unsupported)} training; choose backend torchao"
     if recipe.fake_quant_after_steps:
         return f"recipe {recipe.name}: backend te has no delayed fake quant; choose backend emulated"
+    if any(op.nvfp4_arithmetic == "modelopt" for _, op in recipe.operands()):
+        return (f"recipe {recipe.name}: backend te quantizes NVFP4 in its own arithmetic, not ModelOpt's; "
+                "set nvfp4_arithmetic: torchao or choose backend emulated")
     return None
 
 
@@ -49,9 +52,13 @@ def torchao_refusal(recipe: Recipe) -> str | None:
 
 def modelopt_preset(recipe: Recipe) -> str | None:
     """The ModelOpt config (`mtq.<name>`) that is exactly this recipe, or None."""
+    return _modelopt_preset(recipe, arithmetic_matters=True)
+
+
+def _modelopt_preset(recipe: Recipe, arithmetic_matters: bool) -> str | None:
     fprop = {recipe.fprop.input.format, recipe.fprop.weight.format}
     backward = {op.format for (gemm, _), op in recipe.operands() if gemm != "fprop"}
-    plain = all(op == type(op)(format=op.format) for (gemm, _), op in recipe.operands() if gemm == "fprop")
+    plain = all(_is_modelopt_operand(op, arithmetic_matters) for (gemm, _), op in recipe.operands() if gemm == "fprop")
     if (
         len(fprop) == 1
         and (fmt := next(iter(fprop))) in MODELOPT_PRESETS
@@ -64,9 +71,19 @@ def modelopt_preset(recipe: Recipe) -> str | None:
     return None
 
 
+def _is_modelopt_operand(op: OperandSpec, arithmetic_matters: bool) -> bool:
+    """Whether ModelOpt's preset quantizes `op` so: default scaling, NVFP4 in its own arithmetic."""
+    if op.format == "nvfp4" and not arithmetic_matters:
+        op = op.model_copy(update={"nvfp4_arithmetic": "modelopt"})
+    return op == OperandSpec(format=op.format, nvfp4_arithmetic="modelopt" if op.format == "nvfp4" else "torchao")
+
+
 def modelopt_refusal(recipe: Recipe) -> str | None:
     if modelopt_preset(recipe) is not None:
         return None
+    if _modelopt_preset(recipe, arithmetic_matters=False) is not None:
+        return (f"recipe {recipe.name}: backend modelopt quantizes NVFP4 in ModelOpt's arithmetic; set "
+                "nvfp4_arithmetic: modelopt (as recipe nvfp4_qat does) or choose backend emulated")
     return (f"recipe {recipe.name}: backend modelopt runs only fake-quantized forward GEMMs (nvfp4, "
             "fp8_e4m3 or mxfp8 on both operands) with a bf16 straight-through backward; choose backend emulated")
 

@@ -58,7 +58,9 @@ class OperandQuantizer:
         if fmt in ELEM_DTYPES:
             return fake_quantize_mxfp8(x, fmt, self.spec.scale_rounding)
         if fmt == "nvfp4":
-            return fake_quantize_nvfp4(x, self.spec.block_2d, self.spec.stochastic_rounding)
+            return fake_quantize_nvfp4(
+                x, self.spec.block_2d, self.spec.stochastic_rounding, arithmetic=self.spec.nvfp4_arithmetic
+            )
         raise PrecisionUnavailable(f"format {fmt}: backend emulated does not run it; choose backend torchao")
 
     def _delayed_amax(self, x: torch.Tensor) -> torch.Tensor:

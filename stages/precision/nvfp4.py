@@ -6,6 +6,12 @@ Two-level scaling as torchao's nvfp4_quantize (bit for bit) and TE's NVFP4BlockS
   element q = e2m1(clamp(x * ((1/g) / s), -6, 6))     (RNE, or stochastic rounding)
   value   x ~= q * (g * s)
 See NUMERICS.md for the rounding choices and where TE differs.
+
+`fake_quantize_nvfp4(..., arithmetic="modelopt")` is ModelOpt's NVFP4 fake quant instead
+(fp4_fake_quant_block, the QAT baseline), which orders the same steps differently:
+  global  g  = amax(x) * fl(1/2688)            (CUDA's division by a scalar; 1e-12 if not > 0)
+  block   s' = e4m3(min(amax_b / (6 g), 448)) * g   (subnormal E4M3 allowed; 1.0 if s' < 1e-5)
+  element x ~= sign(x) * e2m1(|x| / s') * s'   (a zero result is +0.0 whatever the sign of x)
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ NVFP4_BLOCK = 16
 F4_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_EPS = 2.0**-6  # smallest normal E4M3 (torchao: finfo.tiny): blocks scales never go subnormal
+ARITHMETICS = ("torchao", "modelopt")
+# ModelOpt's constants: the smallest effective block scale it divides by, and its global scale
+# floor (an all-zero tensor's amax).
+MODELOPT_MIN_BLOCK_SCALE = 1e-5
+MODELOPT_MIN_GLOBAL_SCALE = 1e-12
 # E2M1 magnitudes by code 0..7; code | 8 is the negative value.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Round-to-nearest-even thresholds between consecutive codes: at a tie the even code wins,
@@ -116,13 +127,43 @@ def fake_quantize_nvfp4(
     block_2d: bool = False,
     stochastic_rounding: bool = False,
     generator: torch.Generator | None = None,
+    arithmetic: str = "torchao",
 ) -> torch.Tensor:
-    """Quantize-dequantize in x's dtype (a NaN anywhere makes all NaN: the global amax is NaN).
-
-    Drop a fused kernel in here later.
-    """
+    """Quantize-dequantize in x's dtype (torchao: a NaN anywhere makes all NaN, the global amax
+    is NaN). `arithmetic="modelopt"`: ModelOpt's fake quant (1-D blocks, round to nearest even)."""
+    if arithmetic == "modelopt":
+        if block_2d or stochastic_rounding:
+            raise ValueError("NVFP4 arithmetic 'modelopt' has 1-D blocks and round to nearest even only")
+        return _fake_quantize_nvfp4_modelopt(x)
+    if arithmetic != "torchao":
+        raise ValueError(f"NVFP4 arithmetic '{arithmetic}' is not one of {', '.join(ARITHMETICS)}")
     q = quantize_nvfp4(x, None, block_2d, stochastic_rounding, generator)
     return dequantize_nvfp4(q, x.dtype)
+
+
+def modelopt_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's `global_amax.float() / (6.0 * 448.0)` as CUDA computes it: times the fp32
+    reciprocal (blocks.divide says why), floored at 1e-12 where not positive (NaN too)."""
+    amax = amax.to(torch.float32)
+    reciprocal = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(E4M3_MAX * F4_MAX, dtype=torch.float32)
+    g = amax * reciprocal.to(amax.device)
+    return torch.where(g > 0, g, torch.full_like(g, MODELOPT_MIN_GLOBAL_SCALE))
+
+
+def _fake_quantize_nvfp4_modelopt(x: torch.Tensor) -> torch.Tensor:
+    """modelopt fp4_fake_quant_block with IEEE divisions (its Triton kernel's are approximate,
+    which can differ only where a quotient lies within 2 ulp of a rounding threshold)."""
+    blocks, k = to_blocks(x, NVFP4_BLOCK)
+    g = modelopt_global_scale(x.detach().abs().max())
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    block_scale = torch.clamp(block_amax / (g * F4_MAX), max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scale = block_scale.to(torch.float32) * g
+    scale = torch.where(scale >= MODELOPT_MIN_BLOCK_SCALE, scale, torch.ones_like(scale))
+    codes = e2m1_round(torch.clamp(blocks.abs() / scale, max=F4_MAX))
+    magnitude = e2m1_to_fp32(codes & 7) * scale
+    # 0.0 - m, not -m: ModelOpt's negation (Triton's) turns a zero into +0.0.
+    values = torch.where(blocks >= 0, magnitude, 0.0 - magnitude)
+    return from_blocks(values, k).to(x.dtype)
 
 
 def hadamard_16(signs: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,13 @@ class OperandSpec(BaseModel):
     block_2d: bool = Field(
         False, description="NVFP4 weights only: 16x16 scale blocks (same scales for W and W^T)."
     )
+    nvfp4_arithmetic: Literal["torchao", "modelopt"] = Field(
+        "torchao",
+        description="NVFP4 only: the order of the scaling arithmetic. torchao: x * ((1/g)/s) with block "
+        "scales floored at the smallest normal E4M3 (torchao's nvfp4_quantize, TE's NVFP4 recipe); "
+        "modelopt: |x| / (s*g) with subnormal block scales, bit for bit ModelOpt's NVFP4 fake quant "
+        "(1-D blocks, round to nearest even).",
+    )
     group_size: int | None = Field(
         None, description="int4/int8 only: elements per scale group; null = one group per row (per token)."
     )
@@ -98,6 +105,12 @@ class OperandSpec(BaseModel):
         for flag in ("stochastic_rounding", "hadamard", "block_2d"):
             if getattr(self, flag) and fmt != "nvfp4":
                 raise ValueError(f"{flag} is only supported for 'nvfp4', not '{fmt}'")
+        if self.nvfp4_arithmetic != "torchao" and fmt != "nvfp4":
+            raise ValueError(f"nvfp4_arithmetic is only for 'nvfp4', not '{fmt}'")
+        if self.nvfp4_arithmetic == "modelopt":
+            for flag in ("stochastic_rounding", "hadamard", "block_2d"):
+                if getattr(self, flag):
+                    raise ValueError(f"nvfp4_arithmetic 'modelopt' has no {flag} (ModelOpt's fake quant does not)")
         if self.group_size is not None and fmt not in ("int4", "int8"):
             raise ValueError(f"group_size is only for int4/int8, not '{fmt}'")
         if self.group_size is not None and self.group_size < 1:

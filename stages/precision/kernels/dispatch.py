@@ -45,7 +45,7 @@ def fake_quantize_cuda(x: torch.Tensor, spec: OperandSpec, amax: torch.Tensor | 
         return ops.fake_fp8(x, _FP8[spec.format], amax)
     if spec.format in _MX:
         return ops.fake_mxfp8(x, _MX[spec.format], spec.scale_rounding)
-    return ops.fake_nvfp4(x)
+    return ops.fake_nvfp4(x, spec.nvfp4_arithmetic)
 
 
 def fused_pair_supported(row_spec: OperandSpec, col_spec: OperandSpec) -> bool:
@@ -63,7 +63,9 @@ def fused_rows_and_cols(
     None when the pair is not a (nvfp4 | mx, mx) pair the fused kernel runs."""
     if not x2.is_cuda or x2.dim() != 2 or not fused_pair_supported(row_spec, col_spec):
         return None
-    return _ops().fake_rows_and_cols(x2, row_spec.format, _MX[col_spec.format], col_spec.scale_rounding)
+    return _ops().fake_rows_and_cols(
+        x2, row_spec.format, _MX[col_spec.format], col_spec.scale_rounding, row_spec.nvfp4_arithmetic
+    )
 
 
 class ActivationMemo:

@@ -183,11 +183,12 @@ def _block(
     r, k = x2.shape
     if col != jit.NONE and x.dim() != 2:
         raise ValueError(f"column-wise quantization needs a 2-D tensor, got shape {tuple(x.shape)}")
-    block = 16 if row == jit.NVFP4 else 32
+    nvfp4 = row in (jit.NVFP4, jit.NVFP4_MODELOPT)
+    block = 16 if nvfp4 else 32
     n_scale_cols = triton.cdiv(k, block)
     dummy = torch.empty((), dtype=torch.int32, device=x.device)  # never read: a pointer for unused outputs
     bits, n_amax = dummy, 1
-    if row == jit.NVFP4:
+    if nvfp4:
         bits, n_amax = _amax_partials(x2) if global_amax is None else _amax_bits(global_amax)
     row_out = _empty_like_strided(x2, x.dtype) if row_fake and row != jit.NONE else None
     col_out = _empty_like_strided(x2, x.dtype) if col != jit.NONE else None
@@ -222,7 +223,7 @@ def _block(
 def _block_family(x2: torch.Tensor, row: int, col: int) -> str:
     if x2.stride(0) == 1 and x2.stride(1) != 1:
         return "block_t"  # a transposed view reads along its rows: tiles long that way
-    return "nvfp4" if row == jit.NVFP4 and col == jit.NONE else "block"
+    return "nvfp4" if row in (jit.NVFP4, jit.NVFP4_MODELOPT) and col == jit.NONE else "block"
 
 
 def mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil") -> MxQuantized:
@@ -241,20 +242,28 @@ def nvfp4(x: torch.Tensor, global_amax: torch.Tensor | None = None) -> Nvfp4Quan
     return Nvfp4Quantized(out.data, out.scales, out.global_decode)
 
 
-def fake_nvfp4(x: torch.Tensor) -> torch.Tensor:
+def fake_nvfp4(x: torch.Tensor, arithmetic: str = "torchao") -> torch.Tensor:
     """nvfp4.fake_quantize_nvfp4 in one amax pass plus one fused quantize-dequantize pass."""
-    return _block(x, jit.NVFP4).row_fake
+    return _block(x, _nvfp4_code(arithmetic)).row_fake
+
+
+def _nvfp4_code(arithmetic: str) -> int:
+    codes = {"torchao": jit.NVFP4, "modelopt": jit.NVFP4_MODELOPT}
+    if arithmetic not in codes:
+        raise ValueError(f"NVFP4 arithmetic '{arithmetic}' is not one of {', '.join(codes)}")
+    return codes[arithmetic]
 
 
 def fake_rows_and_cols(
-    x: torch.Tensor, row_format: str, col_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil"
+    x: torch.Tensor, row_format: str, col_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil",
+    nvfp4_arithmetic: str = "torchao",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One read of a 2-D x: (row-wise fake quant along K in `row_format` (nvfp4, mxfp8,
-    mxfp8_e5m2), column-wise MXFP8 fake quant along the rows), both in x's layout.
+    """One read of a 2-D x: (row-wise fake quant along K in `row_format` (nvfp4 in
+    `nvfp4_arithmetic`, mxfp8, mxfp8_e5m2), column-wise MXFP8 fake quant along the rows), both in x's layout.
 
     The column-wise result equals fake_quantize_mxfp8(x.t()).t(): what wgrad needs of x
     (blocks along the tokens) while fprop needs x along K."""
-    row = {"nvfp4": jit.NVFP4, "mxfp8": jit.MX_E4M3, "mxfp8_e5m2": jit.MX_E5M2}[row_format]
+    row = {"nvfp4": _nvfp4_code(nvfp4_arithmetic), "mxfp8": jit.MX_E4M3, "mxfp8_e5m2": jit.MX_E5M2}[row_format]
     out = _block(x, row, _MX_CODE[col_dtype], floor=_floor(scale_rounding))
     return out.row_fake, out.col_fake
 

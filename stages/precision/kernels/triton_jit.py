@@ -15,10 +15,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Format codes shared with ops.py (constexpr in the kernels).
-NONE, MX_E4M3, MX_E5M2, NVFP4 = 0, 1, 2, 3
+# Format codes shared with ops.py (constexpr in the kernels). NVFP4_MODELOPT: NVFP4 in
+# ModelOpt's arithmetic (nvfp4.py), fake quant only.
+NONE, MX_E4M3, MX_E5M2, NVFP4, NVFP4_MODELOPT = 0, 1, 2, 3, 4
 # Most per-program maxima _amax_partials_kernel leaves for a quantizer to reduce (a power of 2).
 MAX_PARTIALS = tl.constexpr(512)
+# fp32(1/2688): ModelOpt divides its amax by 6 * 448 on CUDA, which multiplies by this reciprocal.
+MODELOPT_INV_GLOBAL = tl.constexpr(1.0 / 2688.0)
 
 
 @triton.jit
@@ -86,22 +89,49 @@ def _nvfp4(xb, g, AXIS: tl.constexpr):
     inv_g = tl.math.div_rn(tl.full((), 1.0, tl.float32), g)
     reciprocal = tl.math.div_rn(inv_g + tl.zeros_like(block_amax), scale_f32)
     v = tl.clamp(xb * reciprocal, -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-    mag = tl.abs(v)
-    # E2M1 round to nearest even (the thresholds of nvfp4._MIDPOINTS): the grid step is 0.5
-    # below 2, 1 below 4, then 2, and rounding mag / step to an even integer lands on the even code.
-    below_2, below_4 = mag < 2.0, mag < 4.0
-    steps_per_unit = tl.where(below_2, 2.0, tl.where(below_4, 1.0, 0.5))
-    step = tl.where(below_2, 0.5, tl.where(below_4, 1.0, 2.0))
-    # rint(y) for 0 <= y <= 4: adding 2^23 leaves no fraction bits, so the fp32 add rounds y to
-    # an integer, ties to even. Powers of two: both products are exact.
-    value = ((mag * steps_per_unit + 8388608.0) - 8388608.0) * step
-    value = tl.where(mag == mag, value, 0.0)  # NaN compares below every midpoint: code 0
+    # E2M1 round to nearest even (the thresholds of nvfp4._MIDPOINTS).
+    value = _e2m1_magnitude(tl.abs(v))
     # Codes 0..7 of 0, .5, 1, 1.5, 2, 3, 4, 6.
     code = tl.where(value <= 2.0, value * 2.0, tl.where(value < 6.0, value + 2.0, 7.0)).to(tl.int32)
     sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
     # The sign as a bit (Triton's unary minus is 0 - x, which would turn -0.0 into +0.0).
     value = (value.to(tl.int32, bitcast=True) | (sign << 31)).to(tl.float32, bitcast=True)
     return code | (sign << 3), block_scale, value * (g * scale_f32)
+
+
+@triton.jit
+def _e2m1_magnitude(mag):
+    """|x| / scale in [0, 6] (or NaN) -> the nearest E2M1 magnitude, ties to even, NaN -> 0."""
+    # The grid step is 0.5 below 2, 1 below 4, then 2, and rounding mag / step to an even
+    # integer lands on the even code. rint(y) for 0 <= y <= 4: adding 2^23 leaves no fraction
+    # bits, so the fp32 add rounds y to an integer, ties to even. Powers of two: both products exact.
+    below_2, below_4 = mag < 2.0, mag < 4.0
+    steps_per_unit = tl.where(below_2, 2.0, tl.where(below_4, 1.0, 0.5))
+    step = tl.where(below_2, 0.5, tl.where(below_4, 1.0, 2.0))
+    value = ((mag * steps_per_unit + 8388608.0) - 8388608.0) * step
+    return tl.where(mag == mag, value, 0.0)  # NaN compares below every midpoint: code 0
+
+
+@triton.jit
+def _nvfp4_modelopt(xb, g, AXIS: tl.constexpr):
+    """ModelOpt's NVFP4 fake quant of 16-blocks along AXIS with global scale g: the dequantized
+    values, bit for bit its fp4_fake_quant_block. Its two divisions are Triton's fp32 `/`
+    (div.full.f32, within 2 ulp), kept as they are: nvfp4.py's reference divides exactly."""
+    block_amax = _abs_max(xb, AXIS)
+    scale = block_amax / (g * 6.0)
+    scale = tl.minimum(scale, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    scale = scale.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32) * g
+    scale = tl.where(scale >= 1e-5, scale, 1.0)
+    x_abs = tl.abs(xb)
+    magnitude = _e2m1_magnitude(tl.minimum(x_abs / scale, 6.0, propagate_nan=tl.PropagateNan.ALL)) * scale
+    return tl.where(xb >= 0, magnitude, 0.0 - magnitude)
+
+
+@triton.jit
+def _modelopt_global_scale(amax_ptr, n_amax):
+    """nvfp4.modelopt_global_scale: amax times fp32(1/2688), 1e-12 where not positive."""
+    g = _load_amax(amax_ptr, n_amax) * MODELOPT_INV_GLOBAL
+    return tl.where(g > 0.0, g, 1e-12)
 
 
 @triton.jit
@@ -185,16 +215,20 @@ def _block_kernel(
     WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     """One read of a [BR, BK] tile of x; up to two quantizations of it:
-    ROW (MX_E4M3 / MX_E5M2 / NVFP4) in blocks along K, writing the dequantized tile and/or the
-    quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its block scales
-    (and NVFP4's global decode scale g);
+    ROW (MX_E4M3 / MX_E5M2 / NVFP4 / NVFP4_MODELOPT) in blocks along K, writing the dequantized
+    tile and/or the quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its
+    block scales (and NVFP4's global decode scale g);
     COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR a multiple of 32), writing the dequantized tile."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
     mask = (rows < R) & (cols < K)
     x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
     if ROW != 0:
-        if ROW == 3:
+        if ROW == 4:  # fake quant only: no data, no scales
+            xb = tl.reshape(x, (BR, BK // 16, 16))
+            fake = _nvfp4_modelopt(xb, _modelopt_global_scale(amax_ptr, n_amax), 2)
+            nblk: tl.constexpr = BK // 16
+        elif ROW == 3:
             xb = tl.reshape(x, (BR, BK // 16, 16))
             data, scale, fake = _nvfp4(xb, _global_decode(amax_ptr, n_amax), 2)
             nblk: tl.constexpr = BK // 16

@@ -18,6 +18,7 @@ from stages.precision.fp8 import fake_quantize_fp8, quantize_fp8
 from stages.precision.fp8_native import check_recipe
 from stages.precision.mx import fake_quantize_mxfp8, quantize_mxfp8
 from stages.precision.nvfp4 import fake_quantize_nvfp4, quantize_nvfp4
+from stages.precision.recipe import Recipe
 
 from precision_helpers import recipe_with, tiny_qwen3
 
@@ -114,6 +115,58 @@ def test_nvfp4_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, in
         assert torch.equal(bits(ops().fake_nvfp4(view)), bits(fake_quantize_nvfp4(view)))
 
 
+def modelopt_cases() -> dict[str, torch.Tensor]:
+    """Inputs where the two NVFP4 arithmetics part ways, and plain ones."""
+    gen = torch.Generator().manual_seed(7)
+    randn = torch.randn(1024, 4096, generator=gen)
+    spikes = torch.where(torch.rand(1024, 4096, generator=gen) < 1e-4, 1000.0, 1.0)
+    return {
+        "randn_bf16": randn.bfloat16(),
+        "randn_fp32": randn,
+        "outliers": (randn * spikes).bfloat16(),
+        # rows 2^-12..2^12 apart: the small rows' block scales are subnormal E4M3 in ModelOpt's arithmetic
+        "row_scales": (randn * torch.exp2(torch.randint(-12, 13, (1024, 1), generator=gen).float())).bfloat16(),
+        "ties": (torch.randint(-12, 13, (1024, 4096), generator=gen).float() / 4).bfloat16(),
+        "signed_zeros": torch.where(randn.abs() < 0.5, -0.0, randn).bfloat16(),
+        "all_zero": torch.zeros(64, 256),
+    }
+
+
+MODELOPT_CASES = ["randn_bf16", "randn_fp32", "outliers", "row_scales", "ties", "signed_zeros", "all_zero", "edge_rows"]
+
+
+def modelopt_case(case: str) -> torch.Tensor:
+    return edge_tensor(96, 160, torch.float32, seed=8) if case == "edge_rows" else modelopt_cases()[case].cuda()
+
+
+@needs_fp8_gemm
+@pytest.mark.parametrize("case", MODELOPT_CASES)
+def test_nvfp4_modelopt_arithmetic_equals_modelopts_fake_quant_bit_for_bit(case: str) -> None:
+    """ModelOpt's own NVFP4 QAT kernel (fp4_fake_quant_block, Hopper+) against our kernel with
+    nvfp4_arithmetic modelopt, unfused and fused with wgrad's column-wise MXFP8."""
+    hopper = pytest.importorskip("modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper")
+    x = modelopt_case(case)
+    theirs = hopper.fp4_fake_quant_block(x, x.abs().amax().float())
+    assert torch.equal(bits(ops().fake_nvfp4(x, "modelopt")), bits(theirs))
+    assert torch.equal(bits(ops().fake_rows_and_cols(x, "nvfp4", nvfp4_arithmetic="modelopt")[0]), bits(theirs))
+    if case in ("row_scales", "ties", "signed_zeros"):  # where torchao's arithmetic gives other bits
+        assert not torch.equal(bits(ops().fake_nvfp4(x)), bits(theirs))
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["randn_bf16", "randn_fp32", "outliers", "row_scales"])
+def test_nvfp4_modelopt_reference_differs_from_the_kernel_only_at_rounding_thresholds(case: str) -> None:
+    """The PyTorch reference divides exactly, the kernel (as ModelOpt's) approximately: they
+    part only where a quotient lies within 2 ulp of a rounding threshold (an element's E2M1
+    code or a block's E4M3 scale): 1.1e-4 to 2.6e-4 of the elements here on an H200."""
+    x = modelopt_case(case)
+    kernel, reference = ops().fake_nvfp4(x, "modelopt"), fake_quantize_nvfp4(x, arithmetic="modelopt")
+    differ = kernel != reference
+    assert differ.float().mean().item() < 1e-3
+    step = (kernel - reference).abs()[differ].float()
+    assert torch.all(step <= x.abs().max().float() / 2688 * 448 * 2 * 1.01)  # at most one E2M1 step (<= 2 s)
+
+
 @needs_cuda
 def test_kernels_on_special_values_and_3d_input() -> None:
     x = edge_tensor(4, 64, torch.bfloat16, seed=3).reshape(2, 2, 64)
@@ -136,14 +189,22 @@ def test_kernels_on_special_values_and_3d_input() -> None:
         assert torch.equal(q.scale.cpu(), ref.scale.cpu()) and not q.data.float().any()
     assert torch.equal(bits(ops().fake_nvfp4(zeros)), bits(fake_quantize_nvfp4(zeros)))
     assert torch.equal(ops().nvfp4(zeros).global_scale.cpu(), torch.tensor(1.0))
+    assert torch.equal(bits(ops().fake_nvfp4(zeros, "modelopt")), bits(zeros))
 
 
 @needs_cuda
-@pytest.mark.parametrize("row_format", ["nvfp4", "mxfp8", "mxfp8_e5m2"])
+@pytest.mark.parametrize("row_format", ["nvfp4", "nvfp4_modelopt", "mxfp8", "mxfp8_e5m2"])
 def test_fused_rows_and_cols_equal_two_reference_quantizations(row_format: str) -> None:
     x = edge_tensor(96, 160, torch.bfloat16, seed=4)
-    rows, cols = ops().fake_rows_and_cols(x, row_format)
-    row_ref = fake_quantize_nvfp4(x) if row_format == "nvfp4" else fake_quantize_mxfp8(x, row_format)
+    if row_format == "nvfp4_modelopt":  # its reference is ModelOpt's kernel: the unfused kernel equals it
+        rows, cols = ops().fake_rows_and_cols(x, "nvfp4", nvfp4_arithmetic="modelopt")
+        row_ref = ops().fake_nvfp4(x, "modelopt")
+    elif row_format == "nvfp4":
+        rows, cols = ops().fake_rows_and_cols(x, "nvfp4")
+        row_ref = fake_quantize_nvfp4(x)
+    else:
+        rows, cols = ops().fake_rows_and_cols(x, row_format)
+        row_ref = fake_quantize_mxfp8(x, row_format)
     assert torch.equal(bits(rows), bits(row_ref))
     assert torch.equal(bits(cols), bits(fake_quantize_mxfp8(x.t()).t()))
 
@@ -170,6 +231,9 @@ def test_every_candidate_tile_gives_the_reference_bits(family: str, tile, monkey
         q, ref = ops().nvfp4(x), quantize_nvfp4(x)
         assert torch.equal(q.codes.cpu(), ref.codes.cpu()) and torch.equal(bits(q.block_scales), bits(ref.block_scales))
         assert torch.equal(bits(ops().fake_nvfp4(x)), bits(fake_quantize_nvfp4(x)))
+        modelopt = ops().fake_nvfp4(x, "modelopt")
+        monkeypatch.setitem(ops().TILES, family, ops().TILE_CANDIDATES[family][0])
+        assert torch.equal(bits(modelopt), bits(ops().fake_nvfp4(x, "modelopt")))
     if family == "block":
         assert torch.equal(bits(ops().mxfp8(x).data), bits(quantize_mxfp8(x).data))
         rows, cols = ops().fake_rows_and_cols(x, "nvfp4")
@@ -202,7 +266,7 @@ def test_direct_launches_keep_one_kernel_per_specialization() -> None:
     assert len(keys) == len(set(keys)) >= 3
 
 
-def train_two_steps(name: str, backend: str, use_kernels: bool, monkeypatch) -> tuple[list[float], list[torch.Tensor]]:
+def train_two_steps(recipe: Recipe, backend: str, use_kernels: bool, monkeypatch) -> tuple[list[float], list[torch.Tensor]]:
     """Two optimizer steps of 2 micro-batches on CUDA; kernels off = the reference quantizers."""
     import stages.precision.emulated as emulated
 
@@ -211,7 +275,7 @@ def train_two_steps(name: str, backend: str, use_kernels: bool, monkeypatch) -> 
         monkeypatch.setattr(emulated, "fused_rows_and_cols", lambda x, a, b: None)
         monkeypatch.setattr(emulated, "fused_pair_supported", lambda a, b: False)
     model = tiny_qwen3().to("cuda", torch.bfloat16)
-    prepared = prepare_model(model, load_recipe(name), backend)
+    prepared = prepare_model(model, recipe, backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(3)
     losses = []
@@ -229,13 +293,26 @@ def train_two_steps(name: str, backend: str, use_kernels: bool, monkeypatch) -> 
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["fp8", "mxfp8", "nv4f_mx8b", "nvfp4_qat"])
+@pytest.mark.parametrize("name", ["fp8", "mxfp8", "nv4f_mx8b", "nvfp4_qat_torchao_arithmetic"])
 def test_emulated_training_with_kernels_equals_reference_bit_for_bit(name: str, monkeypatch) -> None:
     """Kernels, fused row/column passes and the per-step weight cache change no bit."""
-    losses_k, params_k = train_two_steps(name, "emulated", True, monkeypatch)
-    losses_r, params_r = train_two_steps(name, "emulated", False, monkeypatch)
+    if name == "nvfp4_qat_torchao_arithmetic":
+        recipe = recipe_with("nvfp4_qat", fprop="nvfp4")
+    else:
+        recipe = load_recipe(name)
+    losses_k, params_k = train_two_steps(recipe, "emulated", True, monkeypatch)
+    losses_r, params_r = train_two_steps(recipe, "emulated", False, monkeypatch)
     assert losses_k == losses_r
     assert all(torch.equal(a, b) for a, b in zip(params_k, params_r, strict=True))
+
+
+@needs_cuda
+def test_nvfp4_qat_in_modelopts_arithmetic_trains_as_its_exact_reference(monkeypatch) -> None:
+    """nvfp4_qat's kernel divides as ModelOpt does (approximately): the same run as the exactly
+    dividing reference but for a rare rounding-threshold element."""
+    losses_k, _ = train_two_steps(load_recipe("nvfp4_qat"), "emulated", True, monkeypatch)
+    losses_r, _ = train_two_steps(load_recipe("nvfp4_qat"), "emulated", False, monkeypatch)
+    assert losses_k == pytest.approx(losses_r, rel=1e-3)
 
 
 @needs_cuda
@@ -321,8 +398,8 @@ def test_fast_accumulation_reaches_the_gemm() -> None:
 
 @needs_fp8_gemm
 def test_scaled_mm_backend_trains_like_emulated(monkeypatch) -> None:
-    losses_native, _ = train_two_steps("fp8", "scaled_mm", True, monkeypatch)
-    losses_emulated, _ = train_two_steps("fp8", "emulated", True, monkeypatch)
+    losses_native, _ = train_two_steps(load_recipe("fp8"), "scaled_mm", True, monkeypatch)
+    losses_emulated, _ = train_two_steps(load_recipe("fp8"), "emulated", True, monkeypatch)
     assert losses_native[0] == pytest.approx(losses_emulated[0], rel=2e-2)
     assert losses_native[-1] == pytest.approx(losses_emulated[-1], rel=5e-2)
 

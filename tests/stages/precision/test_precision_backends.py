@@ -72,6 +72,23 @@ def test_modelopt_needs_a_calibration_loop_and_a_qat_shaped_recipe() -> None:
     )
 
 
+def test_each_backend_says_whose_nvfp4_arithmetic_it_runs() -> None:
+    from stages.precision.compat import recipe_refusal
+
+    torchao_qat = recipe_with("nvfp4_qat", fprop="nvfp4")
+    assert recipe_refusal(torchao_qat, "modelopt") == (
+        "recipe nvfp4_qat: backend modelopt quantizes NVFP4 in ModelOpt's arithmetic; set nvfp4_arithmetic: "
+        "modelopt (as recipe nvfp4_qat does) or choose backend emulated"
+    )
+    assert recipe_refusal(load_recipe("nvfp4_qat"), "te") == (
+        "recipe nvfp4_qat: backend te quantizes NVFP4 in its own arithmetic, not ModelOpt's; set "
+        "nvfp4_arithmetic: torchao or choose backend emulated"
+    )
+    for recipe in (torchao_qat, load_recipe("nvfp4_qat")):
+        assert recipe_refusal(recipe, "emulated") is None
+    assert recipe_refusal(load_recipe("nvfp4_qat"), "modelopt") is None and recipe_refusal(torchao_qat, "te") is None
+
+
 def test_modelopt_fp8_qat_trains_on_cpu_and_keeps_lm_head(token_batch: torch.Tensor) -> None:
     pytest.importorskip("modelopt.torch.quantization")
     recipe = recipe_with("nvfp4_qat", fprop="fp8_e4m3", inference_format="fp8")

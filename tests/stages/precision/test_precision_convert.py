@@ -9,6 +9,7 @@ from torch import nn
 
 from stages.precision import PrecisionUnavailable, fake_quantize, load_recipe, prepare_model
 from stages.precision.emulated import OperandQuantizer, QuantizedLinear
+from stages.precision.nvfp4 import fake_quantize_nvfp4
 from stages.precision.recipe import OperandSpec, parse_recipe
 
 from precision_helpers import recipe_with, tiny_qwen3
@@ -52,10 +53,10 @@ def test_te_style_backward_requantizes_each_operand_from_the_original_along_k() 
 
 
 def test_qat_backward_is_straight_through_on_the_fake_quantized_forward_tensors() -> None:
-    x, w, _, _, g, dx, dw = run("nvfp4_qat")
-    x_q = fake_quantize(x.detach(), "nvfp4").reshape(-1, 48)
+    x, w, _, _, g, dx, dw = run("nvfp4_qat")  # ModelOpt's NVFP4 arithmetic, as its QAT
+    x_q = fake_quantize_nvfp4(x.detach(), arithmetic="modelopt").reshape(-1, 48)
     g2 = g.reshape(-1, 40)
-    assert torch.equal(dx, (g2 @ fake_quantize(w, "nvfp4")).reshape(dx.shape))
+    assert torch.equal(dx, (g2 @ fake_quantize_nvfp4(w, arithmetic="modelopt")).reshape(dx.shape))
     assert torch.equal(dw, g2.t() @ x_q)
 
 
@@ -179,7 +180,8 @@ def test_delayed_fake_quant_switches_on_at_the_configured_step() -> None:
         prepared.on_step(1)
         assert torch.equal(prepared.model(x), F.linear(x, w, b))
         prepared.on_step(2)
-        assert torch.equal(prepared.model(x), F.linear(fake_quantize(x, "nvfp4"), fake_quantize(w, "nvfp4"), b))
+        x_q, w_q = (fake_quantize_nvfp4(t, arithmetic="modelopt") for t in (x, w))
+        assert torch.equal(prepared.model(x), F.linear(x_q, w_q, b))
 
 
 def test_torchao_delayed_fake_quant() -> None:

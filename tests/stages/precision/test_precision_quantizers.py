@@ -9,7 +9,7 @@ import torch
 
 from stages.precision import dequantize_nvfp4, fake_quantize, quantize_fp8, quantize_mxfp8, quantize_nvfp4
 from stages.precision.mx import dequantize_mxfp8
-from stages.precision.nvfp4 import pack_fp4
+from stages.precision.nvfp4 import fake_quantize_nvfp4, pack_fp4
 
 mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated  # noqa: E402
@@ -126,6 +126,18 @@ def test_nvfp4_ties_round_to_even_and_negative_zero_keeps_sign() -> None:
     assert ours.codes[0, :10].tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 8, 8]
     _, ref_packed = nvfp4_quantize(x, 16, torch.tensor(1.0))
     assert torch.equal(pack_fp4(ours.codes), ref_packed)
+
+
+def test_nvfp4_in_modelopts_arithmetic_divides_drops_zero_signs_and_zeroes_tiny_blocks() -> None:
+    x = torch.zeros(2, 16)
+    x[0, :6] = torch.tensor([3.0, 1.75, -0.1, -0.0, 0.8, -2.2])  # amax 3: block scale 448, s * g = 0.5
+    x[1, :4] = torch.tensor([5e-5, -3e-5, 1e-5, 2.5e-5])  # s * g under 1e-5
+    modelopt, torchao = fake_quantize_nvfp4(x, arithmetic="modelopt"), fake_quantize_nvfp4(x)
+    # 1.75 / 0.5 is the tie 3.5, which rounds to even (4): torchao's x * ((1/g)/s) lands just below it.
+    assert modelopt[0, :6].tolist() == [3.0, 2.0, 0.0, 0.0, 0.75, -2.0]
+    assert torchao[0, :6].tolist() == [3.0, 1.5, -0.0, -0.0, 0.75, -2.0]
+    assert not torch.signbit(modelopt[0, 2:4]).any() and torch.signbit(torchao[0, 2:4]).all()
+    assert not modelopt[1].any() and torchao[1, :4].abs().min() > 0  # ModelOpt: scales < 1e-5 become 1.0
 
 
 def test_nvfp4_all_zero_and_nan_tensors() -> None:

@@ -69,7 +69,9 @@ def test_mx_and_nvfp4_builtins() -> None:
     assert {s.format for (gemm, _), s in mixed.operands() if gemm != "fprop"} == {"mxfp8"}
     assert mixed.backward_source == "original"
     assert mixed.gemm_summary() == "fprop=nvfp4,nvfp4 dgrad=mxfp8,mxfp8 wgrad=mxfp8,mxfp8 (original)"
+    assert mixed.fprop.input.nvfp4_arithmetic == "torchao"  # TE's
     qat = load_recipe("nvfp4_qat")
+    assert qat.fprop.input.nvfp4_arithmetic == qat.fprop.weight.nvfp4_arithmetic == "modelopt"
     assert qat.backward_source == "forward_quantized"
     assert {s.format for (gemm, _), s in qat.operands() if gemm != "fprop"} == {"bf16"}
     assert qat.high_precision == ["lm_head", "*embed*"]
@@ -117,6 +119,12 @@ BAD = {
     "should be greater than or equal to 1",
     "fprop: {input: {format: mxfp8, stochastic_rounding: true}}\n": "fprop.input: stochastic_rounding is "
     "only supported for 'nvfp4', not 'mxfp8'",
+    "fprop: {input: {format: mxfp8, nvfp4_arithmetic: modelopt}}\n": "fprop.input: nvfp4_arithmetic is only "
+    "for 'nvfp4', not 'mxfp8'",
+    "fprop: {format: nvfp4, nvfp4_arithmetic: modelopt, block_2d: true}\n": "fprop.input: nvfp4_arithmetic "
+    "'modelopt' has no block_2d (ModelOpt's fake quant does not)",
+    "fprop: {format: nvfp4, nvfp4_arithmetic: ieee}\n": "fprop.input.nvfp4_arithmetic: Input should be "
+    "'torchao' or 'modelopt'",
     "fprop: {format: mxfp8, fast_accumulation: true}\n": "fprop.fast_accumulation: only for GEMMs of "
     "per-tensor FP8 operands (fp8_e4m3, fp8_e5m2)",
     "dgrad: {grad_output: fp8_e5m2, weight: fp8_e4m3, fast_accumulation: maybe}\n": "dgrad.fast_accumulation: "
