@@ -9,9 +9,10 @@ plus every output written (FP8 data 1 B, E2M1 codes 1 B unpacked, scales, dequan
 `fraction_if_one_read` is the same time against a single read of the input. The PyTorch
 reference is timed too.
 
-`--sweep` first times each kernel family over candidate tiles (ops.TILES) on the training
-step's shapes, prints the table and uses the fastest tile for the rest of the run: how the
-defaults in ops.TILES were chosen.
+`--sweep` first times each kernel family over candidate tiles (ops.TILES) on the three sizes
+(each size's time as a multiple of its copy time, so the large one does not outweigh the
+training step's shapes), prints the table and uses the fastest tile for the rest of the run:
+how the defaults in ops.TILES were chosen.
 
   python -m bench.quantizers [--sweep] [--out FILE]
 """
@@ -29,15 +30,14 @@ from stages.precision import fp8, mx, nvfp4
 from stages.precision.kernels import ops
 
 SIZES = [(4096, 4096), (4096, 12288), (151936, 4096)]
-SWEEP_SIZES = [(4096, 4096), (4096, 12288)]
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 # family (of ops.TILES) -> kernels of kernels() timed together; amax first: the others call it.
 SWEEP = {
     "amax": ["amax"],
     "fp8": ["fp8_e4m3_quantize", "fp8_e5m2_quantize_and_transpose", "fp8_e4m3_fake"],
     "block": ["mxfp8_quantize", "mxfp8_fake", "nvfp4_rows_mxfp8_cols_fake", "mxfp8_rows_and_cols_fake"],
-    "nvfp4": ["nvfp4_quantize", "nvfp4_fake"],
-    "block_t": ["mxfp8_quantize_colwise"],
+    "nvfp4": ["nvfp4_quantize", "nvfp4_fake", "nvfp4_modelopt_fake"],
+    "block_t": ["mxfp8_quantize_colwise", "mxfp8_fake_colwise"],
 }
 
 
@@ -51,8 +51,15 @@ def kernels() -> dict[str, tuple[callable, callable | None, int, float]]:
         "mxfp8_quantize": (ops.mxfp8, mx.quantize_mxfp8, 1, 1.0 + 1 / 32),
         "mxfp8_quantize_colwise": (lambda x: ops.mxfp8(x.t()), lambda x: mx.quantize_mxfp8(x.t()), 1, 1.0 + 1 / 32),
         "mxfp8_fake": (ops.fake_mxfp8, mx.fake_quantize_mxfp8, 1, 2.0),
+        "mxfp8_fake_colwise": (lambda x: ops.fake_mxfp8(x.t()), lambda x: mx.fake_quantize_mxfp8(x.t()), 1, 2.0),
         "nvfp4_quantize": (ops.nvfp4, nvfp4.quantize_nvfp4, 2, 1.0 + 1 / 16),
         "nvfp4_fake": (ops.fake_nvfp4, nvfp4.fake_quantize_nvfp4, 2, 2.0),
+        "nvfp4_modelopt_fake": (
+            lambda x: ops.fake_nvfp4(x, "modelopt"),
+            lambda x: nvfp4.fake_quantize_nvfp4(x, arithmetic="modelopt"),
+            2,
+            2.0,
+        ),
         "nvfp4_rows_mxfp8_cols_fake": (
             lambda x: ops.fake_rows_and_cols(x, "nvfp4"),
             lambda x: (nvfp4.fake_quantize_nvfp4(x), mx.fake_quantize_mxfp8(x.t())),
@@ -68,23 +75,26 @@ def kernels() -> dict[str, tuple[callable, callable | None, int, float]]:
     }
 
 
-def modelopt_nvfp4(x: torch.Tensor) -> tuple[float, float] | None:
-    """(fraction of elements bit-equal to our NVFP4 fake quant, its ms) if ModelOpt imports."""
+def modelopt_nvfp4(x: torch.Tensor) -> tuple[float, float, float] | None:
+    """(fractions of elements bit-equal to our NVFP4 fake quant in ModelOpt's arithmetic and in
+    torchao's, ModelOpt's ms) if ModelOpt imports."""
     try:
         from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import fp4_fake_quant_block
     except Exception as error:  # noqa: BLE001 - report why, keep benching
         print(f"modelopt: not compared ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
         return None
     amax = x.abs().amax().float()
-    theirs = fp4_fake_quant_block(x, amax)
-    ours = ops.fake_nvfp4(x)
-    equal = (theirs.view(torch.int16) == ours.view(torch.int16)).float().mean().item()
-    return equal, do_bench(lambda: fp4_fake_quant_block(x, amax))
+    theirs = fp4_fake_quant_block(x, amax).view(torch.int16)
+    modelopt, torchao = (ops.fake_nvfp4(x, arithmetic).view(torch.int16) for arithmetic in ("modelopt", "torchao"))
+    return ((theirs == modelopt).float().mean().item(), (theirs == torchao).float().mean().item(),
+            do_bench_cudagraph(lambda: fp4_fake_quant_block(x, amax)))
 
 
 def sweep() -> list[dict]:
-    """Time each family's kernels over its candidate tiles; keep the fastest in ops.TILES."""
-    inputs = [torch.randn(r, k, device="cuda", dtype=torch.bfloat16) for r, k in SWEEP_SIZES]
+    """Time each family's kernels over its candidate tiles; keep the fastest in ops.TILES.
+    A tile's score: the sum over kernels and sizes of kernel time / copy time of that size."""
+    inputs = [torch.randn(r, k, device="cuda", dtype=torch.bfloat16) for r, k in SIZES]
+    copy_ms = [do_bench_cudagraph(lambda: x.clone()) for x in inputs]
     rows = []
     for family, names in SWEEP.items():
         fns = [kernels()[name][0] for name in names]
@@ -92,16 +102,16 @@ def sweep() -> list[dict]:
         for tile in ops.TILE_CANDIDATES[family]:
             ops.TILES[family] = tile
             try:
-                ms = sum(do_bench_cudagraph(lambda: fn(x)) for fn in fns for x in inputs)
+                ms = sum(do_bench_cudagraph(lambda: fn(x), rep=5) / copy for fn in fns for x, copy in zip(inputs, copy_ms))
             except Exception as error:  # noqa: BLE001 - a tile the compiler rejects is skipped, and said
                 print(f"sweep {family} {tile}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
                 continue
             timed.append((ms, tile))
-            rows.append({"family": family, "tile": [tile.rows, tile.cols, tile.warps], "ms": ms})
-            print(f"sweep {family:6} rows {tile.rows:4} cols {tile.cols:5} warps {tile.warps:3}: {ms:8.3f} ms")
+            rows.append({"family": family, "tile": [tile.rows, tile.cols, tile.warps], "copies": ms})
+            print(f"sweep {family:6} rows {tile.rows:4} cols {tile.cols:5} warps {tile.warps:3}: {ms:8.3f} copies")
         best_ms, best = min(timed, key=lambda t: t[0])
         ops.TILES[family] = best
-        print(f"sweep {family}: fastest {best} ({best_ms:.3f} ms for {', '.join(names)} on {SWEEP_SIZES})")
+        print(f"sweep {family}: fastest {best} ({best_ms:.3f} copy times for {', '.join(names)} on {SIZES})")
     return rows
 
 
@@ -144,11 +154,12 @@ def main() -> None:
         if (r, k) == (4096, 4096):
             compared = modelopt_nvfp4(x)
             if compared is not None:
-                equal, mo_ms = compared
-                print(f"modelopt fp4_fake_quant_block {r}x{k}: {mo_ms:.3f} ms, bit-equal to ours on {equal:.6f} of elements")
+                equal, equal_torchao, mo_ms = compared
+                print(f"modelopt fp4_fake_quant_block {r}x{k}: {mo_ms:.3f} ms (amax given); bit-equal to ours on "
+                      f"{equal:.6f} of elements (nvfp4_arithmetic modelopt), {equal_torchao:.6f} (torchao)")
                 rows.append({"kernel": "modelopt_nvfp4_fake", "size": f"{r}x{k}", "ms": mo_ms,
-                             "gb_per_s": n * 4 / (mo_ms * 1e-3) / 1e9, "fraction_bit_equal_to_ours": equal})
-        del x
+                             "gb_per_s": n * 4 / (mo_ms * 1e-3) / 1e9, "fraction_bit_equal_to_ours": equal,
+                             "fraction_bit_equal_to_ours_torchao_arithmetic": equal_torchao})
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
