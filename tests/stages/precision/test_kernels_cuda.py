@@ -20,6 +20,7 @@ from stages.precision.mx import fake_quantize_mxfp8, quantize_mxfp8
 from stages.precision.nvfp4 import fake_quantize_nvfp4, quantize_nvfp4
 from stages.precision.recipe import Recipe
 
+from bench.modelopt_nvfp4 import inputs as modelopt_inputs
 from precision_helpers import recipe_with, tiny_qwen3
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, FP8 GEMMs)")
@@ -115,28 +116,11 @@ def test_nvfp4_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, in
         assert torch.equal(bits(ops().fake_nvfp4(view)), bits(fake_quantize_nvfp4(view)))
 
 
-def modelopt_cases() -> dict[str, torch.Tensor]:
-    """Inputs where the two NVFP4 arithmetics part ways, and plain ones."""
-    gen = torch.Generator().manual_seed(7)
-    randn = torch.randn(1024, 4096, generator=gen)
-    spikes = torch.where(torch.rand(1024, 4096, generator=gen) < 1e-4, 1000.0, 1.0)
-    return {
-        "randn_bf16": randn.bfloat16(),
-        "randn_fp32": randn,
-        "outliers": (randn * spikes).bfloat16(),
-        # rows 2^-12..2^12 apart: the small rows' block scales are subnormal E4M3 in ModelOpt's arithmetic
-        "row_scales": (randn * torch.exp2(torch.randint(-12, 13, (1024, 1), generator=gen).float())).bfloat16(),
-        "ties": (torch.randint(-12, 13, (1024, 4096), generator=gen).float() / 4).bfloat16(),
-        "signed_zeros": torch.where(randn.abs() < 0.5, -0.0, randn).bfloat16(),
-        "all_zero": torch.zeros(64, 256),
-    }
-
-
 MODELOPT_CASES = ["randn_bf16", "randn_fp32", "outliers", "row_scales", "ties", "signed_zeros", "all_zero", "edge_rows"]
 
 
 def modelopt_case(case: str) -> torch.Tensor:
-    return edge_tensor(96, 160, torch.float32, seed=8) if case == "edge_rows" else modelopt_cases()[case].cuda()
+    return edge_tensor(96, 160, torch.float32, seed=8) if case == "edge_rows" else modelopt_inputs()[case].cuda()
 
 
 @needs_fp8_gemm
