@@ -76,6 +76,9 @@ class PreparedModel:
             "converted_linears": str(len(self.converted)),
             "torch_version": torch.__version__,
         }
+        arithmetics = sorted({op.nvfp4_arithmetic for _, op in self.recipe.operands() if op.format == "nvfp4"})
+        if arithmetics:  # the same format rounds differently in each: MLflow shows which ran
+            tags["nvfp4_arithmetic"] = ",".join(arithmetics)
         fast = [gemm for gemm in GEMM_OPERANDS if getattr(self.recipe, gemm).fast_accumulation]
         if fast and self.backend not in ("scaled_mm", "te"):
             # Only FP8 tensor cores accumulate that way; an emulated GEMM multiplies bf16 values in FP32.

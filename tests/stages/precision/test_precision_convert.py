@@ -101,7 +101,12 @@ def test_qwen3_keeps_lm_head_and_embeddings_and_parameters() -> None:
     }
     assert tags["torch_version"] == torch.__version__
     assert tags["recipe_gemms"] == "fprop=mxfp8,mxfp8 dgrad=mxfp8,mxfp8 wgrad=mxfp8,mxfp8 (original)"
-    assert "fast_accumulation" not in tags
+    assert "fast_accumulation" not in tags and "nvfp4_arithmetic" not in tags
+
+
+def test_nvfp4_runs_say_whose_arithmetic_they_ran() -> None:
+    assert prepare_model(tiny_qwen3(), load_recipe("nvfp4_qat"), "emulated").describe()["nvfp4_arithmetic"] == "modelopt"
+    assert prepare_model(tiny_qwen3(), load_recipe("nv4f_mx8b"), "emulated").describe()["nvfp4_arithmetic"] == "torchao"
 
 
 def test_emulated_fp8_says_it_does_not_model_fast_accumulation() -> None:
