@@ -52,13 +52,18 @@ def torchao_refusal(recipe: Recipe) -> str | None:
 
 def modelopt_preset(recipe: Recipe) -> str | None:
     """The ModelOpt config (`mtq.<name>`) that is exactly this recipe, or None."""
-    return _modelopt_preset(recipe, arithmetic_matters=True)
+    return None if _nvfp4_not_in_modelopts_arithmetic(recipe) else _preset_of_the_same_shape(recipe)
 
 
-def _modelopt_preset(recipe: Recipe, arithmetic_matters: bool) -> str | None:
+def _preset_of_the_same_shape(recipe: Recipe) -> str | None:
+    """The ModelOpt config with this recipe's formats and scaling, NVFP4's arithmetic aside."""
     fprop = {recipe.fprop.input.format, recipe.fprop.weight.format}
     backward = {op.format for (gemm, _), op in recipe.operands() if gemm != "fprop"}
-    plain = all(_is_modelopt_operand(op, arithmetic_matters) for (gemm, _), op in recipe.operands() if gemm == "fprop")
+    plain = all(
+        op.model_copy(update={"nvfp4_arithmetic": "torchao"}) == OperandSpec(format=op.format)
+        for (gemm, _), op in recipe.operands()
+        if gemm == "fprop"
+    )
     if (
         len(fprop) == 1
         and (fmt := next(iter(fprop))) in MODELOPT_PRESETS
@@ -71,21 +76,18 @@ def _modelopt_preset(recipe: Recipe, arithmetic_matters: bool) -> str | None:
     return None
 
 
-def _is_modelopt_operand(op: OperandSpec, arithmetic_matters: bool) -> bool:
-    """Whether ModelOpt's preset quantizes `op` so: default scaling, NVFP4 in its own arithmetic."""
-    if op.format == "nvfp4" and not arithmetic_matters:
-        op = op.model_copy(update={"nvfp4_arithmetic": "modelopt"})
-    return op == OperandSpec(format=op.format, nvfp4_arithmetic="modelopt" if op.format == "nvfp4" else "torchao")
+def _nvfp4_not_in_modelopts_arithmetic(recipe: Recipe) -> bool:
+    return any(op.format == "nvfp4" and op.nvfp4_arithmetic != "modelopt" for _, op in recipe.operands())
 
 
 def modelopt_refusal(recipe: Recipe) -> str | None:
-    if modelopt_preset(recipe) is not None:
-        return None
-    if _modelopt_preset(recipe, arithmetic_matters=False) is not None:
+    if _preset_of_the_same_shape(recipe) is None:
+        return (f"recipe {recipe.name}: backend modelopt runs only fake-quantized forward GEMMs (nvfp4, "
+                "fp8_e4m3 or mxfp8 on both operands) with a bf16 straight-through backward; choose backend emulated")
+    if _nvfp4_not_in_modelopts_arithmetic(recipe):
         return (f"recipe {recipe.name}: backend modelopt quantizes NVFP4 in ModelOpt's arithmetic; set "
                 "nvfp4_arithmetic: modelopt (as recipe nvfp4_qat does) or choose backend emulated")
-    return (f"recipe {recipe.name}: backend modelopt runs only fake-quantized forward GEMMs (nvfp4, "
-            "fp8_e4m3 or mxfp8 on both operands) with a bf16 straight-through backward; choose backend emulated")
+    return None
 
 
 def scaled_mm_refusal(recipe: Recipe) -> str | None:
