@@ -50,14 +50,15 @@ def pieces() -> dict[str, Callable[[], object]]:
     tile = ops.TILES["amax"]
     tiles_r, tiles_k = ops._grid(M, K, tile)
     programs = min(tiles_r * tiles_k, jit.MAX_PARTIALS.value)
-    partials = torch.empty(programs, dtype=torch.int32, device="cuda")
-    amax_args = (x, partials, M, K, K, 1, tiles_k, tiles_r * tiles_k)
+    partials = torch.empty(1 + programs, dtype=torch.int32, device="cuda")
+    counter = torch.zeros((), dtype=torch.int32, device="cuda")
+    amax_args = (x, partials, counter, M, K, K, 1, tiles_k, tiles_r * tiles_k)
 
     def amax_jit() -> None:
-        jit._amax_partials_kernel[(programs,)](*amax_args, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
+        jit._amax_kernel[(programs,)](*amax_args, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
 
     def amax_direct() -> None:
-        ops._AMAX_PARTIALS((programs,), *amax_args, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
+        ops._AMAX((programs,), *amax_args, BR=tile.rows, BK=tile.cols, num_warps=tile.warps)
 
     bf16_linear = nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
     fp8_linear = ScaledMMLinear(nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16), load_recipe("fp8"))

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from triton.runtime.driver import driver
 
 from stages.precision.fp8 import Fp8Quantized
 from stages.precision.kernels import toolchain
@@ -24,9 +25,7 @@ from stages.precision.nvfp4 import Nvfp4Quantized
 toolchain.use_fixed_ptxas()
 
 _MX_CODE = {torch.float8_e4m3fn: jit.MX_E4M3, torch.float8_e5m2: jit.MX_E5M2}
-_AMAX_PARTIALS, _FP8, _BLOCK = (
-    Launcher(jit._amax_partials_kernel), Launcher(jit._fp8_kernel), Launcher(jit._block_kernel)
-)
+_AMAX, _FP8, _BLOCK = Launcher(jit._amax_kernel), Launcher(jit._fp8_kernel), Launcher(jit._block_kernel)
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,9 @@ class Tile:
 TILES: dict[str, Tile] = {
     "amax": Tile(16, 512, 4),  # 8K elements per loop step of a partial maximum
     "fp8": Tile(32, 128, 4),  # the transposed store writes 32-byte runs
-    "block": Tile(32, 128, 4),  # MX rows, and any pass with column-wise blocks
+    "block": Tile(32, 128, 4),  # MX rows
     "nvfp4": Tile(16, 256, 4),  # NVFP4 rows alone (its fake quant, its codes)
+    "rows_cols": Tile(32, 128, 2),  # blocks along K and along the rows from one read
     "block_t": Tile(64, 32, 1),  # a transposed view (column-wise quantization): reads along the rows
 }
 # What `bench.quantizers --sweep` tries (and the GPU tests check bit for bit) per family.
@@ -58,7 +58,10 @@ TILE_CANDIDATES: dict[str, list[Tile]] = {
     "fp8": [Tile(r, c, w) for r, c in [(32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)] for w in (4, 8)],
     "block": [Tile(r, c, w) for r, c in _BLOCK_SHAPES for w in (2, 4, 8)],
     "nvfp4": [Tile(r, c, w) for r, c in [(16, 128), (16, 256), *_BLOCK_SHAPES] for w in (2, 4, 8)],
-    "block_t": [Tile(r, c, w) for r, c in [(32, 32), (64, 32), (128, 32), (256, 32), (128, 64)] for w in (1, 2, 4)],
+    "rows_cols": [Tile(r, c, w) for r, c in [(32, 32), (32, 64), (32, 128), (32, 256), (64, 32), (64, 64), (64, 128)]
+                  for w in (1, 2, 4, 8)],
+    "block_t": [Tile(r, c, w) for r, c in [(32, 32), (32, 64), (32, 128), (64, 32), (64, 64), (64, 128), (128, 32),
+                                           (128, 64), (256, 32)] for w in (1, 2, 4)],
 }
 
 
@@ -72,35 +75,45 @@ def _grid(r: int, k: int, tile: Tile) -> tuple[int, int]:
     return triton.cdiv(r, tile.rows), triton.cdiv(k, tile.cols)
 
 
+def _is_transposed(x2: torch.Tensor) -> bool:
+    return x2.stride(0) == 1 and x2.stride(1) != 1
+
+
 def _empty_like_strided(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Output in x's memory order (a transposed view in, a transposed view out)."""
-    if x2.stride(0) == 1 and x2.stride(1) != 1:
+    if _is_transposed(x2):
         return torch.empty(x2.shape[1], x2.shape[0], dtype=dtype, device=x2.device).t()
     return torch.empty(x2.shape, dtype=dtype, device=x2.device)
 
 
 def amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as an fp32 0-dim tensor (NaN if any element is NaN): the partial maxima's maximum."""
-    partials, _ = _amax_partials(_as_2d(x))
-    return partials.max().view(torch.float32)
+    """max |x| as an fp32 0-dim tensor (NaN if any element is NaN), in one launch."""
+    return _amax_bits_of(_as_2d(x)).view(torch.float32)
 
 
-def _amax_partials(x2: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(int32 bits of per-program maxima of |x|, how many): what the quantizers reduce to the amax."""
+def _amax_bits_of(x2: torch.Tensor) -> torch.Tensor:
+    """max |x| as the int32 bits the quantizers load (0-dim, in a buffer with _amax_kernel's partials)."""
     tile = TILES["amax"]
     tiles_r, tiles_k = _grid(*x2.shape, tile)
     programs = max(1, min(tiles_r * tiles_k, jit.MAX_PARTIALS.value))
-    out = torch.empty(programs, dtype=torch.int32, device=x2.device)
-    _AMAX_PARTIALS(
-        (programs,), x2, out, *x2.shape, *x2.stride(), tiles_k, tiles_r * tiles_k,
-        BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
+    out = torch.empty(1 + programs, dtype=torch.int32, device=x2.device)
+    _AMAX(
+        (programs,), x2, out, _finish_counter(x2.device, driver.active.get_current_stream(x2.device.index)),
+        *x2.shape, *x2.stride(), tiles_k, tiles_r * tiles_k, BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
     )
-    return out, programs
+    return out[0]
 
 
-def _amax_bits(amax_value: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A given amax as the kernels read it: one int32 "partial"."""
-    return amax_value.to(torch.float32).reshape(()).contiguous().view(torch.int32), 1
+@functools.cache
+def _finish_counter(device: torch.device, stream: int) -> torch.Tensor:
+    """_amax_kernel's count of finished programs, 0 between launches, one per stream: launches
+    queued on one stream run one after another, on two they could interleave."""
+    return torch.zeros((), dtype=torch.int32, device=device)
+
+
+def _amax_bits(amax_value: torch.Tensor) -> torch.Tensor:
+    """A given amax as the kernels read it: its fp32 bits as one int32."""
+    return amax_value.to(torch.float32).reshape(()).contiguous().view(torch.int32)
 
 
 def fp8(
@@ -118,7 +131,7 @@ def fp8(
     each part only if asked for, all from one read of x after the amax pass (two where the
     ptxas in use cannot fuse the transposed store: toolchain.py)."""
     x2 = _as_2d(x)
-    bits = _amax_partials(x2) if amax_value is None else _amax_bits(amax_value)
+    bits = _amax_bits_of(x2) if amax_value is None else _amax_bits(amax_value)
     r, k = x2.shape
     d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data else None
     d_t = torch.empty(k, r, dtype=dtype, device=x.device) if transposed else None
@@ -134,14 +147,13 @@ def fp8(
     return q, d_t, None if f is None else f.reshape(x.shape)
 
 
-def _fp8_launch(x2, bits, d, d_t, f, scale, dtype) -> None:
-    """One _fp8_kernel pass writing the parts given (not None); bits = (amax partials, how many)."""
+def _fp8_launch(x2, amax_bits, d, d_t, f, scale, dtype) -> None:
+    """One _fp8_kernel pass writing the parts given (not None)."""
     r, k = x2.shape
-    amax_bits, n_amax = bits
     dummy = amax_bits
     tile = TILES["fp8"]
     _FP8(
-        _grid(r, k, tile), x2, amax_bits, n_amax,
+        _grid(r, k, tile), x2, amax_bits,
         dummy if d is None else d, dummy if d_t is None else d_t, dummy if f is None else f,
         dummy if scale is None else scale,
         r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
@@ -189,9 +201,9 @@ def _block(
     block = 16 if nvfp4 else 32
     n_scale_cols = triton.cdiv(k, block)
     dummy = torch.empty((), dtype=torch.int32, device=x.device)  # never read: a pointer for unused outputs
-    bits, n_amax = dummy, 1
+    bits = dummy
     if nvfp4:
-        bits, n_amax = _amax_partials(x2) if global_amax is None else _amax_bits(global_amax)
+        bits = _amax_bits_of(x2) if global_amax is None else _amax_bits(global_amax)
     row_out = _empty_like_strided(x2, x.dtype) if row_fake and row != jit.NONE else None
     col_out = _empty_like_strided(x2, x.dtype) if col != jit.NONE else None
     data = scales = g = None
@@ -199,16 +211,22 @@ def _block(
         data_dtype = torch.uint8 if row == jit.NVFP4 else (torch.float8_e5m2 if row == jit.MX_E5M2 else torch.float8_e4m3fn)
         scale_dtype = torch.float8_e4m3fn if row == jit.NVFP4 else torch.uint8
         data = torch.empty(x2.shape, dtype=data_dtype, device=x.device)
-        scales = torch.empty(r, n_scale_cols, dtype=scale_dtype, device=x.device)
+        # A transposed view's programs each hold a run of x's contiguous dim (its rows here) and
+        # one or a few blocks per row: scales in the view's row-major order would take a
+        # one-byte store per row; in the view's column-major order (the same values, strided
+        # [r, n] view) they are stored as runs.
+        scales = (torch.empty(n_scale_cols, r, dtype=scale_dtype, device=x.device).t() if _is_transposed(x2)
+                  else torch.empty(r, n_scale_cols, dtype=scale_dtype, device=x.device))
         if row == jit.NVFP4:
             g = torch.empty((), dtype=torch.float32, device=x.device)
     tile = TILES[_block_family(x2, row, col)]
     _BLOCK(
-        _grid(r, k, tile), x2, bits, n_amax,
+        _grid(r, k, tile), x2, bits,
         dummy if row_out is None else row_out, dummy if col_out is None else col_out,
         dummy if data is None else data, dummy if scales is None else scales, dummy if g is None else g,
         r, k, *x2.stride(), *(row_out.stride() if row_out is not None else (0, 0)),
-        *(col_out.stride() if col_out is not None else (0, 0)), n_scale_cols,
+        *(col_out.stride() if col_out is not None else (0, 0)), *(scales.stride() if scales is not None else (0, 0)),
+        n_scale_cols,
         ROW=row, COL=col, FLOOR=floor, WRITE_ROW_FAKE=row_out is not None, WRITE_ROW_Q=row_q,
         BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
     )
@@ -223,9 +241,11 @@ def _block(
 
 
 def _block_family(x2: torch.Tensor, row: int, col: int) -> str:
-    if x2.stride(0) == 1 and x2.stride(1) != 1:
+    if _is_transposed(x2):
         return "block_t"  # a transposed view reads along its rows: tiles long that way
-    return "nvfp4" if row in (jit.NVFP4, jit.NVFP4_MODELOPT) and col == jit.NONE else "block"
+    if col != jit.NONE:
+        return "rows_cols"
+    return "nvfp4" if row in (jit.NVFP4, jit.NVFP4_MODELOPT) else "block"
 
 
 def mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil") -> MxQuantized:

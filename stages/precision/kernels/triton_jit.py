@@ -1,7 +1,9 @@
 """Triton kernels for the quantizers of `fp8.py`, `mx.py` and `nvfp4.py`, bit for bit.
 
 Each arithmetic step mirrors the PyTorch reference in the same order and rounding:
-divisions are `div_rn` (IEEE; Triton's `/` on fp32 is an approximate division), the casts
+divisions are `div_rn` (IEEE; Triton's `/` on fp32 is an approximate division) or, for NVFP4's
+block scales, a multiplication by the correctly rounded reciprocal with one FMA correction,
+which gives the same bits where it is used (`_div_with_reciprocal`), the casts
 to FP8 round to nearest even after an explicit NaN-propagating clamp, and block amaxes are
 taken as integers on the fp32 bits of |x| so that a NaN wins, as `torch.amax` does.
 
@@ -18,7 +20,7 @@ import triton.language as tl
 # Format codes shared with ops.py (constexpr in the kernels). NVFP4_MODELOPT: NVFP4 in
 # ModelOpt's arithmetic (nvfp4.py), fake quant only.
 NONE, MX_E4M3, MX_E5M2, NVFP4, NVFP4_MODELOPT = 0, 1, 2, 3, 4
-# Most per-program maxima _amax_partials_kernel leaves for a quantizer to reduce (a power of 2).
+# Most programs of _amax_kernel (a power of 2: its last program reduces their maxima in one load).
 MAX_PARTIALS = tl.constexpr(512)
 # fp32(1/2688): ModelOpt divides its amax by 6 * 448 on CUDA, which multiplies by this reciprocal.
 MODELOPT_INV_GLOBAL = tl.constexpr(1.0 / 2688.0)
@@ -82,34 +84,55 @@ def _nvfp4(xb, g, AXIS: tl.constexpr):
     """NVFP4 of 16-blocks along AXIS with global decode scale g: (codes, e4m3 scales, dequantized)."""
     block_amax = _abs_max(xb, AXIS)
     six = tl.full(block_amax.shape, 6.0, tl.float32)
-    block_scale = tl.math.div_rn(tl.math.div_rn(block_amax, six), g + tl.zeros_like(block_amax))
+    inv_g = tl.math.div_rn(tl.full((), 1.0, tl.float32), g)
+    if (g >= 2.0**-112) & (g < float("inf")):
+        # RN(RN(amax / 6) / g) without two IEEE divisions per block. A quotient under 2^-126,
+        # where the FMA correction may miss, lies under the 2^-6 clamp below (a6 <= 2^-126, g >= 2^-112).
+        a6 = _div_with_reciprocal(block_amax, six, tl.math.div_rn(tl.full((), 1.0, tl.float32), tl.full((), 6.0, tl.float32)))
+        block_scale = _div_with_reciprocal(a6, g + tl.zeros_like(block_amax), inv_g)
+    else:  # a NaN, an infinity or a tiny tensor amax: the divisions themselves
+        block_scale = tl.math.div_rn(tl.math.div_rn(block_amax, six), g + tl.zeros_like(block_amax))
     block_scale = tl.clamp(block_scale, 2.0**-6, 448.0, propagate_nan=tl.PropagateNan.ALL)
     block_scale = block_scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
     scale_f32 = block_scale.to(tl.float32)
-    inv_g = tl.math.div_rn(tl.full((), 1.0, tl.float32), g)
     reciprocal = tl.math.div_rn(inv_g + tl.zeros_like(block_amax), scale_f32)
     v = tl.clamp(xb * reciprocal, -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-    # E2M1 round to nearest even (the thresholds of nvfp4._MIDPOINTS).
-    value = _e2m1_magnitude(tl.abs(v))
-    # Codes 0..7 of 0, .5, 1, 1.5, 2, 3, 4, 6.
-    code = tl.where(value <= 2.0, value * 2.0, tl.where(value < 6.0, value + 2.0, 7.0)).to(tl.int32)
-    sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
-    # The sign as a bit (Triton's unary minus is 0 - x, which would turn -0.0 into +0.0).
-    value = (value.to(tl.int32, bitcast=True) | (sign << 31)).to(tl.float32, bitcast=True)
-    return code | (sign << 3), block_scale, value * (g * scale_f32)
+    v_bits = v.to(tl.int32, bitcast=True)
+    code, value = _e2m1(v_bits & 0x7FFFFFFF)
+    sign = v_bits & -0x80000000  # the sign as a bit (Triton's unary minus is 0 - x: -0.0 would become +0.0)
+    value = (value.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return code | ((v_bits >> 28) & 8), block_scale, value * (g * scale_f32)
 
 
 @triton.jit
-def _e2m1_magnitude(mag):
-    """|x| / scale in [0, 6] (or NaN) -> the nearest E2M1 magnitude, ties to even, NaN -> 0."""
-    # The grid step is 0.5 below 2, 1 below 4, then 2, and rounding mag / step to an even
-    # integer lands on the even code. rint(y) for 0 <= y <= 4: adding 2^23 leaves no fraction
-    # bits, so the fp32 add rounds y to an integer, ties to even. Powers of two: both products exact.
-    below_2, below_4 = mag < 2.0, mag < 4.0
-    steps_per_unit = tl.where(below_2, 2.0, tl.where(below_4, 1.0, 0.5))
-    step = tl.where(below_2, 0.5, tl.where(below_4, 1.0, 2.0))
-    value = ((mag * steps_per_unit + 8388608.0) - 8388608.0) * step
-    return tl.where(mag == mag, value, 0.0)  # NaN compares below every midpoint: code 0
+def _div_with_reciprocal(a, b, y):
+    """div_rn(a, b) from y = div_rn(1, b): RN(a y) corrected by one FMA (Markstein), where the
+    quotient is a normal number: the GPU test checks it against div_rn for every fp32 mantissa
+    of a over 6 and over each E4M3 mantissa, and for random pairs."""
+    q = a * y
+    return tl.fma(tl.fma(0.0 - q, b, a), y + tl.zeros_like(a), q)
+
+
+@triton.jit
+def _e2m1(mag_bits):
+    """The fp32 bits of |x| / scale in [0, 6] (or NaN) -> (E2M1 code 0..7 of 0, .5, 1, 1.5, 2, 3,
+    4, 6, its value), rounded to nearest even, NaN -> code 0. Integer and add/and only: a
+    float-to-int conversion runs at a quarter of the FP32 rate, and the codes kernel was issue-bound."""
+    mag = mag_bits.to(tl.float32, bitcast=True)
+    # Below 1 (E2M1's subnormals, step 0.5): adding 2^22, whose ulp is 0.5, rounds to even there,
+    # and the sum's low bits count the halves.
+    sub_sum = mag + 4194304.0
+    sub_code = sub_sum.to(tl.int32, bitcast=True) - 0x4A800000
+    # From 1 (one mantissa bit): round the fp32 mantissa to its top bit, ties to even (add
+    # 0x1FFFFF plus the kept bit); a carry moves into the exponent, as 1.75 -> 2. Bits 22 up then
+    # read exponent:mantissa, and E2M1's exponent is fp32's minus 126.
+    rounded = mag_bits + ((mag_bits >> 22) & 1) + 0x1FFFFF
+    norm_code = (rounded - (126 << 23)) >> 22
+    below_one = mag_bits < 0x3F800000
+    finite = mag_bits <= 0x40C00000  # |v| <= 6 unless NaN
+    code = tl.where(below_one, sub_code, tl.where(finite, norm_code, 0))
+    value = tl.where(below_one, sub_sum - 4194304.0, (rounded & -0x400000).to(tl.float32, bitcast=True))
+    return code, tl.where(finite, value, 0.0)
 
 
 @triton.jit
@@ -122,40 +145,40 @@ def _nvfp4_modelopt(xb, g, AXIS: tl.constexpr):
     scale = tl.minimum(scale, 448.0, propagate_nan=tl.PropagateNan.ALL)
     scale = scale.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32) * g
     scale = tl.where(scale >= 1e-5, scale, 1.0)
-    x_abs = tl.abs(xb)
-    magnitude = _e2m1_magnitude(tl.minimum(x_abs / scale, 6.0, propagate_nan=tl.PropagateNan.ALL)) * scale
+    quotient = tl.minimum(tl.abs(xb) / scale, 6.0, propagate_nan=tl.PropagateNan.ALL)
+    magnitude = _e2m1(quotient.to(tl.int32, bitcast=True))[1] * scale
     return tl.where(xb >= 0, magnitude, 0.0 - magnitude)
 
 
 @triton.jit
-def _modelopt_global_scale(amax_ptr, n_amax):
+def _modelopt_global_scale(amax_ptr):
     """nvfp4.modelopt_global_scale: amax times fp32(1/2688), 1e-12 where not positive."""
-    g = _load_amax(amax_ptr, n_amax) * MODELOPT_INV_GLOBAL
+    g = _load_amax(amax_ptr) * MODELOPT_INV_GLOBAL
     return tl.where(g > 0.0, g, 1e-12)
 
 
 @triton.jit
-def _load_amax(amax_ptr, n_amax):
-    """The tensor's amax from n_amax int32 partial maxima (fp32 bits; NaN's bits order highest)."""
-    offsets = tl.arange(0, MAX_PARTIALS)
-    bits = tl.load(amax_ptr + offsets, mask=offsets < n_amax, other=0)
-    return tl.max(bits, axis=0).to(tl.float32, bitcast=True)
+def _load_amax(amax_ptr):
+    """The tensor's amax: fp32 bits as one int32 (what _amax_kernel writes, or a given amax)."""
+    return tl.load(amax_ptr).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _global_decode(amax_ptr, n_amax):
+def _global_decode(amax_ptr):
     """nvfp4.global_scale_from_amax: amax / 2688, or 1 for an all-zero tensor."""
-    amax = _load_amax(amax_ptr, n_amax)
+    amax = _load_amax(amax_ptr)
     return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, tl.full((), 2688.0, tl.float32)))
 
 
 @triton.jit
-def _amax_partials_kernel(x_ptr, out_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR: tl.constexpr, BK: tl.constexpr):
-    """out[program] = max |x| (int32 bits) over the [BR, BK] tiles program, program + programs, ...
+def _amax_kernel(x_ptr, out_ptr, counter_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR: tl.constexpr, BK: tl.constexpr):
+    """out[0] = max |x| as int32 bits (NaN's bits order highest), for the quantizers to load as one value.
 
-    Not one atomic maximum: that needs a zero-filled output launched first (a fill kernel and
-    its launch per quantized tensor). Each quantizer program reduces the <= MAX_PARTIALS values
-    itself (a few KB from L2); ops.amax reduces them with torch."""
+    Each program takes the max over its [BR, BK] tiles program, program + programs, ... into
+    out[1 + program]; the last program to finish (counted on counter_ptr, which it sets back to 0
+    for the next launch) reduces those. One launch: not atomic maxima into a zero-filled out
+    (a fill launch per quantized tensor), nor the partials left for every quantizer program to
+    reduce (2 KB from L2, a reduction and a barrier ahead of each program's work)."""
     acc = tl.zeros((BR, BK), tl.int32)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
@@ -163,12 +186,21 @@ def _amax_partials_kernel(x_ptr, out_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR
         mask = (rows < R) & (cols < K)
         x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
         acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
-    tl.store(out_ptr + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
+    tl.store(out_ptr + 1 + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
+    # The store above happens before the count (the barrier, then a release); the last program's
+    # acquire makes every program's store visible to its loads, which skip L1 (.cg).
+    tl.debug_barrier()
+    finished = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == tl.num_programs(0) - 1:
+        offsets = tl.arange(0, MAX_PARTIALS)
+        partials = tl.load(out_ptr + 1 + offsets, mask=offsets < tl.num_programs(0), other=0, cache_modifier=".cg")
+        tl.store(out_ptr, tl.max(partials, axis=0))
+        tl.store(counter_ptr, 0)
 
 
 @triton.jit
 def _fp8_kernel(
-    x_ptr, amax_ptr, n_amax, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
     E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
     WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
@@ -180,7 +212,7 @@ def _fp8_kernel(
         fmax: tl.constexpr = 57344.0
     else:
         fmax: tl.constexpr = 448.0
-    amax64 = _load_amax(amax_ptr, n_amax).to(tl.float64)
+    amax64 = _load_amax(amax_ptr).to(tl.float64)
     # The epsilon as an fp64 tensor: a Python float literal would be rounded to fp32 first.
     amax64 = tl.maximum(amax64, tl.full((), 1e-12, tl.float64), propagate_nan=tl.PropagateNan.ALL)
     # fp64 `/` is IEEE div.rn.f64 in Triton (only the fp32 `/` is approximate).
@@ -209,15 +241,15 @@ def _fp8_kernel(
 
 @triton.jit
 def _block_kernel(
-    x_ptr, amax_ptr, n_amax, row_fake_ptr, col_fake_ptr, data_ptr, scale_ptr, g_ptr,
-    R, K, sxr, sxk, sfr, sfk, scr, sck, n_scale_cols,
+    x_ptr, amax_ptr, row_fake_ptr, col_fake_ptr, data_ptr, scale_ptr, g_ptr,
+    R, K, sxr, sxk, sfr, sfk, scr, sck, ssr, ssk, n_scale_cols,
     ROW: tl.constexpr, COL: tl.constexpr, FLOOR: tl.constexpr,
     WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     """One read of a [BR, BK] tile of x; up to two quantizations of it:
     ROW (MX_E4M3 / MX_E5M2 / NVFP4 / NVFP4_MODELOPT) in blocks along K, writing the dequantized
     tile and/or the quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its
-    block scales (and NVFP4's global decode scale g);
+    block scales (strided; and NVFP4's global decode scale g);
     COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR a multiple of 32), writing the dequantized tile."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
@@ -226,11 +258,11 @@ def _block_kernel(
     if ROW != 0:
         if ROW == 4:  # fake quant only: no data, no scales
             xb = tl.reshape(x, (BR, BK // 16, 16))
-            fake = _nvfp4_modelopt(xb, _modelopt_global_scale(amax_ptr, n_amax), 2)
+            fake = _nvfp4_modelopt(xb, _modelopt_global_scale(amax_ptr), 2)
             nblk: tl.constexpr = BK // 16
         elif ROW == 3:
             xb = tl.reshape(x, (BR, BK // 16, 16))
-            data, scale, fake = _nvfp4(xb, _global_decode(amax_ptr, n_amax), 2)
+            data, scale, fake = _nvfp4(xb, _global_decode(amax_ptr), 2)
             nblk: tl.constexpr = BK // 16
         else:
             xb = tl.reshape(x, (BR, BK // 32, 32))
@@ -246,10 +278,14 @@ def _block_kernel(
             scols = tl.program_id(1) * nblk + tl.arange(0, nblk)[None, :]
             smask = (srows < R) & (scols < n_scale_cols)
             scale2 = tl.reshape(scale, (BR, nblk))
-            tl.store(scale_ptr + srows * n_scale_cols + scols, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
+            tl.store(scale_ptr + srows * ssr + scols * ssk, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
             if ROW == 3 and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-                tl.store(g_ptr, _global_decode(amax_ptr, n_amax))
+                tl.store(g_ptr, _global_decode(amax_ptr))
     if COL != 0:
+        if ROW != 0:
+            # The tile again (from L2) rather than x kept live through the row pass: fewer
+            # registers per thread, more programs per SM.
+            x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
         xc = tl.reshape(x, (BR // 32, 32, BK))
         _, _, cfake = _mx(xc, 1, COL == 2, FLOOR)
         cfake2 = tl.reshape(cfake, (BR, BK))

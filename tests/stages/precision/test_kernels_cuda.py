@@ -116,6 +116,40 @@ def test_nvfp4_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, in
         assert torch.equal(bits(ops().fake_nvfp4(view)), bits(fake_quantize_nvfp4(view)))
 
 
+def e2m1_probes() -> torch.Tensor:
+    """fp32 rows of 16-blocks whose NVFP4 scales are exactly 1 (global amax 2688, each block's
+    amax 6), so that the other 15 elements of a block are the quotients |x| / scale themselves:
+    every E2M1 grid point and midpoint, 3 ulps either side, every bf16 value up to 6, both signs."""
+    grid = torch.tensor([0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6])
+    below, above, mags = grid, grid, [grid]
+    for _ in range(3):
+        below, above = torch.nextafter(below, torch.tensor(-1.0)), torch.nextafter(above, torch.tensor(7.0))
+        mags += [below, above]
+    mags.append(torch.arange(0, 0x40C1, dtype=torch.int16).view(torch.bfloat16).float())  # +0 .. 6.0 in bf16
+    magnitudes = torch.cat(mags).clamp(0, 6)
+    values = torch.cat([magnitudes, -magnitudes, torch.tensor([-0.0])])
+    values = torch.cat([values, values.new_zeros(-len(values) % (15 * 16))]).reshape(-1, 15)
+    blocks = torch.cat([torch.full((len(values), 1), 6.0), values], dim=1).reshape(-1, 256)
+    blocks[0, :16] = 2688.0  # the global amax: g = 2688 / 2688 = 1
+    return blocks.cuda()
+
+
+@needs_cuda
+def test_nvfp4_kernels_round_every_e2m1_threshold_as_the_reference() -> None:
+    x = e2m1_probes()
+    assert torch.equal(bits(ops().fake_nvfp4(x)), bits(fake_quantize_nvfp4(x)))
+    q, ref = ops().nvfp4(x), quantize_nvfp4(x)
+    assert torch.equal(bits(q.block_scales), bits(ref.block_scales)) and torch.equal(q.codes.cpu(), ref.codes.cpu())
+    assert torch.equal(bits(ops().fake_rows_and_cols(x, "nvfp4")[0]), bits(fake_quantize_nvfp4(x)))
+    assert set(q.codes.unique().tolist()) == set(range(16))  # every code, both signs
+    try:
+        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import fp4_fake_quant_block
+    except ImportError:
+        return
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert torch.equal(bits(ops().fake_nvfp4(x, "modelopt")), bits(fp4_fake_quant_block(x, x.abs().amax().float())))
+
+
 MODELOPT_CASES = ["randn_bf16", "randn_fp32", "outliers", "row_scales", "ties", "signed_zeros", "all_zero", "edge_rows"]
 
 
@@ -177,6 +211,43 @@ def test_kernels_on_special_values_and_3d_input() -> None:
 
 
 @needs_cuda
+def test_division_by_a_correctly_rounded_reciprocal_equals_ieee_division() -> None:
+    """The NVFP4 kernel's block scales divide by 6 and by g through _div_with_reciprocal: over every
+    fp32 mantissa of a in two binades, for b = 6 and each E4M3 mantissa, and random pairs."""
+    from division_check import division_mismatches as count
+
+    mantissas = torch.arange(0, 1 << 23, device="cuda", dtype=torch.int32)
+    one_to_two = (mantissas | (127 << 23)).view(torch.float32)
+    for a in (one_to_two, one_to_two * 2.0**-100):
+        for b in [6.0, *[(1 + m / 8) * 2.0**e for m in range(8) for e in (-6, 0, 8)]]:
+            assert count(a, torch.tensor(b, device="cuda")) == 0, b
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for _ in range(4):
+        a, b = (torch.randint(0, 1 << 23, (1 << 24,), device="cuda", generator=gen, dtype=torch.int32) | (127 << 23)
+                for _ in range(2))
+        assert count(a.view(torch.float32) * 2.0**40, b.view(torch.float32) * 2.0**-30) == 0
+
+
+@needs_cuda
+def test_amax_is_one_launch_that_can_be_repeated_and_replayed() -> None:
+    """The amax kernel's last program reduces the others' maxima and resets their counter: call
+    after call, size after size (1 to 512 programs), and replayed from a CUDA graph."""
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    for rows, cols in [(1, 1), (3, 700), (64, 4096), (4096, 4096), (33, 17)] * 3:
+        x = torch.randn(rows, cols, device="cuda", generator=gen) * torch.rand((), device="cuda", generator=gen) * 100
+        assert ops().amax(x).item() == x.abs().max().item()
+    x = torch.randn(2048, 2048, device="cuda", generator=gen)
+    ops().amax(x)  # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops().amax(x)
+    for scale in (3.0, 0.5, 1e-30):
+        x.copy_(torch.randn(2048, 2048, device="cuda", generator=gen) * scale)
+        graph.replay()
+        assert captured.item() == x.abs().max().item()
+
+
+@needs_cuda
 @pytest.mark.parametrize("row_format", ["nvfp4", "nvfp4_modelopt", "mxfp8", "mxfp8_e5m2"])
 def test_fused_rows_and_cols_equal_two_reference_quantizations(row_format: str) -> None:
     x = edge_tensor(96, 160, torch.bfloat16, seed=4)
@@ -220,6 +291,8 @@ def test_every_candidate_tile_gives_the_reference_bits(family: str, tile, monkey
         assert torch.equal(bits(modelopt), bits(ops().fake_nvfp4(x, "modelopt")))
     if family == "block":
         assert torch.equal(bits(ops().mxfp8(x).data), bits(quantize_mxfp8(x).data))
+        assert torch.equal(bits(ops().fake_mxfp8(x)), bits(fake_quantize_mxfp8(x)))
+    if family == "rows_cols":
         rows, cols = ops().fake_rows_and_cols(x, "nvfp4")
         assert torch.equal(bits(rows), bits(fake_quantize_nvfp4(x)))
         assert torch.equal(bits(cols), bits(fake_quantize_mxfp8(x.t()).t()))
