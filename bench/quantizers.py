@@ -14,7 +14,7 @@ reference is timed too.
 training step's shapes), prints the table and uses the fastest tile for the rest of the run:
 how the defaults in ops.TILES were chosen.
 
-  python -m bench.quantizers [--sweep] [--out FILE]
+  python -m bench.quantizers [--sweep [FAMILY ...]] [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 SWEEP = {
     "amax": ["amax"],
     "fp8": ["fp8_e4m3_quantize", "fp8_e5m2_quantize_and_transpose", "fp8_e4m3_fake"],
-    "block": ["mxfp8_quantize", "mxfp8_fake", "nvfp4_rows_mxfp8_cols_fake", "mxfp8_rows_and_cols_fake"],
+    "block": ["mxfp8_quantize", "mxfp8_fake"],
     "nvfp4": ["nvfp4_quantize", "nvfp4_fake", "nvfp4_modelopt_fake"],
+    "rows_cols": ["nvfp4_rows_mxfp8_cols_fake", "mxfp8_rows_and_cols_fake"],
     "block_t": ["mxfp8_quantize_colwise", "mxfp8_fake_colwise"],
 }
 
@@ -90,25 +91,29 @@ def modelopt_nvfp4(x: torch.Tensor) -> tuple[float, float, float] | None:
             do_bench_cudagraph(lambda: fp4_fake_quant_block(x, amax)))
 
 
-def sweep() -> list[dict]:
+def sweep(families: list[str]) -> list[dict]:
     """Time each family's kernels over its candidate tiles; keep the fastest in ops.TILES.
     A tile's score: the sum over kernels and sizes of kernel time / copy time of that size."""
     inputs = [torch.randn(r, k, device="cuda", dtype=torch.bfloat16) for r, k in SIZES]
     copy_ms = [do_bench_cudagraph(lambda: x.clone()) for x in inputs]
     rows = []
-    for family, names in SWEEP.items():
+    for family in families:
+        names = SWEEP[family]
         fns = [kernels()[name][0] for name in names]
         timed = []
         for tile in ops.TILE_CANDIDATES[family]:
             ops.TILES[family] = tile
             try:
-                ms = sum(do_bench_cudagraph(lambda: fn(x), rep=5) / copy for fn in fns for x, copy in zip(inputs, copy_ms))
+                copies = {name: [do_bench_cudagraph(lambda: fn(x), rep=5) / copy for x, copy in zip(inputs, copy_ms)]
+                          for name, fn in zip(names, fns)}
             except Exception as error:  # noqa: BLE001 - a tile the compiler rejects is skipped, and said
                 print(f"sweep {family} {tile}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
                 continue
+            ms = sum(sum(per_size) for per_size in copies.values())
             timed.append((ms, tile))
-            rows.append({"family": family, "tile": [tile.rows, tile.cols, tile.warps], "copies": ms})
-            print(f"sweep {family:6} rows {tile.rows:4} cols {tile.cols:5} warps {tile.warps:3}: {ms:8.3f} copies")
+            rows.append({"family": family, "tile": [tile.rows, tile.cols, tile.warps], "copies": ms, "per_kernel": copies})
+            detail = "  ".join(f"{name} " + "/".join(f"{c:.2f}" for c in per_size) for name, per_size in copies.items())
+            print(f"sweep {family:9} rows {tile.rows:4} cols {tile.cols:5} warps {tile.warps:3}: {ms:8.3f} copies  ({detail})")
         best_ms, best = min(timed, key=lambda t: t[0])
         ops.TILES[family] = best
         print(f"sweep {family}: fastest {best} ({best_ms:.3f} copy times for {', '.join(names)} on {SIZES})")
@@ -119,12 +124,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "quantizers.json"))
     parser.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
-    parser.add_argument("--sweep", action="store_true", help="choose ops.TILES by timing candidate tiles first")
+    parser.add_argument("--sweep", nargs="*", choices=list(SWEEP), metavar="FAMILY",
+                        help=f"choose ops.TILES by timing candidate tiles first (all families, or those named: {', '.join(SWEEP)})")
     args = parser.parse_args()
     rows = []
     device = torch.cuda.get_device_name()
     print(device)
-    swept = sweep() if args.sweep else []
+    swept = [] if args.sweep is None else sweep(args.sweep or list(SWEEP))
     print(f"{'kernel':32} {'size':>14} {'ms':>8} {'GB/s':>8} {'of copy':>8} {'1 read':>7} {'eager ms':>8} {'ref ms':>8} {'speedup':>8}")
     for r, k in SIZES:
         x = torch.randn(r, k, device="cuda", dtype=torch.bfloat16)
