@@ -79,11 +79,11 @@ def _is_transposed(x2: torch.Tensor) -> bool:
     return x2.stride(0) == 1 and x2.stride(1) != 1
 
 
-def _empty_like_strided(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Output in x's memory order (a transposed view in, a transposed view out)."""
+def _empty_in_order_of(x2: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, cols] output in x's memory order (column-major, a transposed view, for a transposed x)."""
     if _is_transposed(x2):
-        return torch.empty(x2.shape[1], x2.shape[0], dtype=dtype, device=x2.device).t()
-    return torch.empty(x2.shape, dtype=dtype, device=x2.device)
+        return torch.empty(cols, rows, dtype=dtype, device=x2.device).t()
+    return torch.empty(rows, cols, dtype=dtype, device=x2.device)
 
 
 def amax(x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def fp8(
     r, k = x2.shape
     d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data else None
     d_t = torch.empty(k, r, dtype=dtype, device=x.device) if transposed else None
-    f = _empty_like_strided(x2, x.dtype) if fake else None
+    f = _empty_in_order_of(x2, r, k, x.dtype) if fake else None
     scale = torch.empty((), dtype=torch.float32, device=x.device)
     if d_t is not None and (d is not None or f is not None) and not toolchain.fused_transpose_ok(_arch(x)):
         # This ptxas miscompiles a transposed FP8 store beside another store (toolchain.py).
@@ -204,19 +204,16 @@ def _block(
     bits = dummy
     if nvfp4:
         bits = _amax_bits_of(x2) if global_amax is None else _amax_bits(global_amax)
-    row_out = _empty_like_strided(x2, x.dtype) if row_fake and row != jit.NONE else None
-    col_out = _empty_like_strided(x2, x.dtype) if col != jit.NONE else None
+    row_out = _empty_in_order_of(x2, r, k, x.dtype) if row_fake and row != jit.NONE else None
+    col_out = _empty_in_order_of(x2, r, k, x.dtype) if col != jit.NONE else None
     data = scales = g = None
     if row_q:
         data_dtype = torch.uint8 if row == jit.NVFP4 else (torch.float8_e5m2 if row == jit.MX_E5M2 else torch.float8_e4m3fn)
         scale_dtype = torch.float8_e4m3fn if row == jit.NVFP4 else torch.uint8
         data = torch.empty(x2.shape, dtype=data_dtype, device=x.device)
-        # A transposed view's programs each hold a run of x's contiguous dim (its rows here) and
-        # one or a few blocks per row: scales in the view's row-major order would take a
-        # one-byte store per row; in the view's column-major order (the same values, strided
-        # [r, n] view) they are stored as runs.
-        scales = (torch.empty(n_scale_cols, r, dtype=scale_dtype, device=x.device).t() if _is_transposed(x2)
-                  else torch.empty(r, n_scale_cols, dtype=scale_dtype, device=x.device))
+        # In x's memory order too: a transposed view's programs each hold a run of its rows and one
+        # or a few blocks per row, so row-major scales would take a one-byte store per row.
+        scales = _empty_in_order_of(x2, r, n_scale_cols, scale_dtype)
         if row == jit.NVFP4:
             g = torch.empty((), dtype=torch.float32, device=x.device)
     tile = TILES[_block_family(x2, row, col)]

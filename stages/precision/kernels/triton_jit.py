@@ -254,7 +254,8 @@ def _block_kernel(
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
     mask = (rows < R) & (cols < K)
-    x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+    x_ptrs = x_ptr + rows * sxr + cols * sxk
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if ROW != 0:
         if ROW == 4:  # fake quant only: no data, no scales
             xb = tl.reshape(x, (BR, BK // 16, 16))
@@ -274,18 +275,17 @@ def _block_kernel(
         if WRITE_ROW_Q:
             data2 = tl.reshape(data, (BR, BK))
             tl.store(data_ptr + rows * K + cols, data2.to(data_ptr.dtype.element_ty), mask=mask)
-            srows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
             scols = tl.program_id(1) * nblk + tl.arange(0, nblk)[None, :]
-            smask = (srows < R) & (scols < n_scale_cols)
+            smask = (rows < R) & (scols < n_scale_cols)
             scale2 = tl.reshape(scale, (BR, nblk))
-            tl.store(scale_ptr + srows * ssr + scols * ssk, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
+            tl.store(scale_ptr + rows * ssr + scols * ssk, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
             if ROW == 3 and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
                 tl.store(g_ptr, _global_decode(amax_ptr))
     if COL != 0:
         if ROW != 0:
             # The tile again (from L2) rather than x kept live through the row pass: fewer
             # registers per thread, more programs per SM.
-            x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         xc = tl.reshape(x, (BR // 32, 32, BK))
         _, _, cfake = _mx(xc, 1, COL == 2, FLOOR)
         cfake2 = tl.reshape(cfake, (BR, BK))
