@@ -4,8 +4,8 @@ Each arithmetic step mirrors the PyTorch reference in the same order and roundin
 divisions are `div_rn` (IEEE; Triton's `/` on fp32 is an approximate division) or, for NVFP4's
 block scales, a multiplication by the correctly rounded reciprocal with one FMA correction,
 which gives the same bits where it is used (`_div_with_reciprocal`), the casts
-to FP8 round to nearest even after an explicit NaN-propagating clamp, and block amaxes are
-taken as integers on the fp32 bits of |x| so that a NaN wins, as `torch.amax` does.
+to FP8 round to nearest even and saturate, as the reference's clamp then cast, and block amaxes
+propagate a NaN, as `torch.amax` does.
 
 Tensors are seen as 2-D [R, K] with arbitrary strides: blocks run along K. A column-wise
 quantization (blocks along the rows, as dgrad's W^T and wgrad's x^T need) is the same kernel
@@ -28,9 +28,13 @@ MODELOPT_INV_GLOBAL = tl.constexpr(1.0 / 2688.0)
 
 @triton.jit
 def _abs_max(xb, AXIS: tl.constexpr):
-    """max |x| along AXIS (kept), NaN-propagating: non-negative floats order as their bits."""
-    bits = tl.abs(xb).to(tl.int32, bitcast=True)
-    return tl.max(bits, axis=AXIS, keep_dims=True).to(tl.float32, bitcast=True)
+    """max |x| along AXIS (kept), NaN-propagating: one FMNMX.NAN per element, |x| an operand modifier."""
+    return tl.reduce(tl.abs(xb), AXIS, _max_keeping_nan, keep_dims=True)
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -70,13 +74,22 @@ def _mx(xb, AXIS: tl.constexpr, E5M2: tl.constexpr, FLOOR: tl.constexpr):
         reciprocal = tl.where(biased == 0, 1.0, _pow2(127 - tl.minimum(biased, 254)))
         reciprocal = tl.where(biased == 255, float("nan"), reciprocal)
         scaled = xb * reciprocal
-    clamped = tl.clamp(scaled, -fmax, fmax, propagate_nan=tl.PropagateNan.ALL)
-    if E5M2:
-        data = clamped.to(tl.float8e5, fp_downcast_rounding="rtne")
-    else:
-        data = clamped.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    # The reference clamps to +-fmax, then casts: the cast's saturation does both (_to_fp8).
+    data = _to_fp8(scaled, E5M2)
     decode = tl.where(biased == 255, float("nan"), _pow2(tl.minimum(biased, 254) - 127))
     return data, biased, data.to(tl.float32) * decode
+
+
+@triton.jit
+def _to_fp8(x, E5M2: tl.constexpr):
+    """clamp(x, -max, max) cast to E4M3 / E5M2, round to nearest even, NaN kept: Triton casts with
+    cvt.rn.satfinite, whose saturation is that clamp (an infinity, or anything that would round
+    past the largest finite value, becomes it), so no min/max instructions are spent on it."""
+    if E5M2:
+        data = x.to(tl.float8e5, fp_downcast_rounding="rtne")
+    else:
+        data = x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return data
 
 
 @triton.jit
@@ -92,16 +105,14 @@ def _nvfp4(xb, g, AXIS: tl.constexpr):
         block_scale = _div_with_reciprocal(a6, g + tl.zeros_like(block_amax), inv_g)
     else:  # a NaN, an infinity or a tiny tensor amax: the divisions themselves
         block_scale = tl.math.div_rn(tl.math.div_rn(block_amax, six), g + tl.zeros_like(block_amax))
-    block_scale = tl.clamp(block_scale, 2.0**-6, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    block_scale = block_scale.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    block_scale = _to_fp8(tl.maximum(block_scale, 2.0**-6, propagate_nan=tl.PropagateNan.ALL), False)
     scale_f32 = block_scale.to(tl.float32)
     reciprocal = tl.math.div_rn(inv_g + tl.zeros_like(block_amax), scale_f32)
-    v = tl.clamp(xb * reciprocal, -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-    v_bits = v.to(tl.int32, bitcast=True)
-    code, value = _e2m1(v_bits & 0x7FFFFFFF)
-    sign = v_bits & -0x80000000  # the sign as a bit (Triton's unary minus is 0 - x: -0.0 would become +0.0)
-    value = (value.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return code | ((v_bits >> 28) & 8), block_scale, value * (g * scale_f32)
+    v = xb * reciprocal
+    code, magnitude = _e2m1(v)
+    sign = v.to(tl.int32, bitcast=True) & -0x80000000  # as a bit: Triton's unary minus is 0 - x, +0.0 for 0.0
+    value = (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return code, block_scale, value * (g * scale_f32)
 
 
 @triton.jit
@@ -114,25 +125,31 @@ def _div_with_reciprocal(a, b, y):
 
 
 @triton.jit
-def _e2m1(mag_bits):
-    """The fp32 bits of |x| / scale in [0, 6] (or NaN) -> (E2M1 code 0..7 of 0, .5, 1, 1.5, 2, 3,
-    4, 6, its value), rounded to nearest even, NaN -> code 0. Integer and add/and only: a
-    float-to-int conversion runs at a quarter of the FP32 rate, and the codes kernel was issue-bound."""
-    mag = mag_bits.to(tl.float32, bitcast=True)
-    # Below 1 (E2M1's subnormals, step 0.5): adding 2^22, whose ulp is 0.5, rounds to even there,
-    # and the sum's low bits count the halves.
-    sub_sum = mag + 4194304.0
-    sub_code = sub_sum.to(tl.int32, bitcast=True) - 0x4A800000
-    # From 1 (one mantissa bit): round the fp32 mantissa to its top bit, ties to even (add
-    # 0x1FFFFF plus the kept bit); a carry moves into the exponent, as 1.75 -> 2. Bits 22 up then
-    # read exponent:mantissa, and E2M1's exponent is fp32's minus 126.
-    rounded = mag_bits + ((mag_bits >> 22) & 1) + 0x1FFFFF
-    norm_code = (rounded - (126 << 23)) >> 22
-    below_one = mag_bits < 0x3F800000
-    finite = mag_bits <= 0x40C00000  # |v| <= 6 unless NaN
-    code = tl.where(below_one, sub_code, tl.where(finite, norm_code, 0))
-    value = tl.where(below_one, sub_sum - 4194304.0, (rounded & -0x400000).to(tl.float32, bitcast=True))
-    return code, tl.where(finite, value, 0.0)
+def _e2m1(v):
+    """fp32 v -> (E2M1 code 0..15 of clamp(v, -6, 6), bit 3 the sign of v; its magnitude 0, .5, 1,
+    1.5, 2, 3, 4 or 6), rounded to nearest even; NaN -> code 0 (with NaN's sign bit), magnitude 0.
+
+    Work on the FMA pipe rather than the ALU pipe (half its rate on Hopper), which the codes
+    kernel's earlier compare/shift/select arithmetic kept busy: clamping and rounding in fp32,
+    shifts as the high words of products (IMAD.HI)."""
+    # An eighth of |v| saturated to [0, 1] (NaN -> 0), then at most 6/8. Exact: a product by 2^-3
+    # rounds only far below E2M1's first midpoint. ptxas does not fold min/max into the product.
+    saturated = tl.inline_asm_elementwise(
+        "{ .reg .f32 a; abs.f32 a, $1; mul.sat.f32 $0, a, 0f3E000000; }", "=f,f", [v],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )
+    m = tl.minimum(saturated, 0.75)
+    # Round m at E2M1's step, half its binade's lowest power of two (1/16 below 1/8): in m + c with
+    # c = 2^22 times that power (at least 2^19), one fp32 ulp is that step, so the sum rounds
+    # m to nearest even and subtracting c back is exact. A carry moves up a binade (E2M1's 1.75 -> 2).
+    binade = m.to(tl.int32, bitcast=True) & 0x7F800000
+    c = tl.maximum(binade.to(tl.float32, bitcast=True) * 4194304.0, 524288.0)  # 2^22 times, at least 2^19
+    eighth = (m + c) - c
+    # Times 2^-123, an E2M1 value / 8 lands where fp32's exponent field counts E2M1's exponent
+    # (1.0 -> 2^-126, the smallest normal; 0.5 -> the subnormal 2^-127): its bits are the code << 22.
+    code = tl.umulhi((eighth * 2.0**-123).to(tl.int32, bitcast=True), 1 << 10)
+    sign = tl.umulhi(v.to(tl.int32, bitcast=True), 2)
+    return sign * 8 + code, eighth * 8.0
 
 
 @triton.jit
@@ -142,11 +159,9 @@ def _nvfp4_modelopt(xb, g, AXIS: tl.constexpr):
     (div.full.f32, within 2 ulp), kept as they are: nvfp4.py's reference divides exactly."""
     block_amax = _abs_max(xb, AXIS)
     scale = block_amax / (g * 6.0)
-    scale = tl.minimum(scale, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    scale = scale.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32) * g
+    scale = _to_fp8(scale, False).to(tl.float32) * g  # its min(scale, 448), then the cast
     scale = tl.where(scale >= 1e-5, scale, 1.0)
-    quotient = tl.minimum(tl.abs(xb) / scale, 6.0, propagate_nan=tl.PropagateNan.ALL)
-    magnitude = _e2m1(quotient.to(tl.int32, bitcast=True))[1] * scale
+    magnitude = _e2m1(tl.abs(xb) / scale)[1] * scale
     return tl.where(xb >= 0, magnitude, 0.0 - magnitude)
 
 
@@ -221,11 +236,7 @@ def _fp8_kernel(
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
     mask = (rows < R) & (cols < K)
     x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
-    clamped = tl.clamp(x * multiplier, -fmax, fmax, propagate_nan=tl.PropagateNan.ALL)
-    if E5M2:
-        data = clamped.to(tl.float8e5, fp_downcast_rounding="rtne")
-    else:
-        data = clamped.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    data = _to_fp8(x * multiplier, E5M2)
     if WRITE_DATA:
         tl.store(data_ptr + rows * sdr + cols * sdk, data, mask=mask)
     if WRITE_T:
@@ -275,10 +286,12 @@ def _block_kernel(
         if WRITE_ROW_Q:
             data2 = tl.reshape(data, (BR, BK))
             tl.store(data_ptr + rows * K + cols, data2.to(data_ptr.dtype.element_ty), mask=mask)
-            scols = tl.program_id(1) * nblk + tl.arange(0, nblk)[None, :]
-            smask = (rows < R) & (scols < n_scale_cols)
-            scale2 = tl.reshape(scale, (BR, nblk))
-            tl.store(scale_ptr + rows * ssr + scols * ssk, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
+            # In the blocks' own [BR, nblk, 1] shape: a 2-D view of the scales made the compiler
+            # compute them a second time in another layout, through shared memory.
+            srows = rows[:, :, None]
+            scols = (tl.program_id(1) * nblk + tl.arange(0, nblk))[None, :, None]
+            smask = (srows < R) & (scols < n_scale_cols)
+            tl.store(scale_ptr + srows * ssr + scols * ssk, scale.to(scale_ptr.dtype.element_ty), mask=smask)
             if ROW == 3 and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
                 tl.store(g_ptr, _global_decode(amax_ptr))
     if COL != 0:
