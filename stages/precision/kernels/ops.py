@@ -40,17 +40,17 @@ class Tile:
 
 # Chosen on an H200 with `python -m bench.quantizers --sweep`: each family's fastest candidate over
 # the bench's three sizes, each size's time counted in copies of that size (bench/results/
-# quantizers.json, "tiles" and "sweep"). On the H100 the same sweep chose these but for warps:
-# fp8 8, nvfp4 8, block_t 2 (a few percent apart).
+# quantizers.json, "tiles" and "sweep"). On the H100 a sweep of earlier versions of these kernels
+# chose tiles within a few percent of these.
 # Block tiles hold whole blocks: cols a multiple of 32 (MX) / 16 (NVFP4), rows a multiple of 32
 # (a column-wise MX block runs along the rows).
 TILES: dict[str, Tile] = {
     "amax": Tile(16, 512, 4),  # 8K elements per loop step of a partial maximum
     "fp8": Tile(32, 128, 4),  # the transposed store writes 32-byte runs
     "block": Tile(32, 128, 4),  # MX rows
-    "nvfp4": Tile(16, 256, 4),  # NVFP4 rows alone (its fake quant, its codes)
+    "nvfp4": Tile(8, 512, 8),  # NVFP4 rows alone (its fake quant, its codes): a block a thread, 32 scale bytes a row
     "rows_cols": Tile(32, 128, 2),  # blocks along K and along the rows from one read
-    "block_t": Tile(128, 32, 1),  # a transposed view (column-wise quantization): reads along the rows
+    "block_t": Tile(64, 32, 1),  # a transposed view (column-wise quantization): reads along the rows
 }
 # What `bench.quantizers --sweep` tries (and the GPU tests check bit for bit) per family.
 _BLOCK_SHAPES = [(32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64)]
@@ -58,7 +58,8 @@ TILE_CANDIDATES: dict[str, list[Tile]] = {
     "amax": [Tile(r, c, w) for r, c in [(16, 512), (32, 512), (32, 1024), (64, 1024), (128, 512)] for w in (4, 8, 16)],
     "fp8": [Tile(r, c, w) for r, c in [(32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)] for w in (4, 8)],
     "block": [Tile(r, c, w) for r, c in _BLOCK_SHAPES for w in (2, 4, 8)],
-    "nvfp4": [Tile(r, c, w) for r, c in [(16, 128), (16, 256), *_BLOCK_SHAPES] for w in (2, 4, 8)],
+    # 512 and 1024 wide: 32 and 64 scale bytes per row, whole 32-byte sectors of the scales.
+    "nvfp4": [Tile(r, c, w) for r, c in [(16, 128), (16, 256), (8, 512), (4, 1024), *_BLOCK_SHAPES] for w in (2, 4, 8)],
     "rows_cols": [Tile(r, c, w) for r, c in [(32, 32), (32, 64), (32, 128), (32, 256), (64, 32), (64, 64), (64, 128)]
                   for w in (1, 2, 4, 8)],
     "block_t": [Tile(r, c, w) for r, c in [(32, 32), (32, 64), (32, 128), (64, 32), (64, 64), (64, 128), (128, 32),
@@ -180,7 +181,7 @@ def fake_fp8(x: torch.Tensor, dtype: torch.dtype, amax_value: torch.Tensor | Non
 class _BlockOut(NamedTuple):
     row_fake: torch.Tensor | None  # dequantized, blocks along K, x's shape and memory order
     col_fake: torch.Tensor | None  # dequantized, MX blocks along the rows of a 2-D x
-    data: torch.Tensor | None  # fp8 data or uint8 E2M1 codes, contiguous, x's shape
+    data: torch.Tensor | None  # fp8 data or uint8 E2M1 codes, x's shape and memory order
     scales: torch.Tensor | None  # per block along K
     global_decode: torch.Tensor | None  # NVFP4's fp32 g, when data was asked for
 
@@ -211,9 +212,11 @@ def _block(
     if row_q:
         data_dtype = torch.uint8 if row == jit.NVFP4 else (torch.float8_e5m2 if row == jit.MX_E5M2 else torch.float8_e4m3fn)
         scale_dtype = torch.float8_e4m3fn if row == jit.NVFP4 else torch.uint8
-        data = torch.empty(x2.shape, dtype=data_dtype, device=x.device)
-        # In x's memory order too: a transposed view's programs each hold a run of its rows and one
-        # or a few blocks per row, so row-major scales would take a one-byte store per row.
+        # Data and scales in x's memory order: a transposed view's column-major data is TE's layout
+        # of column-wise data (x's shape, blocks down the columns), and the kernel then writes what
+        # it read without a transposition through shared memory; its programs each hold a run of
+        # rows and one or a few blocks per row, so row-major scales would take a one-byte store per row.
+        data = _empty_in_order_of(x2, r, k, data_dtype)
         scales = _empty_in_order_of(x2, r, n_scale_cols, scale_dtype)
         if row == jit.NVFP4:
             g = torch.empty((), dtype=torch.float32, device=x.device)
@@ -223,10 +226,11 @@ def _block(
         dummy if row_out is None else row_out, dummy if col_out is None else col_out,
         dummy if data is None else data, dummy if scales is None else scales, dummy if g is None else g,
         r, k, *x2.stride(), *(row_out.stride() if row_out is not None else (0, 0)),
-        *(col_out.stride() if col_out is not None else (0, 0)), *(scales.stride() if scales is not None else (0, 0)),
+        *(col_out.stride() if col_out is not None else (0, 0)), *(data.stride() if data is not None else (0, 0)),
+        *(scales.stride() if scales is not None else (0, 0)),
         n_scale_cols,
         ROW=row, COL=col, FLOOR=floor, WRITE_ROW_FAKE=row_out is not None, WRITE_ROW_Q=row_q,
-        BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
+        COLUMN_MAJOR=_is_transposed(x2), BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
     )
     lead = x.shape[:-1]
     return _BlockOut(
@@ -247,7 +251,8 @@ def _block_family(x2: torch.Tensor, row: int, col: int) -> str:
 
 
 def mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, scale_rounding: str = "rceil") -> MxQuantized:
-    """mx.quantize_mxfp8: fp8 data and biased E8M0 scales, blocks of 32 along the last dim."""
+    """mx.quantize_mxfp8: fp8 data and biased E8M0 scales, blocks of 32 along the last dim, both
+    in x's memory order (column-major for a transposed view: column-wise data as TE lays it out)."""
     out = _block(x, _MX_CODE[elem_dtype], floor=_floor(scale_rounding), row_fake=False, row_q=True)
     return MxQuantized(out.data, out.scales)
 
@@ -257,7 +262,8 @@ def fake_mxfp8(x: torch.Tensor, elem_dtype: torch.dtype = torch.float8_e4m3fn, s
 
 
 def nvfp4(x: torch.Tensor, global_amax: torch.Tensor | None = None) -> Nvfp4Quantized:
-    """nvfp4.quantize_nvfp4 (1-D blocks, round to nearest even): codes, e4m3 block scales, g."""
+    """nvfp4.quantize_nvfp4 (1-D blocks, round to nearest even): codes, e4m3 block scales, g;
+    codes and scales in x's memory order, as mxfp8's."""
     out = _block(x, jit.NVFP4, row_fake=False, row_q=True, global_amax=global_amax)
     return Nvfp4Quantized(out.data, out.scales, out.global_decode)
 

@@ -253,13 +253,13 @@ def _fp8_kernel(
 @triton.jit
 def _block_kernel(
     x_ptr, amax_ptr, row_fake_ptr, col_fake_ptr, data_ptr, scale_ptr, g_ptr,
-    R, K, sxr, sxk, sfr, sfk, scr, sck, ssr, ssk, n_scale_cols,
+    R, K, sxr, sxk, sfr, sfk, scr, sck, sdr, sdk, ssr, ssk, n_scale_cols,
     ROW: tl.constexpr, COL: tl.constexpr, FLOOR: tl.constexpr,
-    WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, COLUMN_MAJOR: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     """One read of a [BR, BK] tile of x; up to two quantizations of it:
     ROW (MX_E4M3 / MX_E5M2 / NVFP4 / NVFP4_MODELOPT) in blocks along K, writing the dequantized
-    tile and/or the quantized data (fp8 data or uint8 E2M1 codes, contiguous [R, K]) with its
+    tile and/or the quantized data (fp8 data or uint8 E2M1 codes, strided [R, K]) with its
     block scales (strided; and NVFP4's global decode scale g);
     COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR a multiple of 32), writing the dequantized tile."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
@@ -285,13 +285,19 @@ def _block_kernel(
             tl.store(row_fake_ptr + rows * sfr + cols * sfk, fake2.to(row_fake_ptr.dtype.element_ty), mask=mask)
         if WRITE_ROW_Q:
             data2 = tl.reshape(data, (BR, BK))
-            tl.store(data_ptr + rows * K + cols, data2.to(data_ptr.dtype.element_ty), mask=mask)
-            # In the blocks' own [BR, nblk, 1] shape: a 2-D view of the scales made the compiler
-            # compute them a second time in another layout, through shared memory.
-            srows = rows[:, :, None]
-            scols = (tl.program_id(1) * nblk + tl.arange(0, nblk))[None, :, None]
-            smask = (srows < R) & (scols < n_scale_cols)
-            tl.store(scale_ptr + srows * ssr + scols * ssk, scale.to(scale_ptr.dtype.element_ty), mask=smask)
+            data_offsets = rows * sdr + cols * sdk
+            scols = tl.program_id(1) * nblk + tl.arange(0, nblk)[None, :]
+            smask = (rows < R) & (scols < n_scale_cols)
+            scale_offsets = rows * ssr + scols * ssk
+            if COLUMN_MAJOR:
+                # Runs of 8 rows per thread, as x's loads: the compiler would vectorize the one-byte
+                # stores 16 rows at a time, and give the whole kernel that layout (twice the block
+                # scales per thread, and a reshuffle of the scales through shared memory).
+                data_offsets = tl.max_contiguous(data_offsets, [8, 1])
+                scale_offsets = tl.max_contiguous(scale_offsets, [8, 1])
+            tl.store(data_ptr + data_offsets, data2.to(data_ptr.dtype.element_ty), mask=mask)
+            scale2 = tl.reshape(scale, (BR, nblk))
+            tl.store(scale_ptr + scale_offsets, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
             if ROW == 3 and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
                 tl.store(g_ptr, _global_decode(amax_ptr))
     if COL != 0:

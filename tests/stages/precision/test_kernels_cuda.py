@@ -96,6 +96,7 @@ def test_mxfp8_kernel_matches_reference_row_and_column_wise(dtype, shape, roundi
     for elem, fmt in ((torch.float8_e4m3fn, "mxfp8"), (torch.float8_e5m2, "mxfp8_e5m2")):
         for view in (x, x.t()):  # x.t(): blocks along the rows (dgrad's W^T, wgrad's x^T)
             q, ref = ops().mxfp8(view, elem, rounding), quantize_mxfp8(view, elem, rounding)
+            assert q.data.stride() == view.stride()  # x's memory order: x.t() gives TE's column-wise layout
             assert torch.equal(q.scale_e8m0.cpu(), ref.scale_e8m0.cpu()), (fmt, rounding)
             assert torch.equal(bits(q.data), bits(ref.data)), (fmt, rounding)
             fake = ops().fake_mxfp8(view, elem, rounding)
@@ -110,6 +111,7 @@ def test_nvfp4_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, in
     x = edge_tensor(*shape, dtype, seed=2)
     for view in (x, x.t()):
         q, ref = ops().nvfp4(view), quantize_nvfp4(view)
+        assert q.codes.stride() == view.stride()
         assert torch.equal(q.global_scale.cpu(), ref.global_scale.cpu())
         assert torch.equal(bits(q.block_scales), bits(ref.block_scales))
         assert torch.equal(q.codes.cpu(), ref.codes.cpu())
