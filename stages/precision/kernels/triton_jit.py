@@ -291,10 +291,9 @@ def _block_kernel(
             scale_offsets = rows * ssr + scols * ssk
             if COLUMN_MAJOR:
                 # Runs of 8 rows per thread, as x's loads: the compiler would vectorize the one-byte
-                # stores 16 rows at a time, and give the whole kernel that layout (twice the block
-                # scales per thread, and a reshuffle of the scales through shared memory).
+                # data stores 16 rows at a time and give the whole kernel that layout, with twice
+                # the block scales per thread.
                 data_offsets = tl.max_contiguous(data_offsets, [8, 1])
-                scale_offsets = tl.max_contiguous(scale_offsets, [8, 1])
             tl.store(data_ptr + data_offsets, data2.to(data_ptr.dtype.element_ty), mask=mask)
             scale2 = tl.reshape(scale, (BR, nblk))
             tl.store(scale_ptr + scale_offsets, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
