@@ -13,15 +13,16 @@ from pathlib import Path
 import yaml
 
 from pipeline.backends import CLUSTERS, backend_for, renderable_clusters
-from pipeline.errors import BackendError, ConfigError
+from pipeline.errors import BackendError, ConfigError, one_line
 from pipeline.layout import RunLayout, list_runs
+from stages.contract import is_dns1123_label
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        print(f"error: {self.prog}: {one_line(message)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     _root_arg(run)
     run.add_argument("--run-id", help="run id (default: the study name)")
-    run.add_argument("--max-parallel", type=int, default=None, help="stages at once (default: cores, at most 4)")
+    run.add_argument("--max-parallel", type=_positive_int, default=None,
+                     help="stages at once (default: cores, at most 4)")
     run.add_argument("--plain", action="store_true", help="plain lines instead of a live table")
     _runtime_arg(run)
 
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(submit)
     _root_arg(submit)
     submit.add_argument("--run-id", help="run id (default: the study name)")
-    submit.add_argument("--max-parallel", type=int, default=None, help="local: stages at once")
+    submit.add_argument("--max-parallel", type=_positive_int, default=None, help="local: stages at once")
     submit.add_argument("--watch", action="store_true",
                         help="after submitting, show the live stage table until the run ends")
     _runtime_arg(submit)
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = commands.add_parser("logs", help="print a stage's log")
     logs.add_argument("run_id", help="run id")
     logs.add_argument("stage", help="stage name")
-    logs.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    logs.add_argument("--tail", type=_count, default=0, help="only the last N lines (0: all)")
     _root_arg(logs)
 
     _images_commands(commands)
@@ -127,10 +129,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except (ConfigError, BackendError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 (all) or more")
+    return value
+
+
+def _run_id(args: argparse.Namespace, default: str) -> str:
+    """`--run-id`, or the study name: a folder under the root and part of k8s Job names."""
+    run_id = args.run_id or default
+    if not is_dns1123_label(run_id):
+        raise ConfigError(f"--run-id {run_id}: must be a DNS-1123 label (lowercase letters, digits "
+                          "and '-', at most 63 characters)")
+    return run_id
 
 
 def _load(args: argparse.Namespace):
@@ -162,7 +193,7 @@ def _prepare(args: argparse.Namespace, cluster: str):
 
     loaded, graph = _load(args)
     config = loaded.config
-    layout = RunLayout(args.root.resolve(), args.run_id or config.study)
+    layout = RunLayout(_resolved_root(args), _run_id(args, config.study))
     uri = resolve_tracking_uri(layout.root, config.tracking.uri)
     experiment = config.tracking.experiment or config.study
     prepared = prepare_run(
@@ -266,26 +297,39 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     loaded, graph = _load(args)
     backend = backend_for(args.cluster)()
-    layout = RunLayout(args.root, args.run_id or loaded.config.study)
+    layout = RunLayout(args.root, _run_id(args, loaded.config.study))
     written = backend.render(graph, layout, image_refs(loaded.config), loaded, args.output)  # type: ignore[attr-defined]
     for path in written:
         print(path)
     return EXIT_OK
 
 
+def _resolved_root(args: argparse.Namespace) -> Path:
+    try:
+        return args.root.resolve()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--root {args.root}: not a usable path: {error}") from None
+
+
 def _layout_for(args: argparse.Namespace) -> RunLayout:
-    root = args.root.resolve()
-    run_id = args.run_id
-    if run_id is None:
-        runs = list_runs(root)
+    """The run a status/logs/cancel/report/sync command names (default: the latest); a run
+    that does not exist is bad input like any other (exit 2)."""
+    root = _resolved_root(args)
+    runs = list_runs(root)
+    if args.run_id is None:
         if not runs:
-            raise FileNotFoundError(f"no runs under {root}")
-        run_id = runs[0]
-    return RunLayout(root, run_id)
+            raise ConfigError(f"--root {root}: no runs here; start one with `python -m pipeline run -c CONFIG`")
+        return RunLayout(root, runs[0])
+    if args.run_id not in runs or not is_dns1123_label(args.run_id):
+        known = f"; runs: {', '.join(runs[:10])}" if runs else ""
+        raise ConfigError(f"run '{args.run_id}': no such run under {root}{known}")
+    return RunLayout(root, args.run_id)
 
 
 def _backend_of(layout: RunLayout):
     cluster = layout.read_run().get("cluster", "local")
+    if cluster not in CLUSTERS:
+        raise ConfigError(f"{layout.run_file}: unknown cluster {cluster!r}; known: {', '.join(sorted(CLUSTERS))}")
     return backend_for(cluster)()
 
 

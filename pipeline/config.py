@@ -93,6 +93,17 @@ class RunConfig(BaseModel):
         return value
 
 
+DEFAULT_STAGE_IMAGES = {
+    "preprocess": "cpu",
+    "report": "cpu",
+    "probe": "cpu",
+    "train": "train",
+    "ptq": "train",
+    "export": "train",
+    "eval": "train",
+}
+
+
 class ImagesConfig(BaseModel):
     """Container images, pinned by digest; which image each stage kind runs in."""
 
@@ -109,16 +120,8 @@ class ImagesConfig(BaseModel):
         description="Image name -> reference (repository[:tag]@sha256:digest).",
     )
     stages: dict[str, str] = Field(
-        default_factory=lambda: {
-            "preprocess": "cpu",
-            "report": "cpu",
-            "probe": "cpu",
-            "train": "train",
-            "ptq": "train",
-            "export": "train",
-            "eval": "train",
-        },
-        description="Stage kind -> image name (a key of refs).",
+        default_factory=lambda: dict(DEFAULT_STAGE_IMAGES),
+        description="Stage kind -> image name (a key of refs); kinds not named keep their default.",
     )
     lock_file: str | None = Field(
         DEFAULT_LOCK_FILE,
@@ -128,6 +131,12 @@ class ImagesConfig(BaseModel):
     network: str = Field(
         "none", description="--runtime docker: the containers' network (none, host or a Docker network)."
     )
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _every_kind_has_an_image(cls, value: Any) -> Any:
+        # `--set images.stages.train=cpu` changes one kind; the graph needs all of them.
+        return {**DEFAULT_STAGE_IMAGES, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> ImagesConfig:
@@ -264,6 +273,10 @@ class StudyConfig(BaseModel):
                 self.export_params(name)
             except ValueError as error:
                 raise ValueError(f"runs.{name}.export_overrides: {error}") from None
+            try:
+                self.run_resources(name)
+            except ValueError as error:
+                raise ValueError(f"runs.{name}.resources: {error}") from None
         return self
 
     def train_params(self, run_name: str) -> TrainParams:
@@ -290,7 +303,10 @@ class StudyConfig(BaseModel):
 
     def run_resources(self, run_name: str) -> Resources:
         base = self.resources["train"].model_dump()
-        return Resources.model_validate({**base, **self.runs[run_name].resources})
+        try:
+            return Resources.model_validate({**base, **self.runs[run_name].resources})
+        except Exception as error:
+            raise ValueError(_first_error(error)) from None
 
 
 def _first_error(error: Exception) -> str:

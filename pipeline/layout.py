@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError
 from stages.contract import LOG_FILE, SPEC_FILE, write_json_atomic
 
 RUN_FILE = "run.json"
@@ -60,11 +61,16 @@ class RunLayout:
 
     def read_run(self) -> dict[str, Any]:
         try:
-            return json.loads(self.run_file.read_text())
+            run = json.loads(self.run_file.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{self.run_file}: no such run under {self.root} (see `python -m pipeline status`)"
             ) from None
+        except (ValueError, OSError) as error:  # not JSON, not UTF-8, not a file
+            raise ConfigError(f"{self.run_file}: unreadable run record: {error}") from None
+        if not isinstance(run, dict) or not isinstance(run.get("stages", {}), dict):
+            raise ConfigError(f"{self.run_file}: not a run record (a JSON object with 'stages')")
+        return run
 
     def write_run(self, payload: dict[str, Any]) -> None:
         # Key order is kept: `stages` lists the stages in topological order.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pipeline.layout import RunLayout
 from stages.contract import read_marker
 
@@ -15,7 +17,7 @@ def print_report(layout: RunLayout) -> int:
     if marker is None or marker.state != "succeeded":
         state = marker.state if marker else "not run yet"
         print(f"error: {layout.run_id}: the report stage is {state}; "
-              f"see `python -m pipeline status {layout.run_id}`")
+              f"see `python -m pipeline status {layout.run_id}`", file=sys.stderr)
         return 1
     print((stage_dir / REPORT_TABLE).read_text())
     return 0
