@@ -12,12 +12,14 @@ assistant tokens and -100 elsewhere; the model shifts them.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
 
+from stages.preprocess.rows import ChatColumns, as_chat, row_problem
 from stages.runtime import StageInputError
+
+__all__ = ["ChatColumns", "ConversationEncoder", "tokenizer_hash"]
 
 IGNORE_INDEX = -100
 
@@ -33,17 +35,6 @@ ENCODED_FEATURES = datasets.Features({
     "truncated": datasets.Value("bool"),
     "full_length": datasets.Value("int64"),
 })
-
-
-@dataclass(frozen=True)
-class ChatColumns:
-    input_column: str = "input"
-    output_column: str = "output"
-    messages_column: str | None = None
-    system_prompt: str | None = None
-
-    def required(self) -> list[str]:
-        return [self.messages_column] if self.messages_column else [self.input_column, self.output_column]
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -124,29 +115,11 @@ class ConversationEncoder:
         return out
 
     def _chat(self, batch: dict[str, list[Any]], index: int) -> tuple[list[dict[str, str]], str]:
-        columns = self.columns
-        if columns.messages_column:
-            chat = batch[columns.messages_column][index]
-            if not isinstance(chat, list) or not all(
-                isinstance(turn, dict) and isinstance(turn.get("content"), str) and turn.get("role") for turn in chat
-            ):
-                return [], f"bad: {columns.messages_column} is not a list of {{role, content}}"
-            chat = [{"role": turn["role"], "content": turn["content"]} for turn in chat]
-            assistant = [turn for turn in chat if turn["role"] == "assistant"]
-            if not assistant:
-                return [], "bad: no assistant turn"
-            if any(not turn["content"].strip() for turn in assistant):
-                return [], "bad: empty assistant turn"
-        else:
-            user, answer = batch[columns.input_column][index], batch[columns.output_column][index]
-            if not isinstance(answer, str) or not answer.strip():
-                return [], f"bad: empty {columns.output_column}"
-            if not isinstance(user, str) or not user.strip():
-                return [], f"bad: empty {columns.input_column}"
-            chat = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        if columns.system_prompt and chat[0]["role"] != "system":
-            chat = [{"role": "system", "content": columns.system_prompt}, *chat]
-        return chat, OK
+        row = {name: batch[name][index] for name in self.columns.required()}
+        problem = row_problem(row, self.columns)
+        if problem:
+            return [], f"bad: {problem}"
+        return as_chat(row, self.columns), OK
 
     def _render(self, chats: list[list[dict[str, str]]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Rendered texts and their assistant character spans; one batched template call for

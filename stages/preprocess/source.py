@@ -1,6 +1,6 @@
-"""Read the preprocess stage's source rows: local files (checked line by line), a saved dataset
-dir, or a hub dataset, into one `datasets.Dataset` that remembers which file each row came from
-(so a bad row is reported as `file: row N`)."""
+"""Read the preprocess stage's source rows: local files (JSON read and checked row by row,
+parquet through `datasets`), a saved dataset dir, or a hub dataset, into one `datasets.Dataset`
+that remembers where each row came from (so a bad row is reported as `file: line N`)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 
+from stages.preprocess.json_rows import BadRows, read_json_rows
 from stages.preprocess.params import PreprocessParams
+from stages.preprocess.rows import ChatColumns
 from stages.runtime import StageInputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-LINE_FORMATS = {".jsonl", ".json"}  # read as JSON lines; checked for UTF-8 before loading
+LINE_FORMATS = {".jsonl", ".json"}  # read and checked row by row here, not by `datasets`
 
 
 @dataclass
@@ -23,18 +26,25 @@ class SourceRows:
     """The rows to preprocess and where each came from."""
 
     dataset: datasets.Dataset
-    # (display name, index of its first row in `dataset`), in row order.
-    parts: list[tuple[str, int]] = field(default_factory=list)
-    skipped_lines: int = 0  # lines dropped before loading (not UTF-8, with on_bad_row=skip)
+    # (display name, index of its first row in `dataset`, what a position counts), in row order.
+    parts: list[tuple[str, int, str]] = field(default_factory=list)
+    # Position of each row in its part (1-based line, item or row number); None: index + 1.
+    positions: np.ndarray | None = None
+    skipped_lines: int = 0  # bad rows dropped before `dataset` (JSON sources, on_bad_row=skip)
 
     def where(self, index: int) -> str:
-        """`file: row N` (1-based within that file) for a row index of `dataset`."""
-        name, start = self.parts[0]
-        for part_name, part_start in self.parts:
-            if part_start > index:
+        """`file: line N` (or `item N`, `row N`) for a row index of `dataset`."""
+        name, start, unit = self.parts[0]
+        for part in self.parts:
+            if part[1] > index:
                 break
-            name, start = part_name, part_start
-        return f"{name}: row {index - start + 1}"
+            name, start, unit = part
+        position = int(self.positions[index]) if self.positions is not None else index - start + 1
+        return f"{name}: {unit} {position}"
+
+
+def columns_of(params: PreprocessParams) -> ChatColumns:
+    return ChatColumns(params.input_column, params.output_column, params.messages_column, params.system_prompt)
 
 
 def load_source(params: PreprocessParams, cache_dir: Path, log: logging.Logger) -> SourceRows:
@@ -46,6 +56,8 @@ def load_source(params: PreprocessParams, cache_dir: Path, log: logging.Logger) 
     if params.max_rows is not None and len(rows.dataset) > params.max_rows:
         rows.dataset = rows.dataset.select(range(params.max_rows))
     if len(rows.dataset) == 0:
+        if rows.skipped_lines:
+            raise StageInputError(f"source: {params.source}: no usable rows ({rows.skipped_lines} bad)")
         raise StageInputError(f"source: {params.source} has no rows; point source at a non-empty dataset")
     return rows
 
@@ -69,68 +81,44 @@ def _local_files(source: str) -> list[Path] | None:
 
 
 def _load_files(files: list[Path], params: PreprocessParams, cache_dir: Path, log: logging.Logger) -> SourceRows:
-    parts, pieces, skipped = [], [], 0
+    parts: list[tuple[str, int, str]] = []
+    pieces: list[datasets.Dataset] = []
+    positions: list[np.ndarray] = []
+    bad = BadRows(params.on_bad_row, log)
     start = 0
-    for path in files:
+    for number, path in enumerate(files):
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise StageInputError(
                 f"source: {path}: unsupported file type '{path.suffix}'; use .jsonl, .json or .parquet"
             )
-        load_path = path
+        left = None if params.max_rows is None else params.max_rows - start
+        if left == 0:
+            break
         if path.suffix in LINE_FORMATS:
-            load_path, bad_lines = _checked_json_lines(path, params, cache_dir)
-            skipped += bad_lines
-            if bad_lines:
-                log.warning("%s: skipped %d line(s) that are not UTF-8", path, bad_lines)
-        elif path.stat().st_size == 0:
-            raise StageInputError(f"source: {path} is empty")
-        try:
-            piece = datasets.load_dataset(
-                builder, data_files=str(load_path), split="train", cache_dir=str(cache_dir / "load")
-            )
-        except Exception as error:  # pyarrow/datasets parse errors: name the file
-            raise StageInputError(f"source: {path}: cannot be read as {builder}: {_first_line(error)}") from None
-        parts.append((str(path), start))
+            read = read_json_rows(path, columns_of(params), bad, cache_dir / "rows" / f"{number}.arrow", left)
+            piece = datasets.Dataset.from_file(str(read.arrow_path))
+            unit, where = read.unit, np.frombuffer(read.positions, dtype=np.int64) if read.rows else np.zeros(0, np.int64)
+        else:
+            piece = _load_parquet(path, cache_dir)
+            unit, where = "row", np.arange(1, len(piece) + 1, dtype=np.int64)
+        parts.append((str(path), start, unit))
         pieces.append(piece)
+        positions.append(where)
         start += len(piece)
     dataset = pieces[0] if len(pieces) == 1 else _concatenate(pieces, files)
-    return SourceRows(dataset=dataset, parts=parts, skipped_lines=skipped)
+    return SourceRows(dataset=dataset, parts=parts, positions=np.concatenate(positions), skipped_lines=bad.count)
 
 
-def _checked_json_lines(path: Path, params: PreprocessParams, cache_dir: Path) -> tuple[Path, int]:
-    """Check every line decodes as UTF-8 (pyarrow's error would name neither file nor line).
-
-    Returns the path to load and the number of lines skipped; when lines are skipped the
-    good lines are copied into the stage's cache dir and that copy is loaded.
-    """
-    bad: list[int] = []
-    non_blank = 0
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                if params.on_bad_row == "error":
-                    raise StageInputError(
-                        f"source: {path}: line {number}: not UTF-8 ({error.reason} at byte {error.start}); "
-                        "fix the file or set on_bad_row: skip"
-                    ) from None
-                bad.append(number)
-                continue
-            non_blank += bool(text.strip())
-    if non_blank == 0:
-        raise StageInputError(f"source: {path} is empty (no JSON lines)")
-    if not bad:
-        return path, 0
-    clean = cache_dir / "clean" / f"{len(list((cache_dir / 'clean').glob('*')))}-{path.name}"
-    clean.parent.mkdir(parents=True, exist_ok=True)
-    skip = set(bad)
-    with path.open("rb") as source, clean.open("wb") as target:
-        for number, line in enumerate(source, start=1):
-            if number not in skip:
-                target.write(line)
-    return clean, len(bad)
+def _load_parquet(path: Path, cache_dir: Path) -> datasets.Dataset:
+    if path.stat().st_size == 0:
+        raise StageInputError(f"source: {path} is empty")
+    try:
+        return datasets.load_dataset(
+            "parquet", data_files=str(path), split="train", cache_dir=str(cache_dir / "load")
+        )
+    except Exception as error:  # pyarrow/datasets parse errors: name the file
+        raise StageInputError(f"source: {path}: cannot be read as parquet: {_first_line(error)}") from None
 
 
 def _concatenate(pieces: list[datasets.Dataset], files: list[Path]) -> datasets.Dataset:
@@ -157,7 +145,7 @@ def _load_remote_or_dir(params: PreprocessParams, cache_dir: Path) -> SourceRows
         raise StageInputError(f"source: cannot load {params.source}: {_first_line(error)}") from None
     if not isinstance(dataset, datasets.Dataset):
         raise StageInputError(f"source: {params.source} did not give one split; set split")
-    return SourceRows(dataset=dataset, parts=[(params.source, 0)])
+    return SourceRows(dataset=dataset, parts=[(params.source, 0, "row")])
 
 
 def _first_line(error: BaseException) -> str:

@@ -69,10 +69,23 @@ def test_truncation_keeps_seq_len_tokens_or_drops(tokenizer):
 
 
 def test_bad_rows_get_a_reason(tokenizer):
-    rows = {"input": [QUESTION, QUESTION, QUESTION * 20], "output": ["", None, ANSWER]}
+    rows = {"input": [QUESTION, QUESTION, QUESTION * 20, QUESTION], "output": ["", None, ANSWER, " \n"]}
     out = encode(tokenizer, rows, seq_len=32)
-    assert out["status"] == ["bad: empty output", "bad: empty output", "bad: no assistant tokens after truncation"]
-    assert out["row"] == [0, 1, 2]
+    assert out["status"] == ["bad: empty output", "bad: output is null, not a string",
+                             "bad: no assistant tokens after truncation", "bad: empty output"]
+    assert out["row"] == [0, 1, 2, 3]
+
+
+def test_a_value_of_the_wrong_type_is_named_as_such(tokenizer):
+    """A parquet/hub column of numbers reaches the encoder as numbers: not "empty output"."""
+    out = encode(tokenizer, {"input": [QUESTION, 7], "output": [4, ANSWER]})
+    assert out["status"] == ["bad: output is a number (4), not a string", "bad: input is a number (7), not a string"]
+    chats = {"messages": [[{"role": "user", "content": QUESTION}, {"role": "assistant", "content": 4}],
+                          "not a chat", [{"role": "user", "content": QUESTION}]]}
+    out = encode(tokenizer, chats, messages_column="messages")
+    assert out["status"] == ["bad: messages[1].content is a number (4), not a string",
+                             "bad: messages is a string ('not a chat'), not a list of {role, content}",
+                             "bad: no assistant turn"]
 
 
 def test_tokenizer_without_chat_template_is_refused(tokenizer):

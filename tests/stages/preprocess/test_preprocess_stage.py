@@ -84,8 +84,10 @@ def test_padding_mode_puts_one_conversation_per_row(tmp_path: Path):
     ("rows", "params", "message"),
     [
         ([{"question": "q", "output": "a"}], {}, "has no column 'input'"),
-        ([GOOD, {"input": "q", "output": "  "}], {}, "bad.jsonl: row 2: empty output"),
-        ([{"input": "q " * 600, "output": "a"}, GOOD], {}, "row 1: no assistant tokens after truncation"),
+        ([GOOD, {"input": "q", "output": "  "}], {}, "bad.jsonl: line 2: empty output"),
+        ([{"input": "q " * 600, "output": "a"}, GOOD], {}, "line 1: no assistant tokens after truncation"),
+        ([GOOD, GOOD | {"output": 4}], {}, "bad.jsonl: line 2: output is a number (4), not a string"),
+        ([GOOD, [1, 2]], {}, "bad.jsonl: line 2: not a JSON object but an array ([1, 2])"),
     ],
 )
 def test_bad_rows_fail_with_one_line_naming_file_and_row(tmp_path: Path, rows, params, message):
@@ -104,6 +106,43 @@ def test_bad_rows_are_counted_when_skipped(tmp_path: Path):
     assert code == 0
     manifest = read_data_manifest(out)
     assert (manifest["rows_in"], manifest["rows_out"], manifest["skipped"]) == (4, 2, 2)
+
+
+def test_a_line_that_is_not_json_is_a_bad_row_named_by_file_and_line(tmp_path: Path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps(GOOD) + "\n\n" + '{"input": "q", "output": "trailing comma",}\n'
+                      + json.dumps(GOOD | {"input": "3 + 3?"}) + "\n")
+    code, out = run_preprocess(tmp_path / "stage", source=str(source))
+    assert code == 2
+    assert failure(out).endswith("rows.jsonl: line 3: not JSON (Expecting property name enclosed in double "
+                                 "quotes at column 43); fix the row or set on_bad_row: skip")
+    code, out = run_preprocess(tmp_path / "skipped", source=str(source), on_bad_row="skip")
+    assert code == 0
+    manifest = read_data_manifest(out)
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["skipped"]) == (3, 2, 1)
+
+
+def test_a_lone_surrogate_escape_is_a_bad_row(tmp_path: Path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD | {"output": "\ud800"}) + "\n")  # ASCII escapes
+    code, out = run_preprocess(tmp_path / "stage", source=str(source))
+    assert code == 2 and "line 2: output is not valid Unicode (a lone surrogate \\ud800)" in failure(out)
+
+
+def test_a_column_no_row_has_is_named_even_when_bad_rows_are_skipped(tmp_path: Path):
+    source = write_jsonl(tmp_path / "rows.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    code, out = run_preprocess(tmp_path / "stage", source=str(source), on_bad_row="skip")
+    assert code == 2 and failure(out).endswith("rows.jsonl has no column 'input' in any row; "
+                                               "set input_column/output_column or messages_column")
+
+
+def test_a_json_array_file_is_read_as_rows_named_by_item(tmp_path: Path):
+    source = tmp_path / "rows.json"
+    source.write_text(json.dumps([GOOD, GOOD | {"input": "5 + 5?"}, GOOD | {"output": None}], indent=2))
+    code, out = run_preprocess(tmp_path / "stage", source=str(source))
+    assert code == 2 and "rows.json: item 3: output is null, not a string" in failure(out)
+    code, out = run_preprocess(tmp_path / "skipped", source=str(source), on_bad_row="skip", val_fraction=0.0)
+    assert code == 0 and read_data_manifest(out)["rows_out"] == 2
 
 
 def test_non_utf8_line_is_named(tmp_path: Path):
@@ -164,7 +203,7 @@ def test_glob_of_files_names_the_file_of_a_bad_row(tmp_path: Path):
     write_jsonl(tmp_path / "part-0.jsonl", [GOOD, GOOD | {"input": "1 + 1?"}])
     write_jsonl(tmp_path / "part-1.jsonl", [GOOD | {"input": "5 + 5?"}, {"input": "q", "output": ""}])
     code, out = run_preprocess(tmp_path / "stage", source=str(tmp_path / "part-*.jsonl"))
-    assert code == 2 and "part-1.jsonl: row 2: empty output" in failure(out)
+    assert code == 2 and "part-1.jsonl: line 2: empty output" in failure(out)
 
 
 def test_no_validation_split(tmp_path: Path):
