@@ -165,11 +165,17 @@ def _run_id(args: argparse.Namespace, default: str) -> str:
 
 
 def _load(args: argparse.Namespace):
+    from pipeline.data_check import check_data_source
     from pipeline.loader import load_config
     from pipeline.study import build_study_graph
 
     loaded = load_config(args.config, args.overrides)
-    return loaded, build_study_graph(loaded.config)
+    graph = build_study_graph(loaded.config)
+    # Stages that run here (run, submit --cluster local) need the data here; on a cluster
+    # a path may name the cluster's filesystem, so only what exists here is opened.
+    runs_here = args.command == "run" or getattr(args, "cluster", None) == "local"
+    check_data_source(loaded.config.data, must_exist=runs_here)
+    return loaded, graph
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
