@@ -120,15 +120,14 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
     session = Session(params, world, model, prepared, optimizer, scheduler, train_split, val_split, order, plan, teacher)
 
     start = 0
-    latest = ckpt.latest_checkpoint(ctx.output_dir)
-    if latest is not None:
-        state, checkpointed_quantizers = ckpt.load_checkpoint(latest, model, optimizer, world)
-        scheduler.load_state_dict(state.scheduler)
-        if checkpointed_quantizers is not None:
-            prepared.load_state_dict(checkpointed_quantizers)
-        start = state.step
+    resumed = ckpt.resume_newest(ctx.output_dir, model, optimizer, world, ctx.log)
+    if resumed is not None:
+        scheduler.load_state_dict(resumed.state.scheduler)
+        if resumed.quantizer_state is not None:
+            prepared.load_state_dict(resumed.quantizer_state)
+        start = resumed.state.step
         prepared.on_step(start)  # re-applies step-dependent switches (QAT fake-quant delay)
-        ctx.log.info("resumed from %s (step %d)", latest, start)
+        ctx.log.info("resumed from %s (step %d)", resumed.path, start)
 
     describe = {str(k): str(v) for k, v in prepared.describe().items()}
     if prepared.backend == "modelopt":
