@@ -9,10 +9,10 @@ from torch import nn
 
 from stages.precision import PrecisionUnavailable, fake_quantize, load_recipe, prepare_model
 from stages.precision.emulated import OperandQuantizer, QuantizedLinear
-from stages.precision.nvfp4 import fake_quantize_nvfp4
+from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4
 from stages.precision.recipe import OperandSpec, parse_recipe
 
-from precision_helpers import recipe_with, tiny_qwen3
+from precision_helpers import gamma, nvfp4_error_bound, recipe_with, tiny_qwen3
 
 
 def one_linear(seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -82,7 +82,12 @@ def test_bf16_recipe_is_exactly_nn_linear() -> None:
     y = prepared.model(x)
     y.backward(grad)
     assert torch.equal(y, y_ref) and torch.equal(x.grad, dx_ref)
-    assert torch.allclose(model[0].weight.grad, reference.weight.grad, rtol=0, atol=1e-5)
+    g2, x2 = grad.reshape(-1, 40), x.detach().reshape(-1, 48)
+    assert torch.equal(model[0].weight.grad, g2.t() @ x2)  # the recipe's wgrad, in its own order
+    # nn.Linear's autograd sums the same 70 products in another order: both are within
+    # gamma_70 * sum |g x| of the exact sum (fp32 dot products), so within twice that of each other.
+    bound = 2 * gamma(70) * (g2.abs().t() @ x2.abs())
+    assert ((model[0].weight.grad - reference.weight.grad).abs() <= bound).all()
 
 
 def test_qwen3_keeps_lm_head_and_embeddings_and_parameters() -> None:
@@ -202,7 +207,17 @@ def test_torchao_delayed_fake_quant() -> None:
         prepared.on_step(3)
         quantized = prepared.model(x)
     assert not torch.equal(quantized, plain)
-    assert ((quantized - plain).norm() / plain.norm()).item() < 0.2  # int4 in groups of 16: close
+    layer = prepared.model[0]
+    w, w_q = layer.weight.detach(), layer.weight_fake_quantizer(layer.weight).detach()
+    assert torch.equal(quantized, F.linear(x, w_q, layer.bias))
+    # int4 in groups of 16: every weight of a group is an integer multiple of the group's step
+    # (its range / 15), at most 16 distinct levels. (torchao's asymmetric int4 may clip a group's
+    # extreme: how far it moves a weight is torchao's arithmetic, not ours to bound.)
+    groups, levels = w.reshape(40, 3, 16), w_q.reshape(40, 3, 16)
+    step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 15
+    units = levels / step
+    assert ((units - units.round()).abs() <= 1e-4).all()  # fp32: <= 8 * 3u = 1.4e-6 off an integer
+    assert (units.round().amax(-1) - units.round().amin(-1) <= 15).all()
 
 
 def test_delayed_scaling_uses_the_amax_history_of_previous_steps() -> None:
@@ -242,13 +257,28 @@ def test_runs_in_bfloat16() -> None:
 def test_hadamard_wgrad_is_exact_without_quantization_and_changes_quantized_wgrad() -> None:
     data = load_recipe("bf16").model_dump()
     data["wgrad"] = {"grad_output": {"format": "nvfp4", "hadamard": True}, "input": {"format": "nvfp4", "hadamard": True}}
-    x, w, _, _, g, _, dw = run(parse_recipe(data, "rht"))
-    dw_plain = g.reshape(-1, 40).t() @ x.detach().reshape(-1, 48)
+    model, x, grad = one_linear()
+    prepared = prepare_model(model, parse_recipe(data, "rht"), "emulated")
+    prepared.model(x).backward(grad)
+    dw, h = model[0].weight.grad, model[0].hadamard
     data["wgrad"] = {"grad_output": "nvfp4", "input": "nvfp4"}
     *_, dw_no_rht = run(parse_recipe(data, "no-rht"))
     assert not torch.equal(dw, dw_no_rht)
-    # Both are NVFP4 estimates of the same product.
-    assert torch.allclose(dw, dw_plain, rtol=0, atol=0.2 * dw_plain.abs().max().item())
+    # What the recipe says, in its order: both operands rotated along the tokens, then NVFP4.
+    a = apply_hadamard(grad.reshape(-1, 40).t(), h)
+    b = apply_hadamard(x.detach().reshape(-1, 48).t(), h)
+    qa, qb = fake_quantize(a, "nvfp4"), fake_quantize(b, "nvfp4")
+    assert torch.equal(dw, qa @ qb.t())
+    # An NVFP4 estimate of g^T x (the rotations cancel: H is orthonormal): each operand moves by
+    # at most one step of its block, so the product by at most e_a|b| + |a|e_b + e_a e_b, plus
+    # the fp32 rounding of the products and of the rotations.
+    e_a, e_b = nvfp4_error_bound(a), nvfp4_error_bound(b)
+    assert ((qa - a).abs() <= e_a).all() and ((qb - b).abs() <= e_b).all()
+    dw_plain = grad.reshape(-1, 40).t() @ x.detach().reshape(-1, 48)
+    quantization = e_a @ b.abs().t() + a.abs() @ e_b.t() + e_a @ e_b.t()
+    rounding = 4 * gamma(70 + 16) * ((a.abs() + e_a) @ (b.abs() + e_b).t())
+    assert ((dw - dw_plain).abs() <= quantization + rounding).all()
+    assert (dw - dw_plain).abs().max() > rounding.max()  # the quantization is there to see
 
 
 def test_unknown_backend() -> None:
