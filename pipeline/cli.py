@@ -6,6 +6,7 @@ Bad input of any kind ends in one line on stderr and exit code 2, before anythin
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -123,8 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    return build_parser()  # ~10 ms to build: once per process (tests call main many times)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = _HANDLERS[args.command]
     try:
         return handler(args)

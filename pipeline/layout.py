@@ -78,9 +78,14 @@ class RunLayout:
 
     def read_jobs(self) -> dict[str, Any]:
         try:
-            return json.loads(self.jobs_file.read_text())
+            jobs = json.loads(self.jobs_file.read_text())
         except FileNotFoundError:
             return {}
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"{self.jobs_file}: unreadable job record: {error}") from None
+        if not isinstance(jobs, dict):
+            raise ConfigError(f"{self.jobs_file}: not a job record (a JSON object)")
+        return jobs
 
     def write_jobs(self, payload: dict[str, Any]) -> None:
         write_json_atomic(self.jobs_file, payload)

@@ -94,7 +94,10 @@ def _load_yaml(text: str, where: str, lines: dict[tuple[str, ...], int]) -> Any:
     silently), aliases that contain themselves, nesting deeper than MAX_DEPTH. Aliases are then
     expanded into copies (so a `--set` changes one place only), at most MAX_VALUES values.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # the reader checks the characters here already
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error(error, where)) from None
     try:
         try:
             node = loader.get_single_node()

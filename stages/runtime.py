@@ -106,7 +106,11 @@ def run_stage(spec_path: Path, work: Work) -> int:
     try:
         spec = load_spec(spec_path)
     except Exception as error:  # unreadable spec: nothing to mark
-        print(f"error: {spec_path}: invalid stage spec: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {spec_path}: invalid stage spec: {_spec_problem(error)}", file=sys.stderr)
+        return 2
+    mismatch = _kind_mismatch(spec, work)
+    if mismatch:  # another kind's spec: its outputs are not this module's to write or mark
+        print(f"error: {spec_path}: {mismatch}", file=sys.stderr)
         return 2
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,14 @@ def run_stage(spec_path: Path, work: Work) -> int:
     return 0
 
 
+def _kind_mismatch(spec: StageSpec, work: Work) -> str | None:
+    """`python -m stages.probe` with a train stage's spec would mark the train stage done."""
+    parts = getattr(work, "__module__", "").split(".")
+    if len(parts) >= 2 and parts[0] == "stages" and parts[1] != spec.kind:
+        return f"spec.kind is '{spec.kind}' but this is stages.{parts[1]}; run `python -m stages.{spec.kind}`"
+    return None
+
+
 def _process_rank() -> int:
     """This process's rank under torchrun/srun (RANK env), 0 for a single-process stage."""
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
@@ -181,7 +193,9 @@ def _run_worker_rank(spec_path: Path, work: Work) -> int:
     try:
         spec = load_spec(spec_path)
     except Exception as error:
-        print(f"error: {spec_path}: invalid stage spec: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {spec_path}: invalid stage spec: {_spec_problem(error)}", file=sys.stderr)
+        return 2
+    if _kind_mismatch(spec, work):
         return 2
     marker = read_marker(spec.output_dir)
     if marker and marker.state == "succeeded" and marker.fingerprint == spec.fingerprint:
@@ -250,6 +264,16 @@ def _stage_logger(name: str) -> logging.Logger:
         stream=sys.stdout,
     )
     return logging.getLogger(f"stages.{name}")
+
+
+def _spec_problem(error: BaseException) -> str:
+    """The first problem, by field: `fingerprint: Input should be a valid string`, not
+    pydantic's first line ("1 validation error for StageSpec")."""
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return _one_line(ValueError(f"{where}: {first['msg']}" if where else first["msg"]))
+    return _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:

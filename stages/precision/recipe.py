@@ -317,25 +317,32 @@ def parse_recipe(data: Any, source: str) -> Recipe:
 
 def load_recipe(name_or_path: str) -> Recipe:
     """A built-in recipe by name, or a YAML file path (a user recipe)."""
-    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
     if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
-        if not builtin.is_file():
+        if name_or_path not in builtin_recipe_names():
             raise RecipeError(
                 f"recipe {name_or_path}: no such built-in recipe; choose one of "
                 f"{', '.join(builtin_recipe_names())} or give a YAML file path"
             )
-        path = builtin
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
     else:
         path = Path(name_or_path)
-        if not path.is_file():
+        try:  # a NUL byte or a name longer than the OS takes is no file either
+            is_file = path.is_file()
+        except (OSError, ValueError):
+            is_file = False
+        if not is_file:
             raise RecipeError(f"recipe {name_or_path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise RecipeError(f"recipe {name_or_path}:{where} {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"recipe {name_or_path}: cannot read: {error}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {name_or_path}: nested too deeply") from None
     if isinstance(data, dict):
         data.setdefault("name", path.stem)  # a user recipe is named after its file by default
     return parse_recipe(data, name_or_path)

@@ -4,11 +4,12 @@ or failing. Real file work with no ML, so the orchestration can be tested on its
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from stages.contract import write_atomic
 from stages.probe.params import ProbeParams
-from stages.runtime import StageContext, parse_params
+from stages.runtime import StageContext, StageInputError, parse_params
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -24,8 +25,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
             next_metric += params.metric_every_s
     if params.fail:
         raise RuntimeError("probe asked to fail")
-    parts = [(ctx.input_dir(role) / "output.txt").read_text() for role in sorted(ctx.spec.inputs)]
+    parts = [_upstream_text(ctx.input_dir(role) / "output.txt") for role in sorted(ctx.spec.inputs)]
     text = "".join(parts) + params.payload
     write_atomic(ctx.output_dir / "output.txt", text)
     ctx.tracker.log_metrics({"chars": len(text)})
     return {"chars": len(text)}
+
+
+def _upstream_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise StageInputError(f"inputs: {path}: unreadable ({error})") from None

@@ -21,7 +21,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # The study builder adds `study` and `description` beside the report section's own fields.
     params = parse_params(ReportParams, {k: v for k, v in ctx.params.items()
                                          if k in ReportParams.model_fields})
-    tags = {role: load_spec(path / "spec.json").tags for role, path in ctx.spec.inputs.items()}
+    tags = {role: _upstream_tags(role, path) for role, path in ctx.spec.inputs.items()}
     rows = build_rows(dict(ctx.spec.inputs), tags, params.baseline_run, params.skip_first_steps)
     if not rows:
         raise StageInputError("report: no train or eval stage among the inputs")
@@ -53,6 +53,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.tracker.log_parent_metrics(_parent_metrics(rows))
     print(markdown)
     return {"runs": len(rows), "plots": len(plots)}
+
+
+def _upstream_tags(role: str, stage_dir: Path) -> dict[str, str]:
+    try:
+        return load_spec(stage_dir / "spec.json").tags
+    except (OSError, ValueError) as error:  # missing, not JSON, not a spec
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise StageInputError(f"inputs.{role}: {stage_dir / 'spec.json'}: not a stage spec ({text})") from None
 
 
 def _parent_metrics(rows: list) -> dict[str, float]:

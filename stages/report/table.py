@@ -16,6 +16,7 @@ from typing import Any
 
 from stages.contract import MANIFEST_FILE
 from stages.precision.recipe import RecipeError, load_recipe
+from stages.runtime import StageInputError
 
 METRICS_FILE = "metrics.jsonl"
 ACCURACY_PREFIX = "acc_"  # the eval stage's summary key of each lm-eval task's accuracy
@@ -53,18 +54,43 @@ COLUMNS = (
 
 
 def read_summary(stage_dir: Path) -> dict[str, Any]:
-    return json.loads((stage_dir / MANIFEST_FILE).read_text())["summary"]
+    """The summary a stage's manifest holds; an upstream whose manifest is missing or not one
+    is named in one line (the report reads what other stages wrote: it trusts no shape)."""
+    path = stage_dir / MANIFEST_FILE
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StageInputError(f"inputs: {path}: not a stage manifest ({type(error).__name__}: "
+                              f"{str(error)[:120]})") from None
+    if not isinstance(summary, dict):
+        raise StageInputError(f"inputs: {path}: its summary is not a mapping")
+    return summary
 
 
 def read_step_metrics(train_dir: Path) -> list[dict[str, Any]]:
     path = train_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    try:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {number} is not an object")
+                rows.append(row)
+    except (OSError, ValueError) as error:
+        raise StageInputError(f"inputs: {path}: not step metrics ({str(error)[:120]})") from None
+    return rows
+
+
+def _number(value: Any) -> float | None:
+    """A metric as a float; anything else (a string, a bool, a list) as missing."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def mean_step_time(rows: list[dict[str, Any]], skip_first: int) -> float | None:
-    times = [row["step_time_s"] for row in rows if "step_time_s" in row]
+    times = [time for row in rows if (time := _number(row.get("step_time_s"))) is not None]
     kept = times[skip_first:] or times
     return sum(kept) / len(kept) if kept else None
 
@@ -97,16 +123,16 @@ def build_rows(inputs: dict[str, Path], tags: dict[str, dict[str, str]], baselin
             row = row_for(run, "trained", stage_tags)
             row.step_time_s = mean_step_time(read_step_metrics(stage_dir), skip_first_steps)
             if row.step_time_s is None:
-                row.step_time_s = summary.get("mean_step_time_s")
-            row.tokens_per_s = summary.get("tokens_per_s")
-            row.train_val_loss = summary.get("val_loss")
-            row.backend = summary.get("backend", row.backend)
+                row.step_time_s = _number(summary.get("mean_step_time_s"))
+            row.tokens_per_s = _number(summary.get("tokens_per_s"))
+            row.train_val_loss = _number(summary.get("val_loss"))
+            row.backend = str(summary.get("backend", row.backend))
         elif role.startswith("eval-"):
             phase = "base" if role == "eval-base" else "ptq" if stage_tags.get("phase") == "ptq" else "trained"
             row = row_for(run, phase, stage_tags)
-            row.val_loss = summary.get("val_loss")
+            row.val_loss = _number(summary.get("val_loss"))
             # What eval deployed (e.g. int4-fake-quant where torchao had no int4 kernels), not only what the recipe says.
-            row.inference_format = summary.get("precision") or row.inference_format
+            row.inference_format = str(summary.get("precision") or row.inference_format)
             row.accuracy = {k.removeprefix(ACCURACY_PREFIX): v for k, v in summary.items()
                             if k.startswith(ACCURACY_PREFIX) and isinstance(v, (int, float))}
     ordered = sorted(rows.values(), key=lambda r: ({"base": 0, "ptq": 1, "trained": 2}[r.phase], r.run))
