@@ -40,7 +40,7 @@ BASE_MODEL = "base"
 class RunConfig(BaseModel):
     """One fine-tuning run of the study, e.g. `fp8` = SFT under the fp8 recipe on TE."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = Field(True, description="false drops the run (and its stages) from the graph.")
     method: Literal["sft", "qat", "qad"] = Field(
@@ -107,7 +107,7 @@ DEFAULT_STAGE_IMAGES = {
 class ImagesConfig(BaseModel):
     """Container images, pinned by digest; which image each stage kind runs in."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     strict: bool = Field(
         False, description="Refuse image references without an @sha256: digest (use on clusters)."
@@ -164,7 +164,11 @@ class ImagesConfig(BaseModel):
         if self.lock_file is None:
             return
         path = resolve_lock_path(self.lock_file)
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except (OSError, ValueError) as error:  # a name longer than the OS takes, a NUL byte
+            raise ValueError(f"lock_file: {self.lock_file!r} is not a usable path: {error}") from None
+        if not exists:
             if "lock_file" in self.model_fields_set:  # named on purpose: must exist
                 raise ValueError(f"lock_file: {path} not found; run `python -m pipeline images lock`")
             return
@@ -175,7 +179,7 @@ class ImagesConfig(BaseModel):
 
 
 class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     uri: str | None = Field(
         None,
@@ -191,7 +195,7 @@ def _default_resources() -> dict[str, Resources]:
 class StudyConfig(BaseModel):
     """A quantization study: one dataset, several training runs, their evaluation and report."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     study: str = Field(description="Study name (DNS-1123): the MLflow experiment and default run id.")
     description: str = Field("", description="Free text shown in the report.")

@@ -106,6 +106,8 @@ def read_lock(path: Path) -> LockFile:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ImageRefError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as error:
+        raise ImageRefError(f"{path}: cannot read: {error}") from None
     try:
         lock = LockFile.model_validate(raw)
     except ValidationError as error:

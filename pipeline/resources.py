@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     nodes: int = Field(1, ge=1, description="Nodes (multi-node stages run torchrun across them).")
     gpus_per_node: int = Field(0, ge=0, description="GPUs per node; >1 runs torchrun per node.")

@@ -43,7 +43,7 @@ def check_subdomain(value: str) -> str:
 
 
 class SecretRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     secret: str = Field(description="Name of the Secret in the run's namespace.")
     key: str = Field(description="Key inside the Secret.")
@@ -60,7 +60,7 @@ class SecretRef(BaseModel):
 
 
 class Toleration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     key: str = Field(description="Taint key, e.g. nvidia.com/gpu.")
     operator: Literal["Exists", "Equal"] = Field("Exists", description="Exists or Equal.")
@@ -71,7 +71,7 @@ class Toleration(BaseModel):
 
 
 class NodeRequirement(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     key: str = Field(description="Node label key, e.g. nvidia.com/gpu.product.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field("In", description="Match.")
@@ -79,7 +79,7 @@ class NodeRequirement(BaseModel):
 
 
 class ArtifactVolume(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     claim: str = Field("faster-qat-artifacts", description="PersistentVolumeClaim of the artifact root.")
     create: bool = Field(True, description="Render the claim (false: use an existing claim).")
@@ -104,7 +104,7 @@ class ArtifactVolume(BaseModel):
 class K8sSettings(BaseModel):
     """Where and how the study's Jobs run on Kubernetes (`--cluster k8s`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     namespace: str = Field("faster-qat", description="Namespace of every rendered object.")
     create_namespace: bool = Field(False, description="Render the Namespace object too.")

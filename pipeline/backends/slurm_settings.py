@@ -22,7 +22,7 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "slurm"
 class SlurmPlacement(BaseModel):
     """Where a stage kind's jobs go; unset fields fall back to the section's own values."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     partition: str | None = Field(None, description="Slurm partition (sbatch --partition).")
     account: str | None = Field(None, description="Slurm account (sbatch --account).")
@@ -45,7 +45,7 @@ class SlurmPlacement(BaseModel):
 class ContainerSettings(BaseModel):
     """Run each stage in its pinned image through pyxis/enroot (srun --container-image)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     workdir: str = Field(
         "/workspace/faster-qat", description="Folder inside the image holding the project (stages/)."

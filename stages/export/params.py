@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ExportParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bf16_checkpoint: bool = Field(
         True, description="Write a bf16 Hugging Face checkpoint (every run gets one)."

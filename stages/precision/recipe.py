@@ -41,7 +41,7 @@ class RecipeError(ValueError):
 
 
 class OperandSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     format: str = Field("bf16", description=f"Element format, one of {', '.join(FORMATS)}.")
     scaling: Literal["current", "delayed"] = Field(
@@ -162,7 +162,7 @@ def _fast_accumulation() -> Any:
 
 
 class FpropSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     input: OperandSpec = Field(default_factory=OperandSpec, description="Activation x.")
     weight: OperandSpec = Field(default_factory=OperandSpec, description="Weight W.")
     fast_accumulation: bool = _fast_accumulation()
@@ -174,7 +174,7 @@ class FpropSpec(BaseModel):
 
 
 class DgradSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     grad_output: OperandSpec = Field(default_factory=OperandSpec, description="Output gradient dy.")
     weight: OperandSpec = Field(default_factory=OperandSpec, description="Weight W.")
     fast_accumulation: bool = _fast_accumulation()
@@ -186,7 +186,7 @@ class DgradSpec(BaseModel):
 
 
 class WgradSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     grad_output: OperandSpec = Field(default_factory=OperandSpec, description="Output gradient dy.")
     input: OperandSpec = Field(default_factory=OperandSpec, description="Activation x.")
     fast_accumulation: bool = _fast_accumulation()
@@ -198,7 +198,7 @@ class WgradSpec(BaseModel):
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(description="Recipe name (recorded as the MLflow tag `recipe`).")
     description: str = Field("", description="One line for humans.")

@@ -11,7 +11,7 @@ class PreprocessParams(BaseModel):
     """Chat SFT preprocessing: render rows with the tokenizer's chat template, mask all but the
     assistant tokens, split train/val by conversation, then pack or pad to `seq_len`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: str = Field(
         description="Dataset: a hub name (e.g. nvidia/OpenScience), a local dataset dir, or "

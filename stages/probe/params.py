@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ProbeParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sleep_s: float = Field(0.0, ge=0, description="Seconds to sleep (in 0.05 s slices, interruptible).")
     fail: bool = Field(False, description="Raise an error instead of succeeding.")

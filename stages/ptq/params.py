@@ -10,7 +10,7 @@ from stages.precision.recipe import PrecisionBackend
 
 
 class PtqParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     calib_samples: int = Field(
         16, ge=1, description="Training sequences used to calibrate amax (study: 512)."

@@ -17,7 +17,7 @@ from stages.precision.recipe import PrecisionBackend
 class QadParams(BaseModel):
     """Quantization-aware distillation: a full-precision teacher guides the quantized student."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(
         default=1.0,
@@ -42,7 +42,7 @@ class QadParams(BaseModel):
 class TrainParams(BaseModel):
     """One fine-tuning run: model, precision recipe, optimizer, schedule and cadence."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(
         default=None,

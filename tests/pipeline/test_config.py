@@ -127,6 +127,24 @@ BAD_INPUTS = [
     ("", [], "study.yaml: empty config"),
     ("- a\n- b\n", [], "study.yaml:1: the config must be a mapping"),
     ("study: t\nmodel: m\nruns: {bf16: {recipe: bf16, backend: emulated}}\n", [], "data: required field is missing"),
+    # Found by the property-based tests (tests/pipeline/test_fuzz_config.py) or the issue:
+    ("a: &x [*x]\n", [], "study.yaml:1: 'a.0' contains itself (a recursive alias)"),
+    (None, ["description=&x [*x]"], "--set description=&x [*x]:1: '0' contains itself (a recursive alias)"),
+    ("study: " + "[" * 5000 + "]" * 5000 + "\n", [], "study.yaml: invalid YAML: nested deeper than 32 levels"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\nf: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+     [], "study.yaml: expands to more than 20000 values (through aliases)"),
+    ("? [a, b]\n: 1\n", [], "study.yaml:1: invalid YAML: found unhashable key"),
+    ("study: \x07bell\n", [], "study.yaml: invalid YAML: unacceptable character #x0007"),
+    (None, ["runs=[1,2]"], "--set runs=[1,2]: runs: Input should be a valid dictionary"),
+    (None, ["runs.bf16.resources.gpus=2"], "--set runs.bf16.resources.gpus=2: runs.bf16.resources: gpus: Extra inputs"),
+    (None, ["runs.bf16.recipe=" + "a" * 300], "runs.bf16.recipe: recipe aaaa"),
+    (None, ["runs.bf16.recipe=/" + "a" * 300 + ".yaml"], ".yaml: file not found"),
+    (None, ["images.lock_file=/" + "a" * 300], "images: lock_file: '/aaaa"),
+    (None, ["resources.train.memory_gb=.inf"], "resources.train.memory_gb: Input should be a finite number"),
+    (None, ["train.lr=.nan"], "train.lr: Input should be a finite number"),
+    (None, ['study="two\\nlines"'], "study: 'two\\nlines' must be a DNS-1123 label"),  # a YAML escape: a newline
 ]
 
 
@@ -140,6 +158,36 @@ def test_bad_config_is_one_line_exit_2_and_starts_nothing(tmp_path, capsys, text
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert expected in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_one_kind_s_image_can_be_changed_alone():
+    config = load_config("smoke", ["images.stages.train=cpu"]).config
+    assert config.images.stages["train"] == "cpu" and config.images.stages["preprocess"] == "cpu"
+    assert build_study_graph(config)["train-bf16"].image == "cpu"
+
+
+@pytest.mark.parametrize("command", ["status", "report", "sync", "cancel", "logs"])
+def test_a_run_that_does_not_exist_is_bad_input(tmp_path, capsys, command):
+    args = [command, "nosuch", *(["stage"] if command == "logs" else []), "--root", str(tmp_path)]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: run 'nosuch': no such run under {tmp_path}\n"
+    assert main([command, *(["nosuch", "stage"] if command == "logs" else []), "--root", str(tmp_path / "none")]) == 2
+    assert "no such run" in capsys.readouterr().err or command != "logs"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["run", "-c", "smoke", "--run-id", "../escape"], "--run-id ../escape: must be a DNS-1123 label"),
+    (["run", "-c", "smoke", "--max-parallel", "0"], "argument --max-parallel: 0: must be at least 1"),
+    (["logs", "r", "s", "--tail", "-1"], "argument --tail: -1: must be 0 (all) or more"),
+])
+def test_bad_cli_values_are_one_line_exit_2(tmp_path, capsys, args, expected):
+    try:
+        code = main([*args, "--root", str(tmp_path / "runs")])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
     assert not (tmp_path / "runs").exists()
 
 

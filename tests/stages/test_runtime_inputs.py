@@ -1,0 +1,50 @@
+"""What stages.runtime refuses before a stage's work starts, and how stages read upstreams
+they do not trust (regressions found by tests/stages/test_fuzz_specs.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.contract import StageSpec, mark_succeeded, read_marker, write_spec
+from stages.probe.core import run as probe
+from stages.report.core import run as report
+from stages.runtime import run_stage
+
+
+def spec(tmp_path: Path, kind: str, inputs: dict[str, Path] | None = None) -> Path:
+    return write_spec(StageSpec(run_id="r", stage="s", kind=kind, fingerprint="f" * 16,
+                                output_dir=tmp_path / "out", inputs=inputs or {}, params={}))
+
+
+def test_a_spec_of_another_kind_is_refused_and_nothing_is_written(tmp_path: Path, capsys) -> None:
+    path = spec(tmp_path, "train")
+    assert run_stage(path, probe) == 2  # `python -m stages.probe` would have marked train done
+    assert capsys.readouterr().err == (f"error: {path}: spec.kind is 'train' but this is stages.probe; "
+                                       "run `python -m stages.train`\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["spec.json"]
+
+
+def test_an_invalid_spec_names_its_field(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"run_id": 1, "stage": "s", "kind": "probe", "fingerprint": "f",
+                                "output_dir": str(tmp_path / "out")}))
+    assert run_stage(path, probe) == 2
+    assert capsys.readouterr().err == f"error: {path}: invalid stage spec: run_id: Input should be a valid string\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_upstreams_without_the_files_their_readers_need_are_one_line_errors(tmp_path: Path) -> None:
+    upstream = tmp_path / "train-x"
+    upstream.mkdir()
+    mark_succeeded(upstream, "up")  # marked done, but holds nothing
+    assert run_stage(spec(tmp_path / "p", "probe", {"in": upstream}), probe) == 2
+    assert read_marker(tmp_path / "p" / "out").error == f"s: inputs: {upstream}/output.txt: unreadable " \
+        f"([Errno 2] No such file or directory: '{upstream}/output.txt')"
+    assert run_stage(spec(tmp_path / "r", "report", {"train-x": upstream}), report) == 2
+    assert read_marker(tmp_path / "r" / "out").error.startswith(
+        f"s: inputs.train-x: {upstream}/spec.json: not a stage spec ([Errno 2] No such file")
+    write_spec(StageSpec(run_id="r", stage="train-x", kind="train", fingerprint="u", output_dir=upstream))
+    (upstream / "manifest.json").write_text('{"summary": "no mapping"}')
+    assert run_stage(spec(tmp_path / "r2", "report", {"train-x": upstream}), report) == 2
+    assert read_marker(tmp_path / "r2" / "out").error == f"s: inputs: {upstream}/manifest.json: its summary is not a mapping"
