@@ -308,6 +308,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from pipeline.study import image_refs
 
     loaded, graph = _load(args)
+    _usable_dir("--root", args.root)
+    _usable_dir("-o", args.output)
     backend = backend_for(args.cluster)()
     layout = RunLayout(args.root, _run_id(args, loaded.config.study))
     written = backend.render(graph, layout, image_refs(loaded.config), loaded, args.output)  # type: ignore[attr-defined]
@@ -317,10 +319,21 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _resolved_root(args: argparse.Namespace) -> Path:
+    return _usable_dir("--root", args.root)
+
+
+def _usable_dir(option: str, path: Path) -> Path:
+    """`path` resolved; a path that is a file, or that the OS cannot take, is bad input."""
     try:
-        return args.root.resolve()
+        resolved = path.resolve()
+        existing = next(p for p in (resolved, *resolved.parents) if p.exists())  # "/" always exists
+        is_dir = existing.is_dir()
     except (OSError, ValueError) as error:
-        raise ConfigError(f"--root {args.root}: not a usable path: {error}") from None
+        raise ConfigError(f"{option} {path}: not a usable path: {error}") from None
+    if not is_dir:
+        where = "" if existing == resolved else f" ({existing} is a file)"
+        raise ConfigError(f"{option} {path}: not a directory{where}")
+    return resolved
 
 
 def _layout_for(args: argparse.Namespace) -> RunLayout:

@@ -191,6 +191,16 @@ def test_bad_cli_values_are_one_line_exit_2(tmp_path, capsys, args, expected):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_root_or_output_that_is_a_file_is_bad_input(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["run", "-c", "smoke", "--root", str(tmp_path / "file" / "runs")]) == 2
+    assert capsys.readouterr().err == f"error: --root {tmp_path}/file/runs: not a directory ({tmp_path}/file is a file)\n"
+    assert main(["render", "--cluster", "slurm", "-c", "smoke", "--root", str(tmp_path / "runs"),
+                 "-o", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"error: -o {tmp_path}/file: not a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_unknown_profile_and_missing_file(capsys, tmp_path):
     assert main(["validate", "-c", "nope"]) == 2
     assert "-c nope: not a file and not a profile; profiles: h100, qwen3-8b-b200, smoke" in capsys.readouterr().err
