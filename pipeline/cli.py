@@ -324,6 +324,8 @@ def _resolved_root(args: argparse.Namespace) -> Path:
 
 def _usable_dir(option: str, path: Path) -> Path:
     """`path` resolved; a path that is a file, or that the OS cannot take, is bad input."""
+    if any("\ud800" <= char <= "\udfff" for char in str(path)):  # argv bytes that were not UTF-8
+        raise ConfigError(f"{option} {path}: not valid UTF-8 (stage specs hold paths as UTF-8 JSON)")
     try:
         resolved = path.resolve()
         existing = next(p for p in (resolved, *resolved.parents) if p.exists())  # "/" always exists

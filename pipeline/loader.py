@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).with_name("profiles")
 PATH_PREFIXES = ("./", "../", "/")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # argv bytes that were not UTF-8 (surrogateescape)
 
 
 def profile_names() -> list[str]:
@@ -34,6 +35,8 @@ class LoadedConfig:
 
 
 def resolve_source(name_or_path: str) -> Path:
+    if _SURROGATE.search(name_or_path):  # argv bytes that were not UTF-8 (surrogateescape)
+        raise ConfigError(f"-c {name_or_path}: not valid UTF-8 (stage specs hold paths as UTF-8 JSON)")
     try:  # a NUL byte or an over-long name is no path the OS can look up
         candidate = Path(name_or_path)
         is_path = candidate.suffix in (".yaml", ".yml") or candidate.exists()
@@ -174,6 +177,8 @@ def _unshare(value: Any, where: str, count: list[int], depth: int) -> Any:
 
 
 def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    if _SURROGATE.search(item):  # bytes that were not UTF-8 in argv (surrogateescape)
+        raise ConfigError(f"--set {item}: not valid UTF-8 text")
     key, sep, value_text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item}: expected key.path=value")

@@ -17,7 +17,7 @@ from stages.export.params import ExportParams
 from stages.train.params import TrainParams
 from pipeline.resources import Resources
 from tests.fuzz import (
-    SPECIAL_TEXT, TEXT, VALUES, assert_clean_ending, deep, examples, run_cli, schema_paths, surrogate_safe, tree,
+    ARGV_TEXT, SPECIAL_TEXT, TEXT, VALUES, assert_clean_ending, deep, examples, run_cli, schema_paths, surrogate_safe, tree,
     values_for,
 )
 
@@ -156,3 +156,24 @@ def test_set_pairs_at_every_path_end_valid_or_in_one_line(workdir: Path, sets: l
     if not config.exists():
         config.write_text(yaml.safe_dump(BASE, sort_keys=False))
     check_validate_then_run(workdir, config, [pair for pair in sets if "\x00" not in pair], also_run)
+
+
+FREE_TEXT_FIELDS = ["description", "data.system_prompt", "data.input_column", "tracking.experiment",
+                    "report.baseline_run", "eval.lm_eval_tasks", "runs.bf16.train.recipe", "model", "--run-id"]
+
+
+@settings(max_examples=examples(15))
+@given(field=st.sampled_from(FREE_TEXT_FIELDS), value=ARGV_TEXT)
+def test_free_text_reaches_the_written_specs_or_is_refused_in_one_line(workdir: Path, field: str, value: str) -> None:
+    """Valid configs get as far as writing specs and job scripts (render writes, starts nothing):
+    whatever text a field holds must serialise there, or be refused before anything is written."""
+    config = workdir / "base.yaml"
+    if not config.exists():
+        config.write_text(yaml.safe_dump(BASE, sort_keys=False))
+    root, output = workdir / "render-root", workdir / "render-out"
+    option = ["--run-id", value] if field == "--run-id" else ["--set", f"{field}={value}"]
+    before = tree(workdir)
+    outcome = run_cli(["render", "--cluster", "slurm", "-c", str(config), *option, "--root", str(root), "-o", str(output)])
+    assert_clean_ending(outcome)
+    if outcome.code == 2:
+        assert tree(workdir) == before
