@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import BackendError
+from pipeline.errors import BackendError, ConfigError
 from pipeline.fingerprint import code_version
 from pipeline.image_lock import PROJECT_ROOT, ImageRef, LockEntry, LockFile, read_lock, write_lock
 from pipeline.stage_kinds import STAGE_KINDS
@@ -178,7 +178,7 @@ def select(names: Iterable[str], refs: dict[str, str], images_dir: Path = IMAGES
     selected = {}
     for name in wanted:
         if name not in refs:
-            raise BackendError(f"images: '{name}' is not a key of images.refs ({', '.join(sorted(refs))})")
+            raise ConfigError(f"images: '{name}' is not a key of images.refs ({', '.join(sorted(refs))})")
         ref = ImageRef.parse(refs[name])
         selected[name] = ImageRef(ref.repository, ref.tag or "latest")
     return selected

@@ -46,7 +46,8 @@ def sandbox(tmp_path_factory) -> Path:
     return path
 
 
-BAD_CONFIGS = ["bad.yaml", "recursive.yaml", "no-data.yaml", "missing.yaml", "nope"]
+BAD_CONFIGS = ["bad.yaml", "recursive.yaml", "missing.yaml", "nope"]  # each fails to load
+NO_DATA = "no-data.yaml"  # loads, but `run` stops at its missing data
 
 
 @st.composite
@@ -76,7 +77,8 @@ def argv(draw) -> list[str]:
 
 def value_for(action: argparse.Action, command: str) -> st.SearchStrategy:
     if action.dest == "config":
-        configs = BAD_CONFIGS if command in STARTS_WORK else [*BAD_CONFIGS, "good.yaml", "smoke"]
+        configs = {"run": [*BAD_CONFIGS, NO_DATA]}.get(command, BAD_CONFIGS) if command in STARTS_WORK \
+            else [*BAD_CONFIGS, NO_DATA, "good.yaml", "smoke"]
         return st.sampled_from(configs)
     if action.dest == "root":
         return st.sampled_from(["runs", "elsewhere", "runs/seen/run.json", "", "/proc"])
@@ -88,13 +90,28 @@ def value_for(action: argparse.Action, command: str) -> st.SearchStrategy:
 
 
 def starts_work(tokens: list[str], sandbox: Path) -> bool:
-    """True when these arguments would run, submit or build with a config that validates."""
+    """True when these arguments could run, submit, render or build: their config loads (and
+    for `run`, its data is there). Checked by loading, not trusted from the strategy."""
+    from pipeline.data_check import check_data_source
+    from pipeline.errors import ConfigError
+    from pipeline.loader import load_config
+
     try:
         args = build_parser().parse_args(tokens)
     except SystemExit:
         return False
-    config = getattr(args, "config", None)
-    return args.command in STARTS_WORK and (config is None or config not in BAD_CONFIGS)
+    if args.command not in STARTS_WORK:
+        return False
+    if getattr(args, "config", None) is None:
+        return True  # `images ...` without -c uses the built-in refs
+    try:
+        loaded = load_config(str(sandbox / args.config) if (sandbox / args.config).exists() else args.config,
+                             args.overrides)
+        if args.command == "run":
+            check_data_source(loaded.config.data, must_exist=True)
+    except ConfigError:
+        return False
+    return True
 
 
 @settings(max_examples=examples(400))

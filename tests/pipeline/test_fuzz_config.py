@@ -124,7 +124,8 @@ def check_validate_then_run(workdir: Path, config: Path, sets: list[str], also_r
     before = tree(workdir)
     ran = run_cli(["run", "-c", str(config), *args, "--root", str(root), "--plain"])
     # run validates first, the same way (argparse names the subcommand in its own errors)
-    assert (ran.code, ran.err.replace(" run: ", " validate: ")) == (outcome.code, outcome.err)
+    prog = "error: python -m pipeline "
+    assert (ran.code, ran.err.replace(f"{prog}run: ", f"{prog}validate: ", 1)) == (outcome.code, outcome.err)
     assert not root.exists() and tree(workdir) == before  # and writes nothing
 
 
