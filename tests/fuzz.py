@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -41,6 +42,10 @@ settings.load_profile("long" if LONG else "ci")
 def examples(n: int) -> int:
     """Examples for one property: n in CI, 25 n in the long profile."""
     return n * 25 if LONG else n
+
+
+# The long profile outlasts the suite's per-test limit (pytest-timeout, 900 s): no limit there.
+TIME_LIMIT = pytest.mark.timeout(0 if LONG else 900)
 
 
 # --- hostile values ---------------------------------------------------------------------------

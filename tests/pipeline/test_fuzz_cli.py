@@ -14,7 +14,7 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.cli import build_parser
-from tests.fuzz import ARGV_TEXT, SPECIAL_TEXT, assert_clean_ending, examples, run_cli, tree
+from tests.fuzz import ARGV_TEXT, SPECIAL_TEXT, TIME_LIMIT, assert_clean_ending, examples, run_cli, tree
 
 STARTS_WORK = {"run", "submit", "render", "images"}  # with a valid config these would do real work
 
@@ -114,6 +114,7 @@ def starts_work(tokens: list[str], sandbox: Path) -> bool:
     return True
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(400))
 @given(tokens=argv())
 def test_generated_argument_lists_end_in_success_or_one_line(sandbox: Path, tokens: list[str], monkeypatch) -> None:

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import StudyConfig
+from pipeline.resources import Resources
 from stages.export.params import ExportParams
 from stages.train.params import TrainParams
-from pipeline.resources import Resources
 from tests.fuzz import (
-    ARGV_TEXT, SPECIAL_TEXT, TEXT, VALUES, assert_clean_ending, deep, examples, run_cli, schema_paths, surrogate_safe, tree,
-    values_for,
+    ARGV_TEXT, SPECIAL_TEXT, TEXT, TIME_LIMIT, VALUES, assert_clean_ending, deep, examples, run_cli, schema_paths,
+    surrogate_safe, tree, values_for,
 )
 
 BASE: dict[str, Any] = {
@@ -129,6 +129,7 @@ def check_validate_then_run(workdir: Path, config: Path, sets: list[str], also_r
     assert not root.exists() and tree(workdir) == before  # and writes nothing
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(500))
 @given(text=config_text(), also_run=st.integers(0, 3).map(lambda n: n == 0))
 def test_generated_config_files_end_valid_or_in_one_line(workdir: Path, text: bytes, also_run: bool) -> None:
@@ -150,6 +151,7 @@ def set_pair(draw) -> str:
     return f"{key}={shown}" if draw(st.integers(0, 19)) else key
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(600))
 @given(sets=st.lists(set_pair(), min_size=1, max_size=3), also_run=st.integers(0, 3).map(lambda n: n == 0))
 def test_set_pairs_at_every_path_end_valid_or_in_one_line(workdir: Path, sets: list[str], also_run: bool) -> None:
@@ -163,6 +165,7 @@ FREE_TEXT_FIELDS = ["description", "data.system_prompt", "data.input_column", "t
                     "report.baseline_run", "eval.lm_eval_tasks", "runs.bf16.train.recipe", "model", "--run-id"]
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(15))
 @given(field=st.sampled_from(FREE_TEXT_FIELDS), value=ARGV_TEXT)
 def test_free_text_reaches_the_written_specs_or_is_refused_in_one_line(workdir: Path, field: str, value: str) -> None:

@@ -25,7 +25,7 @@ from stages.ptq.params import PtqParams
 from stages.report.params import ReportParams
 from stages.runtime import run_stage
 from stages.train.params import TrainParams
-from tests.fuzz import SPECIAL_TEXT, TEXT, VALUES, examples, schema_paths, tree, values_for
+from tests.fuzz import SPECIAL_TEXT, TEXT, TIME_LIMIT, VALUES, examples, schema_paths, tree, values_for
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "fixtures" / "tokenizer")
@@ -125,6 +125,7 @@ def spec_json(draw, workdir: Path, counter: list[int]) -> tuple[str, str, Path]:
 COUNTER = [0]
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(300))
 @given(data=st.data())
 def test_any_spec_ends_in_one_line_and_no_half_written_output(workdir: Path, data, capsys) -> None:

@@ -19,7 +19,7 @@ from stages.preprocess.chat import OK, ChatColumns, ConversationEncoder
 from stages.preprocess.json_rows import BadRows, read_json_rows
 from stages.preprocess.rows import row_problem
 from stages.runtime import StageInputError
-from tests.fuzz import SPECIAL_TEXT, TEXT, VALUES, deep, examples
+from tests.fuzz import SPECIAL_TEXT, TEXT, TIME_LIMIT, VALUES, deep, examples
 
 from preprocess_helpers import failure, run_preprocess
 
@@ -79,6 +79,7 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz-rows")
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(300))
 @given(lines=st.lists(source_line(), max_size=12), messages=st.booleans())
 def test_every_line_is_a_usable_row_or_a_bad_row_named_by_line(workdir: Path, lines: list[bytes], messages: bool) -> None:
@@ -117,6 +118,7 @@ def test_every_line_is_a_usable_row_or_a_bad_row_named_by_line(workdir: Path, li
         assert first_bad is None and strict.rows == skipped.rows and strict_bad.count == 0
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(300))
 @given(batch=st.lists(st.tuples(COLUMN_VALUE, COLUMN_VALUE, st.lists(TURN, max_size=3) | VALUES), min_size=1, max_size=8),
        messages=st.booleans(), seq_len=st.sampled_from([8, 32, 512]), truncate=st.booleans())
@@ -135,6 +137,7 @@ def test_any_typed_values_get_a_status_from_the_encoder(tokenizer, batch, messag
             assert len(out["input_ids"][index]) <= seq_len and any(label != -100 for label in out["labels"][index])
 
 
+@TIME_LIMIT
 @settings(max_examples=examples(25))
 @given(lines=st.lists(source_line(), min_size=1, max_size=8), skip=st.integers(0, 3).map(bool))
 def test_the_stage_succeeds_or_fails_in_one_line_leaving_no_half_written_output(tmp_path_factory, lines, skip) -> None:
