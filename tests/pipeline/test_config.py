@@ -130,7 +130,8 @@ BAD_INPUTS = [
     # Found by the property-based tests (tests/pipeline/test_fuzz_config.py) or the issue:
     ("a: &x [*x]\n", [], "study.yaml:1: 'a.0' contains itself (a recursive alias)"),
     (None, ["description=&x [*x]"], "--set description=&x [*x]:1: '0' contains itself (a recursive alias)"),
-    ("study: " + "[" * 5000 + "]" * 5000 + "\n", [], "study.yaml: invalid YAML: nested deeper than 32 levels"),
+    ("study: " + "[" * 1000 + "]" * 1000 + "\n", [], "study.yaml: invalid YAML: nested deeper than 32 levels"),
+    ("study: " + "[" * 40 + "]" * 40 + "\n", [], "study.yaml:1: nested deeper than 32 levels"),
     ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
      "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
      "e: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\nf: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n",

@@ -70,7 +70,7 @@ YAML_DAMAGE = st.sampled_from([
     "x4: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\n",      # "billion laughs"
     "study: again\n",                                      # a duplicate key
     "runs: {bf16: {recipe: bf16, backend: emulated}, bf16: {recipe: fp8, backend: emulated}}\n",
-    f"description: {deep(5000)}\n",                         # deeper than PyYAML can recurse
+    f"description: {deep(400)}\n",                          # deeper than PyYAML can recurse
     f"runs: {{bf16: {{train: {{lr: {deep(40)}}}}}}}\n",
     "? [complex, key]\n: 1\n",                             # an unhashable key
     "study: !!python/object/apply:os.system [echo]\n",
@@ -143,7 +143,7 @@ def set_pair(draw) -> str:
     path, value = draw(schema_edit())
     key = ".".join(path)
     if draw(st.booleans()):
-        shown = draw(st.one_of(TEXT, SPECIAL_TEXT, st.sampled_from(["&x [*x]", deep(3000), "{a: *b}"])))
+        shown = draw(st.one_of(TEXT, SPECIAL_TEXT, st.sampled_from(["&x [*x]", deep(400), "{a: *b}"])))
     else:
         shown = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True).removesuffix("\n...\n").strip()
     if draw(st.integers(0, 9)) == 0:  # now and then a key that is not a path at all
