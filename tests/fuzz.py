@@ -5,7 +5,7 @@ input) or 1 (a stage's runtime failure); never a traceback, never a half-written
 
 Profiles (hypothesis settings):
   ci    (default) bounded and deterministic: each test runs `examples(n)` examples, about
-        2,000 in all, derandomized, no example database written into the repo;
+        4,000 in all, derandomized, no example database written into the repo;
   long  FASTER_QAT_FUZZ=long: 25 times as many, random, with the example database, for a
         run on demand (e.g. before a release, or overnight).
 """

@@ -115,7 +115,7 @@ def starts_work(tokens: list[str], sandbox: Path) -> bool:
 
 
 @TIME_LIMIT
-@settings(max_examples=examples(400))
+@settings(max_examples=examples(800))
 @given(tokens=argv())
 def test_generated_argument_lists_end_in_success_or_one_line(sandbox: Path, tokens: list[str], monkeypatch) -> None:
     assume(not starts_work(tokens, sandbox))

@@ -130,7 +130,7 @@ def check_validate_then_run(workdir: Path, config: Path, sets: list[str], also_r
 
 
 @TIME_LIMIT
-@settings(max_examples=examples(500))
+@settings(max_examples=examples(800))
 @given(text=config_text(), also_run=st.integers(0, 3).map(lambda n: n == 0))
 def test_generated_config_files_end_valid_or_in_one_line(workdir: Path, text: bytes, also_run: bool) -> None:
     config = workdir / "study.yaml"
@@ -152,7 +152,7 @@ def set_pair(draw) -> str:
 
 
 @TIME_LIMIT
-@settings(max_examples=examples(600))
+@settings(max_examples=examples(1000))
 @given(sets=st.lists(set_pair(), min_size=1, max_size=3), also_run=st.integers(0, 3).map(lambda n: n == 0))
 def test_set_pairs_at_every_path_end_valid_or_in_one_line(workdir: Path, sets: list[str], also_run: bool) -> None:
     config = workdir / "base.yaml"

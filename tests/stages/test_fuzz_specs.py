@@ -126,7 +126,7 @@ COUNTER = [0]
 
 
 @TIME_LIMIT
-@settings(max_examples=examples(300))
+@settings(max_examples=examples(600))
 @given(data=st.data())
 def test_any_spec_ends_in_one_line_and_no_half_written_output(workdir: Path, data, capsys) -> None:
     runner, text, out = data.draw(spec_json(workdir, COUNTER))

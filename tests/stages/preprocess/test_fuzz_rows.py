@@ -80,7 +80,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @TIME_LIMIT
-@settings(max_examples=examples(300))
+@settings(max_examples=examples(500))
 @given(lines=st.lists(source_line(), max_size=12), messages=st.booleans())
 def test_every_line_is_a_usable_row_or_a_bad_row_named_by_line(workdir: Path, lines: list[bytes], messages: bool) -> None:
     path = workdir / "rows.jsonl"
@@ -119,7 +119,7 @@ def test_every_line_is_a_usable_row_or_a_bad_row_named_by_line(workdir: Path, li
 
 
 @TIME_LIMIT
-@settings(max_examples=examples(300))
+@settings(max_examples=examples(500))
 @given(batch=st.lists(st.tuples(COLUMN_VALUE, COLUMN_VALUE, st.lists(TURN, max_size=3) | VALUES), min_size=1, max_size=8),
        messages=st.booleans(), seq_len=st.sampled_from([8, 32, 512]), truncate=st.booleans())
 def test_any_typed_values_get_a_status_from_the_encoder(tokenizer, batch, messages, seq_len, truncate) -> None:
@@ -138,7 +138,7 @@ def test_any_typed_values_get_a_status_from_the_encoder(tokenizer, batch, messag
 
 
 @TIME_LIMIT
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(40))
 @given(lines=st.lists(source_line(), min_size=1, max_size=8), skip=st.integers(0, 3).map(bool))
 def test_the_stage_succeeds_or_fails_in_one_line_leaving_no_half_written_output(tmp_path_factory, lines, skip) -> None:
     work = tmp_path_factory.mktemp("stage")
