@@ -15,7 +15,7 @@ class PreprocessParams(BaseModel):
 
     source: str = Field(
         description="Dataset: a hub name (e.g. nvidia/OpenScience), a local dataset dir, or "
-        "a .jsonl/.json/.parquet file or glob; loaded with datasets.load_dataset."
+        "a .jsonl/.json/.parquet file or glob (JSON is read row by row; the rest with datasets)."
     )
     data_files: list[str] | None = Field(
         default=None,
@@ -58,8 +58,9 @@ class PreprocessParams(BaseModel):
     batch_size: int = Field(default=256, ge=1, description="Rows per tokenization batch.")
     on_bad_row: Literal["error", "skip"] = Field(
         default="error",
-        description="A bad row (not UTF-8, empty output, no assistant tokens left after "
-        "truncation): 'error' stops with the file and row; 'skip' counts and logs it.",
+        description="A bad row (a line that is not UTF-8, not JSON or not an object; a missing, "
+        "mistyped or empty column; no assistant tokens left after truncation): 'error' stops with "
+        "the file and line; 'skip' counts and logs it.",
     )
 
     @model_validator(mode="after")
