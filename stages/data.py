@@ -29,7 +29,14 @@ def load_split(data_dir: Path, split: str) -> datasets.Dataset:
     path = Path(data_dir) / split
     if not (path / "state.json").exists():
         raise StageInputError(f"data: {path} is not a preprocessed split; run the preprocess stage first")
-    dataset = datasets.load_from_disk(str(path))
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as error:  # a state.json that is not the one `save_to_disk` writes, missing arrow files
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise StageInputError(f"data: {path} is not a readable preprocessed split ({text}); "
+                              "rerun the preprocess stage") from None
+    if not isinstance(dataset, datasets.Dataset):
+        raise StageInputError(f"data: {path} holds several splits, not one; rerun the preprocess stage")
     missing = [name for name in COLUMNS if name not in dataset.column_names]
     if missing:
         raise StageInputError(f"data: {path} lacks columns {missing}; rerun the preprocess stage")

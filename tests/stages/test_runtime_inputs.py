@@ -48,3 +48,15 @@ def test_upstreams_without_the_files_their_readers_need_are_one_line_errors(tmp_
     (upstream / "manifest.json").write_text('{"summary": "no mapping"}')
     assert run_stage(spec(tmp_path / "r2", "report", {"train-x": upstream}), report) == 2
     assert read_marker(tmp_path / "r2" / "out").error == f"s: inputs: {upstream}/manifest.json: its summary is not a mapping"
+
+
+def test_a_data_input_whose_split_is_not_a_saved_dataset_is_a_one_line_error(tmp_path: Path) -> None:
+    import pytest
+
+    from stages.data import load_split
+    from stages.runtime import StageInputError
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "state.json").write_text("[]")  # found by the spec fuzz: datasets raised
+    with pytest.raises(StageInputError, match=r"^data: .*/train is not a readable preprocessed split \("):
+        load_split(tmp_path, "train")
