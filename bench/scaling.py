@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    root = args.root or Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    root = (args.root or Path(tempfile.mkdtemp(prefix="bench-scaling-"))).resolve()  # specs hold absolute paths
     data_dir = prepare_data(root, args.model, args.seq_len)
     single = train(root, data_dir, 1, args)
     multi = train(root, data_dir, args.nproc, args)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SPEC_FILE = "spec.json"
 MANIFEST_FILE = "manifest.json"
@@ -66,6 +66,22 @@ class StageSpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="Stage parameters.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags for tracking.")
     tracking: TrackingRef | None = None
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output(cls, path: Path) -> Path:
+        # A relative path would land wherever the stage happens to start (its working dir).
+        if not path.is_absolute():
+            raise ValueError(f"'{path}' is not an absolute path")
+        return path
+
+    @field_validator("inputs")
+    @classmethod
+    def _absolute_inputs(cls, inputs: dict[str, Path]) -> dict[str, Path]:
+        relative = sorted(role for role, path in inputs.items() if not path.is_absolute())
+        if relative:
+            raise ValueError(f"'{relative[0]}': '{inputs[relative[0]]}' is not an absolute path")
+        return inputs
 
 
 class Marker(BaseModel):

@@ -272,7 +272,8 @@ def _spec_problem(error: BaseException) -> str:
     if isinstance(error, ValidationError):
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        return _one_line(ValueError(f"{where}: {first['msg']}" if where else first["msg"]))
+        message = first["msg"].removeprefix("Value error, ")
+        return _one_line(ValueError(f"{where}: {message}" if where else message))
     return _one_line(error)
 
 

@@ -118,10 +118,18 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = PROFILES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
+    try:  # a NUL byte or a name longer than the OS takes is no file either
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
         raise ValueError(f"profile '{name_or_path}': no file {path}; profiles: {known}")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as error:
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"profile {path}: cannot read: {text}") from None
     fragment = loaded.get("slurm", loaded) if isinstance(loaded, dict) else None
     if not isinstance(fragment, dict):
         raise ValueError(f"profile {path}: expected a mapping of slurm settings")

@@ -143,6 +143,7 @@ BAD_INPUTS = [
     (None, ["runs.bf16.recipe=" + "a" * 300], "runs.bf16.recipe: recipe aaaa"),
     (None, ["runs.bf16.recipe=/" + "a" * 300 + ".yaml"], ".yaml: file not found"),
     (None, ["images.lock_file=/" + "a" * 300], "images: lock_file: '/aaaa"),
+    (None, ["slurm.profile=/" + "a" * 300], "slurm: profile '/aaaa"),
     (None, ["resources.train.memory_gb=.inf"], "resources.train.memory_gb: Input should be a finite number"),
     (None, ["train.lr=.nan"], "train.lr: Input should be a finite number"),
     (None, ['study="two\\nlines"'], "study: 'two\\nlines' must be a DNS-1123 label"),  # a YAML escape: a newline

@@ -80,6 +80,7 @@ def params_for(draw, kind: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fuzz-specs")
+    (path / "cwd").mkdir()
     for name in ("done-empty", "done-junk"):
         (path / name).mkdir()
         mark_succeeded(path / name, "upstream")
@@ -116,6 +117,8 @@ def spec_json(draw, workdir: Path, counter: list[int]) -> tuple[str, str, Path]:
     }
     if shape == 1:  # a field of the wrong type or an unknown one
         spec[draw(st.sampled_from([*spec, "extra", "tracking"]))] = draw(VALUES)
+    if shape == 3:  # a relative output dir or input: relative to where the stage happens to start
+        spec[draw(st.sampled_from(["output_dir", "inputs"]))] = draw(st.sampled_from(["out", {"data": "data"}]))
     text = json.dumps(spec, allow_nan=True)
     if shape == 2 and isinstance(spec["params"], dict):  # a number beyond Python's int/str limit
         text = text.replace('"params": {', '"params": {"huge": ' + "9" * 5000 + ", ", 1)
@@ -128,8 +131,9 @@ COUNTER = [0]
 @TIME_LIMIT
 @settings(max_examples=examples(600))
 @given(data=st.data())
-def test_any_spec_ends_in_one_line_and_no_half_written_output(workdir: Path, data, capsys) -> None:
+def test_any_spec_ends_in_one_line_and_no_half_written_output(workdir: Path, data, capsys, monkeypatch) -> None:
     runner, text, out = data.draw(spec_json(workdir, COUNTER))
+    monkeypatch.chdir(workdir / "cwd")  # a relative path in a spec must not land here
     spec_path = workdir / "specs" / f"{COUNTER[0]}.json"
     spec_path.parent.mkdir(exist_ok=True)
     spec_path.write_text(text, encoding="utf-8", errors="surrogatepass")
@@ -158,6 +162,7 @@ def test_any_spec_ends_in_one_line_and_no_half_written_output(workdir: Path, dat
             assert marker.state == "failed" and "\n" not in (marker.error or "")
             assert marker.exit_code == code
     assert {name: tree(workdir / name) for name in before} == before  # upstream outputs untouched
+    assert tree(workdir / "cwd") == {}
 
 
 @pytest.mark.slow

@@ -60,3 +60,13 @@ def test_a_data_input_whose_split_is_not_a_saved_dataset_is_a_one_line_error(tmp
     (tmp_path / "train" / "state.json").write_text("[]")  # found by the spec fuzz: datasets raised
     with pytest.raises(StageInputError, match=r"^data: .*/train is not a readable preprocessed split \("):
         load_split(tmp_path, "train")
+
+
+def test_a_spec_with_a_relative_output_dir_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Found by the long spec fuzz: the stage wrote `_FAILED` and tracking files into its cwd."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"run_id": "r", "stage": "s", "kind": "probe", "fingerprint": "f", "output_dir": "out"}))
+    assert run_stage(path, probe) == 2
+    assert capsys.readouterr().err == f"error: {path}: invalid stage spec: output_dir: 'out' is not an absolute path\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
