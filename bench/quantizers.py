@@ -80,7 +80,9 @@ def modelopt_nvfp4(x: torch.Tensor) -> tuple[float, float, float] | None:
     """(fractions of elements bit-equal to our NVFP4 fake quant in ModelOpt's arithmetic and in
     torchao's, ModelOpt's ms) if ModelOpt imports."""
     try:
-        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import fp4_fake_quant_block
+        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import (
+            fp4_fake_quant_block,
+        )
     except Exception as error:  # noqa: BLE001 - report why, keep benching
         print(f"modelopt: not compared ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
         return None

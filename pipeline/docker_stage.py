@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contract.files import write_json_atomic
+from contract.markers import mark_failed
+from contract.spec import load_spec
 from pipeline.errors import BackendError
-from stages.contract import load_spec, mark_failed, write_json_atomic
 
 CONTAINER_RECORD = "container.json"
 STOP_GRACE_S = 15  # below the driver's grace, so the driver never has to SIGKILL this runner

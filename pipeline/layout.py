@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.contract import LOG_FILE, SPEC_FILE, write_json_atomic
+from contract.files import write_json_atomic
+from contract.spec import LOG_FILE, SPEC_FILE
 
 RUN_FILE = "run.json"
 JOBS_FILE = "jobs.json"

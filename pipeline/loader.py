@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from contract.validation import first_problem
 from pipeline.config import StudyConfig
 from pipeline.errors import ConfigError
 
@@ -170,14 +171,8 @@ def _default_tokenizer_to_model(raw: dict[str, Any]) -> None:
 def _describe(
     error: ValidationError, source: Path, lines: dict, set_paths: dict[tuple[str, ...], str]
 ) -> str:
-    first = error.errors()[0]
-    loc = tuple(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "required field is missing"
-    dotted = ".".join(loc)
+    dotted, message = first_problem(error)
+    loc = tuple(str(part) for part in error.errors()[0]["loc"])
     for depth in range(len(loc), -1, -1):
         if loc[:depth] in set_paths:
             return f"--set {set_paths[loc[:depth]]}: {dotted}: {message}"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from contract.markers import read_marker
+from pipeline.errors import ConfigError
 from pipeline.layout import RunLayout
-from stages.contract import read_marker
+from pipeline.run_record import RunRecord
 
 REPORT_STAGE = "report"
 REPORT_TABLE = "report.md"
 
 
-def print_report(layout: RunLayout) -> int:
+def print_report(layout: RunLayout, record: RunRecord) -> int:
+    if REPORT_STAGE not in record.stages:
+        raise ConfigError(f"run {layout.run_id} has no report stage")
     stage_dir = layout.stage_dir(REPORT_STAGE)
     marker = read_marker(stage_dir)
     if marker is None or marker.state != "succeeded":

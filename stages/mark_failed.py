@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.contract import load_spec, mark_failed, read_marker
+from contract.markers import mark_failed, read_marker
+from contract.spec import load_spec
 
 INTERRUPTED_EXITS = (130, 143)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from stages.contract import UPSTREAM_FAILED_EXIT
+from contract.launch import Rendezvous, StageLaunch
+from contract.markers import UPSTREAM_FAILED_EXIT
+from pipeline.backends.job_shell import place_spec
 
 ATTEMPT_ENV = "FASTER_QAT_ATTEMPT"
 SPECS_MOUNT = "/etc/faster-qat/specs"
@@ -30,13 +32,11 @@ def spec_key(stage: str) -> str:
     return f"{stage}.json"
 
 
-def wait_script(stage: str, stage_dir: str, upstreams: list[Upstream], poll_seconds: int) -> str:
+def wait_script(stage: str, stage_dir: str, fingerprint: str, upstreams: list[Upstream], poll_seconds: int) -> str:
     q = shlex.quote
     lines = [
         "set -eu",
-        f"D={q(stage_dir)}",
-        'mkdir -p "$D"',
-        f'cp {q(SPECS_MOUNT + "/" + spec_key(stage))} "$D/.spec.$HOSTNAME" && mv -f "$D/.spec.$HOSTNAME" "$D/spec.json"',
+        *place_spec(stage_dir, fingerprint, f'cp {q(SPECS_MOUNT + "/" + spec_key(stage))} "$TMP_SPEC"', "$HOSTNAME"),
         'if [ "${JOB_COMPLETION_INDEX:-0}" = 0 ]; then',
         '  rm -f "$D/_FAILED"',
         f'  printf "%s\\n" "${ATTEMPT_ENV}" > "$D/.attempt.$HOSTNAME" && mv -f "$D/.attempt.$HOSTNAME" "$D/_ATTEMPT"',
@@ -61,17 +61,10 @@ def wait_script(stage: str, stage_dir: str, upstreams: list[Upstream], poll_seco
 
 
 def stage_command(kind: str, spec_path: str, nodes: int, processes_per_node: int, master_port: int) -> str:
-    """The one stage command of every backend, for one pod (a node of a multi-node stage)."""
-    module = f"stages.{kind}"
-    if nodes > 1:
-        return ("python -m torch.distributed.run --nnodes=" + str(nodes)
-                + f" --nproc-per-node={processes_per_node} --node-rank=\"$JOB_COMPLETION_INDEX\""
-                + f' --master-addr="$MASTER_ADDR" --master-port={master_port}'
-                + f" -m {module} --spec {shlex.quote(spec_path)}")
-    if processes_per_node > 1:
-        return (f"python -m torch.distributed.run --standalone --nproc-per-node={processes_per_node}"
-                f" -m {module} --spec {shlex.quote(spec_path)}")
-    return f"python -m {module} --spec {shlex.quote(spec_path)}"
+    """The contract's launch command for one pod (a node of a multi-node stage: static ranks
+    from the Indexed Job's completion index, node 0 as the rendezvous)."""
+    launch = StageLaunch(kind, spec_path, nodes=nodes, processes_per_node=processes_per_node)
+    return launch.shell(Rendezvous(endpoint=f"$MASTER_ADDR:{master_port}", node_rank="$JOB_COMPLETION_INDEX"))
 
 
 def main_script(stage_dir: str, command: str) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from contract.markers import UPSTREAM_FAILED_EXIT
+from contract.spec import StageSpec, is_dns1123_label
 from pipeline.backends.k8s_commands import (
     ATTEMPT_ENV,
     SPECS_MOUNT,
@@ -25,7 +27,6 @@ from pipeline.backends.k8s_settings import K8sSettings
 from pipeline.errors import ConfigError
 from pipeline.graph import Graph, Stage
 from pipeline.resources import Resources
-from stages.contract import UPSTREAM_FAILED_EXIT, StageSpec, is_dns1123_label
 
 APP = "faster-qat"
 MANAGER = "faster-qat-pipeline"
@@ -190,7 +191,7 @@ def _job(stage: Stage, spec: StageSpec, fingerprints: dict[str, str],
     container_security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     init_resources = {"cpu": settings.init_cpu, "memory": settings.init_memory}
     wait = {"name": WAIT_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
-            "command": ["sh", "-c", wait_script(stage.name, stage_dir, upstreams, settings.poll_seconds)],
+            "command": ["sh", "-c", wait_script(stage.name, stage_dir, spec.fingerprint, upstreams, settings.poll_seconds)],
             "env": [e for e in env if e["name"] in (ATTEMPT_ENV, "JOB_COMPLETION_INDEX")],
             "resources": {"requests": init_resources, "limits": init_resources},
             "securityContext": container_security, "volumeMounts": mounts}

@@ -111,9 +111,8 @@ class K8sSettings(BaseModel):
     artifacts: ArtifactVolume = Field(default_factory=ArtifactVolume, description="Artifact root PVC.")
     tracking_uri: str | None = Field(
         "http://mlflow.faster-qat.svc.cluster.local:5000",
-        description="MLflow as pods reach it (k8s/mlflow.yaml). The submitter creates the parent "
-        "run through MLFLOW_TRACKING_URI/tracking.uri (e.g. a port-forward to the same server). "
-        "null: no MLflow; stages keep their events on the volume.",
+        description="MLflow as pods reach it (k8s/mlflow.yaml); the stages make the experiment and "
+        "the parent run there. null: no MLflow; stages keep their events on the volume.",
     )
     service_account: str | None = Field(None, description="ServiceAccount of stage pods (default SA).")
     gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
@@ -149,6 +148,12 @@ class K8sSettings(BaseModel):
         description=f"Env var -> Secret key, only as secretKeyRef; env vars: {', '.join(SECRET_ENV)}.",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
+    attempt: str = Field(
+        "1", pattern=r"^[A-Za-z0-9._-]{1,63}$",
+        description="render only: the attempt token of the rendered Jobs (submit makes a fresh one). "
+        "Bump it to apply a rendered run again after a failure: a stage trusts an upstream's _FAILED "
+        "only from the same attempt.",
+    )
 
     _namespace = field_validator("namespace")(classmethod(lambda cls, v: _label(v)))
     _quantities = field_validator("init_cpu", "init_memory")(classmethod(lambda cls, v: check_quantity(v)))

@@ -17,13 +17,26 @@ from typing import Any
 
 import torch
 
-from stages.contract import write_json_atomic
-from stages.eval.deployed import Deployment, fake_quant_deployment, load_unified, pack_in_memory, torchao_deployment
-from stages.eval.params import EvalStageParams
-from stages.hf_model import DTYPES, load_causal_lm, load_tokenizer, read_precision, resolve_model_source
-from stages.export.unified import TORCHAO_FORMATS, deployed_format
-from stages.precision.recipe import Recipe
-from stages.runtime import StageContext, StageInputError, parse_params
+from contract.files import write_json_atomic
+from contract.formats import deployed_format
+from contract.params.eval import EvalStageParams
+from contract.recipe import Recipe
+from stages.device import resolve_device
+from stages.eval.deployed import (
+    Deployment,
+    fake_quant_deployment,
+    load_unified,
+    pack_in_memory,
+    torchao_deployment,
+)
+from stages.hf_model import (
+    DTYPES,
+    load_causal_lm,
+    load_tokenizer,
+    read_precision,
+    resolve_model_source,
+)
+from stages.runtime import StageContext, StageInputError
 
 EXPORT_FILE = "export.json"
 
@@ -31,12 +44,7 @@ EXPORT_FILE = "export.json"
 
 
 def _check_recipe(params: EvalStageParams, recorded: dict[str, Any] | None, where: Path) -> Recipe:
-    from stages.precision import load_recipe
-
-    try:
-        asked = load_recipe(params.recipe)
-    except ValueError as error:
-        raise StageInputError(f"params.recipe: {error}") from None
+    asked = params.recipe
     if recorded is None:
         return asked
     recipe = Recipe.model_validate(recorded)
@@ -79,15 +87,15 @@ def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.de
     if params.precision != "deployed" or recipe.inference_format == "bf16":
         return Deployment(model, "bf16", "none", None), recipe, tokenizer
     fmt = recipe.inference_format
-    if fmt in TORCHAO_FORMATS:
+    if deployed_format(fmt).checkpoint == "torchao":
         return torchao_deployment(model, recipe), recipe, tokenizer
     return pack_in_memory(model, recipe, fmt, Path(path)), recipe, tokenizer
 
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, data_dir: Path, micro_batch: int, max_batches: int | None, device: torch.device) -> tuple[float, int]:
-    from stages.train.batches import TokenSplit, validation_batches
-    from stages.train.losses import cross_entropy_sum
+    from stages.batches import TokenSplit, validation_batches
+    from stages.losses import cross_entropy_sum
 
     split = TokenSplit(data_dir, "val")
     total, tokens = 0.0, 0
@@ -100,9 +108,7 @@ def validation_loss(model: torch.nn.Module, data_dir: Path, micro_batch: int, ma
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from stages.ptq.core import resolve_device
-
-    params = parse_params(EvalStageParams, ctx.params)
+    params = ctx.params_as(EvalStageParams)
     device = resolve_device(params.device)
     deployment, recipe, tokenizer = load_deployment(ctx, params, device)
     val_loss, val_tokens = validation_loss(deployment.model, ctx.input_dir("data"), params.micro_batch, params.max_batches, device)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.eval.params import EvalStageParams
+from contract.params.eval import EvalStageParams
 from stages.runtime import StageInputError
 
 

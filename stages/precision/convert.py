@@ -6,18 +6,17 @@ raises PrecisionUnavailable (one line, naming what to choose instead).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, get_args
-
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torch import nn
 
+from contract.recipe import GEMM_OPERANDS, PrecisionBackend, Recipe
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import GEMM_OPERANDS, PrecisionBackend, Recipe
 
 if TYPE_CHECKING:
     from stages.precision.modelopt_backend import SavedQuantizers
@@ -160,7 +159,7 @@ def convert_for_export(prepared: PreparedModel) -> nn.Module:
         return convert_for_export_torchao(model, prepared.recipe)
     if backend == "modelopt":
         return model
-    from stages.precision.emulated import replace_module
+    from stages.precision.surgery import replace_module
 
     for name in prepared.converted:
         layer = model.get_submodule(name)

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.precision.compat import modelopt_preset, modelopt_refusal
+from contract.compat import modelopt_preset, modelopt_refusal
+from contract.recipe import Recipe
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import Recipe
-
 
 
 @dataclass(frozen=True)

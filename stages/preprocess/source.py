@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 
-from stages.preprocess.params import PreprocessParams
+from contract.params.preprocess import PreprocessParams
 from stages.runtime import StageInputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

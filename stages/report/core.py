@@ -11,21 +11,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from stages.contract import load_spec, write_atomic
-from stages.report.params import ReportParams
+from contract.files import write_atomic
+from contract.params.report import ReportStageParams
 from stages.report.table import build_rows, read_step_metrics, to_csv, to_markdown
-from stages.runtime import StageContext, StageInputError, parse_params
+from stages.runtime import StageContext, StageInputError
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    # The study builder adds `study` and `description` beside the report section's own fields.
-    params = parse_params(ReportParams, {k: v for k, v in ctx.params.items()
-                                         if k in ReportParams.model_fields})
-    tags = {role: load_spec(path / "spec.json").tags for role, path in ctx.spec.inputs.items()}
+    params = ctx.params_as(ReportStageParams)
+    missing = sorted(set(ctx.spec.inputs) - set(params.inputs))
+    if missing:
+        raise StageInputError(f"params.inputs: no row given for input '{missing[0]}'")
+    tags = {role: params.inputs[role].model_dump() for role in ctx.spec.inputs}
     rows = build_rows(dict(ctx.spec.inputs), tags, params.baseline_run, params.skip_first_steps)
     if not rows:
         raise StageInputError("report: no train or eval stage among the inputs")
-    study = ctx.params.get("study", ctx.spec.run_id)
+    study = params.study
     notes = [
         f"ratios are to run '{params.baseline_run}' (trained); step time is the mean over steps "
         f"after the first {params.skip_first_steps}",

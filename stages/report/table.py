@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.contract import MANIFEST_FILE
-from stages.precision.recipe import RecipeError, load_recipe
+from contract.spec import MANIFEST_FILE
 
 METRICS_FILE = "metrics.jsonl"
 ACCURACY_PREFIX = "acc_"  # the eval stage's summary key of each lm-eval task's accuracy
@@ -69,16 +68,10 @@ def mean_step_time(rows: list[dict[str, Any]], skip_first: int) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def _inference_format(recipe: str) -> str:
-    try:
-        return load_recipe(recipe).inference_format
-    except RecipeError:
-        return ""
-
-
 def build_rows(inputs: dict[str, Path], tags: dict[str, dict[str, str]], baseline: str,
                skip_first_steps: int) -> list[StudyRow]:
-    """`inputs`: role (= upstream stage name) -> stage dir; `tags`: stage name -> its tags."""
+    """`inputs`: role (= upstream stage name) -> stage dir; `tags`: role -> what the study graph
+    knows of it (contract.params.ReportInput: run, phase, recipe, inference_format, backend)."""
     rows: dict[tuple[str, str], StudyRow] = {}
 
     def row_for(run: str, phase: str, stage_tags: dict[str, str]) -> StudyRow:
@@ -86,7 +79,7 @@ def build_rows(inputs: dict[str, Path], tags: dict[str, dict[str, str]], baselin
         if key not in rows:
             recipe = stage_tags.get("recipe", "")
             rows[key] = StudyRow(run=run, phase=phase, backend=stage_tags.get("backend", ""),
-                                 recipe=recipe, inference_format=_inference_format(recipe))
+                                 recipe=recipe, inference_format=stage_tags.get("inference_format", ""))
         return rows[key]
 
     for role, stage_dir in sorted(inputs.items()):
@@ -102,7 +95,7 @@ def build_rows(inputs: dict[str, Path], tags: dict[str, dict[str, str]], baselin
             row.train_val_loss = summary.get("val_loss")
             row.backend = summary.get("backend", row.backend)
         elif role.startswith("eval-"):
-            phase = "base" if role == "eval-base" else "ptq" if stage_tags.get("phase") == "ptq" else "trained"
+            phase = stage_tags.get("phase") or ("base" if role == "eval-base" else "trained")
             row = row_for(run, phase, stage_tags)
             row.val_loss = summary.get("val_loss")
             # What eval deployed (e.g. int4-fake-quant where torchao had no int4 kernels), not only what the recipe says.

@@ -16,20 +16,45 @@ from typing import Any
 
 import torch
 
+from contract.params.train import TrainStageParams
+from contract.recipe import Recipe
+from stages.batches import StepPlan, TokenSplit, TrainOrder
 from stages.hf_model import (
-    DTYPES, MODELOPT_STATE_FILE, load_causal_lm, load_tokenizer, modelopt_state, quantizer_state, read_precision,
+    DTYPES,
+    MODELOPT_STATE_FILE,
+    load_causal_lm,
+    load_tokenizer,
+    modelopt_state,
+    quantizer_state,
+    read_precision,
     resolve_model_source,
 )
 from stages.precision.modelopt_backend import SavedQuantizers
-from stages.precision.recipe import Recipe
-from stages.runtime import StageContext, StageInputError, parse_params
+from stages.runtime import StageContext, StageInputError
 from stages.train import checkpoint as ckpt
-from stages.train.batches import StepPlan, TokenSplit, TrainOrder
-from stages.train.distributed import World, barrier, decoder_layers, init_world, shard, any_rank
-from stages.train.loop import Session, StepResult, calibration_loop, train_step, validate
-from stages.train.metrics import MetricsFile, Progress, mfu, peak_flops, trainable_flop_params
+from stages.train.distributed import (
+    World,
+    any_rank,
+    barrier,
+    decoder_layers,
+    init_world,
+    shard,
+)
+from stages.train.loop import (
+    Session,
+    StepResult,
+    calibration_loop,
+    train_step,
+    validate,
+)
+from stages.train.metrics import (
+    MetricsFile,
+    Progress,
+    mfu,
+    peak_flops,
+    trainable_flop_params,
+)
 from stages.train.model_io import save_final
-from stages.train.params import TrainParams
 from stages.train.schedule import build_scheduler
 
 # Steps left out of the mean step time: the first ones pay for warm-up (allocator, compile).
@@ -39,7 +64,7 @@ WARMUP_STEPS_EXCLUDED = 2
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = parse_params(TrainParams, ctx.params)
+    params = ctx.params_as(TrainStageParams)
     ctx.defer_signals = True  # finish the step, checkpoint, then stop (Slurm preemption)
     world = init_world(params.device, need_group=_compute_dtype(params) is not None)
     try:
@@ -54,15 +79,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
-def _compute_dtype(params: TrainParams) -> torch.dtype | None:
+def _compute_dtype(params: TrainStageParams) -> torch.dtype | None:
     """The FSDP2 compute dtype, when it differs from the master weights' dtype."""
     if params.compute_dtype is None or params.compute_dtype == params.dtype:
         return None
     return DTYPES[params.compute_dtype]
 
 
-def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, Any]:
-    from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
+def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[str, Any]:
+    from stages.precision import PrecisionUnavailable, prepare_model
 
     _seed_everything(params.seed, world.device)
     plan = StepPlan(params.global_batch, params.micro_batch, world.world_size)
@@ -77,10 +102,7 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
     decoder_layers(model)  # fail early on an unsupported architecture
     teacher = _load_teacher(ctx, params, source, world) if params.method == "qad" else None
 
-    try:
-        recipe = load_recipe(params.recipe)
-    except ValueError as error:  # RecipeError: already one line naming the recipe
-        raise StageInputError(f"params.recipe: {error}") from None
+    recipe = params.recipe
     saved = _saved_modelopt_quantizers(source, recipe) if params.backend == "modelopt" else None
     calibrate = (
         calibration_loop(train_split, order, params.micro_batch, params.calib_batches, world.device)
@@ -143,7 +165,6 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
 
     precision = {
         "recipe": recipe.model_dump(mode="json"),
-        "recipe_source": params.recipe,
         "backend": prepared.backend,
         "method": params.method,
         "dtype": params.dtype,
@@ -257,7 +278,7 @@ def _save(ctx: StageContext, s: Session, step: int) -> None:
     )
 
 
-def _load_teacher(ctx: StageContext, params: TrainParams, student_source: str, world: World) -> torch.nn.Module:
+def _load_teacher(ctx: StageContext, params: TrainStageParams, student_source: str, world: World) -> torch.nn.Module:
     """The full-precision teacher: eval mode, no grad, same dtype as the student was loaded in."""
     source = resolve_model_source(
         ctx.spec.inputs.get("teacher"), params.qad.teacher_model or student_source, "params.qad.teacher_model",

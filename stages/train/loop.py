@@ -9,17 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.train.batches import Batch, StepPlan, TokenSplit, TrainOrder, validation_batches
+from contract.params.train import TrainStageParams
+from stages.batches import Batch, StepPlan, TokenSplit, TrainOrder, validation_batches
+from stages.losses import cross_entropy_sum, kl_sum
 from stages.train.distributed import World, all_reduce_sum
-from stages.train.losses import cross_entropy_sum, kl_sum
-from stages.train.params import TrainParams
 
 
 @dataclass
 class Session:
     """Everything a step needs; built once by core.py."""
 
-    params: TrainParams
+    params: TrainStageParams
     world: World
     model: nn.Module
     prepared: Any  # stages.precision PreparedModel: .autocast(), .on_step(step)

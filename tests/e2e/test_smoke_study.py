@@ -8,10 +8,13 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
+from contract.tracking import experiment_id_of, parent_run_id_of
 from pipeline.layout import RunLayout
-from tests.smoke import pipeline_cli as pipeline, report_rows
+from pipeline.run_record import read_record
 from tests.e2e.browser import chromium, render
 from tests.e2e.mlflow_server import MlflowServer
+from tests.smoke import pipeline_cli as pipeline
+from tests.smoke import report_rows
 
 RUNS = ("qat-nvfp4", "bf16", "fp8", "mxfp8", "nv4f-mx8b", "qad-nvfp4", "int8-int4")
 
@@ -49,12 +52,12 @@ def test_a_cached_rerun_runs_nothing(smoke_root):
 
 
 def test_mlflow_holds_every_stage_and_the_ui_shows_the_study(smoke_root, tmp_path):
-    run = RunLayout(smoke_root, "smoke").read_run()["tracking"]
-    client = MlflowClient(tracking_uri=run["tracking_uri"])
-    parent = client.get_run(run["parent_run_id"])
+    ref = read_record(RunLayout(smoke_root, "smoke")).tracking
+    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    experiment, parent_id = experiment_id_of(client, ref), parent_run_id_of(client, ref)
+    parent = client.get_run(parent_id)
     assert "| nv4f-mx8b |" in parent.data.tags["mlflow.note.content"]
-    nested = client.search_runs([run["experiment_id"]],
-                                filter_string=f"tags.mlflow.parentRunId = '{run['parent_run_id']}'")
+    nested = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len({r.data.tags["stage"] for r in nested}) == 28
     train_bf16 = next(r for r in nested if r.data.tags["stage"] == "train-bf16")
     assert train_bf16.data.tags["recipe"] == "bf16" and "loss" in train_bf16.data.metrics
@@ -65,12 +68,11 @@ def test_mlflow_holds_every_stage_and_the_ui_shows_the_study(smoke_root, tmp_pat
     server = MlflowServer(smoke_root / "mlflow.db", tmp_path / "artifacts")
     server.start()
     try:
-        experiment = run["experiment_id"]
         shots = smoke_root / "screenshots"
         shots.mkdir(exist_ok=True)
         runs_dom = render(f"{server.uri}/#/experiments/{experiment}/runs", shots / "runs.png")
         assert "smoke" in runs_dom
-        parent_dom = render(f"{server.uri}/#/experiments/{experiment}/runs/{run['parent_run_id']}",
+        parent_dom = render(f"{server.uri}/#/experiments/{experiment}/runs/{parent_id}",
                             shots / "parent.png")
         assert "nv4f-mx8b" in parent_dom and "qat-nvfp4" in parent_dom
         train_ids = [r.info.run_id for r in nested if r.data.tags["stage"].startswith("train-")]

@@ -17,6 +17,7 @@ SURFACE = {
     "cancel": (["run_id"], ["--help", "--root"]),
     "report": (["run_id"], ["--help", "--root"]),
     "sync": (["run_id"], ["--help", "--root"]),
+    "verify": (["run_id"], ["--help", "--root"]),
     "logs": (["run_id", "stage"], ["--help", "--root", "--tail"]),
     "images": (["images_command"], ["--help"]),
     "config": ([], ["--config", "--help", "--set"]),

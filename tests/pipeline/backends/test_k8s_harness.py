@@ -11,25 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backends.k8s import pod_specs
-from pipeline.backends.k8s_commands import ATTEMPT_ENV, SPECS_MOUNT, Upstream, wait_script
+from contract.markers import read_marker
+from pipeline.backends.k8s_commands import (
+    ATTEMPT_ENV,
+    SPECS_MOUNT,
+    Upstream,
+    wait_script,
+)
 from pipeline.backends.k8s_render import render_objects
 from pipeline.backends.k8s_settings import K8sSettings
-from pipeline.layout import RunLayout
-from pipeline.prepare import prepare_run
-from stages.contract import read_marker
 from tests.pipeline.backends.k8s_harness import PodHarness
-from tests.pipeline.probe_dag import IMAGES, fan_out_graph
+from tests.pipeline.probe_dag import IMAGES, fan_out_graph, plan
 
 MOUNT = "/artifacts"
 
 
 def run_on_harness(tmp_path: Path, graph, attempt: str = "a1") -> tuple[dict, Path]:
     settings = K8sSettings(tracking_uri=None, poll_seconds=1)
-    layout = RunLayout(tmp_path / "submitter", "probe")
-    prepared = prepare_run(graph, layout, IMAGES, "k8s", None, {}, Path(MOUNT))
-    objects = render_objects(graph, pod_specs(prepared, settings), prepared.fingerprints, IMAGES,
-                             settings, attempt)
+    planned = plan(graph, tmp_path / "submitter", cluster="k8s", stage_root=Path(MOUNT))
+    objects = render_objects(graph, planned.specs, planned.fingerprints, IMAGES, settings, attempt)
     volume = tmp_path / "pvc"
     results = PodHarness(objects, volume, MOUNT).run(timeout_s=120)
     return {name.removeprefix("probe-"): r for name, r in results.items()}, volume / "probe"
@@ -70,7 +70,7 @@ def test_the_waiter_ignores_a_failure_left_by_an_earlier_attempt(tmp_path):
     specs = tmp_path / "specs"
     specs.mkdir()
     (specs / "down.json").write_text("{}")
-    script = wait_script("down", str(tmp_path / "down"), [Upstream("up", str(up), "f1")], 1)
+    script = wait_script("down", str(tmp_path / "down"), "f2", [Upstream("up", str(up), "f1")], 1)
     script = script.replace(SPECS_MOUNT, str(specs))
     env = {"PATH": "/usr/bin:/bin", "HOSTNAME": "pod", ATTEMPT_ENV: "new"}
     waiter = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, text=True)
@@ -91,16 +91,17 @@ def test_the_smoke_study_completes_on_the_harness(tmp_path, smoke_root):
     with the same numbers as the local run of the same study."""
     from pipeline.backends.k8s import K8sBackend
     from pipeline.loader import load_config
-    from pipeline.study import build_study_graph, image_refs
+    from pipeline.plan import plan_run
     from tests.smoke import TRIMMED_OUT, report_rows
 
     overrides = ["k8s.tracking_uri=null", "k8s.poll_seconds=1"]
     if not os.environ.get("FASTER_QAT_SLOW_TESTS"):
         overrides += [f"runs.{run}.enabled=false" for run in TRIMMED_OUT]
     loaded = load_config("smoke", overrides)
-    graph = build_study_graph(loaded.config)
-    objects = K8sBackend(api=object()).prepare_objects(  # type: ignore[arg-type]
-        graph, RunLayout(tmp_path / "submitter", "smoke"), image_refs(loaded.config), loaded.config)
+    backend = K8sBackend(loaded.config.k8s, api=object())  # type: ignore[arg-type]
+    planned = plan_run(loaded.config, "smoke", Path(MOUNT), None, "k8s")
+    graph = planned.graph
+    objects = backend.objects(planned, planned.names, "a1")
     results = PodHarness(objects, tmp_path / "pvc", MOUNT).run(timeout_s=900)
     assert {r.condition for r in results.values()} == {"Complete"}, {
         n: (r.reason, r.exit_codes) for n, r in results.items() if r.condition != "Complete"}
@@ -115,10 +116,13 @@ def test_the_smoke_study_completes_on_the_harness(tmp_path, smoke_root):
 
 
 def test_a_stage_killed_without_a_marker_is_marked_failed_but_an_interrupted_one_is_not(tmp_path):
-    from stages.contract import StageSpec, mark_succeeded, write_spec
+    from contract.markers import mark_succeeded
+    from contract.params import ProbeParams
+    from contract.spec import StageSpec, write_spec
 
     def mark(stage: str, code: int) -> None:
-        spec = StageSpec(run_id="r", stage=stage, kind="probe", fingerprint="f1", output_dir=tmp_path / stage)
+        spec = StageSpec(run_id="r", stage=stage, kind="probe", fingerprint="f1", output_dir=tmp_path / stage,
+                         params=ProbeParams())
         path = write_spec(spec)
         subprocess.run([sys.executable, "-m", "stages.mark_failed", "--spec", str(path),
                         "--exit-code", str(code)], check=True, timeout=60)

@@ -17,6 +17,7 @@ from pipeline.backends.base import StageState
 from pipeline.backends.k8s import K8sBackend
 from pipeline.cli import _watch, main
 from pipeline.layout import RunLayout
+from pipeline.run_record import read_record
 
 
 class FakeApiServer:
@@ -89,18 +90,11 @@ class FakeApiServer:
         return path
 
 
-@pytest.fixture(scope="module")
-def submitter_store(tmp_path_factory) -> str:
-    """The submitter's MLflow: one sqlite store for the module (its schema takes ~15 s to create).
-    `submit` always opens a parent run there; pods get it only through k8s.tracking_uri."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
 @pytest.fixture
-def api(tmp_path, monkeypatch, submitter_store):
+def api(tmp_path, monkeypatch):
     fake = FakeApiServer()
     monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", submitter_store)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield fake
     fake.server.shutdown()
     fake.server.server_close()
@@ -113,7 +107,8 @@ def submit(tmp_path: Path, *extra: str) -> int:
 
 def test_submit_server_side_applies_every_object_and_records_the_jobs(tmp_path, api):
     assert submit(tmp_path) == 0
-    first, *applies = api.requests
+    first = api.requests[0]
+    applies = [r for r in api.requests if r["method"] != "GET"]
     assert (first["method"], first["path"]) == ("GET", "/apis/batch/v1/namespaces/study/jobs")
     assert first["query"]["labelSelector"] == ["faster-qat/run=smoke"]
     assert {r["method"] for r in applies} == {"PATCH"}
@@ -144,21 +139,29 @@ def test_status_and_cancel_read_jobs_by_run_label(tmp_path, api):
         "metadata": {"name": "smoke-eval-base-x", "labels": {"faster-qat/run": "smoke", "faster-qat/stage": "eval-base"}},
         "status": {"initContainerStatuses": [{"name": "wait-upstream", "state": {"running": {}}}]}}
     layout = RunLayout(tmp_path / "runs", "smoke")
-    states = {s.name: s for s in K8sBackend().status(layout)}
+    record = read_record(layout)
+    backend = K8sBackend.for_record(record)
+    states = {s.name: s for s in backend.status(layout, record)}
     assert states["preprocess"].state == StageState.SUCCEEDED
     assert states["preprocess"].finished_at - states["preprocess"].started_at == 60
     assert (states["report"].state, states["report"].note) == (StageState.BLOCKED, "an upstream stage failed")
     assert (states["eval-base"].state, states["eval-base"].note) == (StageState.PENDING, "waiting for upstream stages")
     api.requests.clear()
-    stopped = K8sBackend().cancel(layout)
+    stopped = backend.cancel(layout, record)
     assert "preprocess" not in stopped and "report" not in stopped and len(stopped) == 26
     deletes = [r for r in api.requests if r["method"] == "DELETE"]
     assert len(deletes) == 26 and deletes[0]["body"]["propagationPolicy"] == "Background"
 
 
-def test_resubmission_refuses_while_jobs_run_and_replaces_finished_ones(tmp_path, api, capsys):
+def test_a_second_submit_changes_nothing_and_a_resubmission_replaces_failed_jobs(tmp_path, api, capsys):
     assert submit(tmp_path) == 0
-    assert submit(tmp_path) == 1
+    api.requests.clear()
+    assert submit(tmp_path) == 0  # the same Jobs (fingerprints) exist: nothing is applied
+    assert "nothing changed" in capsys.readouterr().out
+    assert {r["method"] for r in api.requests} == {"GET"}
+    api.objects["/apis/batch/v1/namespaces/study/jobs/smoke-report"]["status"] = {
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    assert submit(tmp_path) == 1  # one failed, the others still run: refused, nothing changed
     assert "still has active Jobs" in capsys.readouterr().err
     for path, obj in api.objects.items():
         if "/jobs/" in path:
@@ -170,34 +173,27 @@ def test_resubmission_refuses_while_jobs_run_and_replaces_finished_ones(tmp_path
         i for i, m in enumerate(methods) if m == "DELETE")
 
 
-def test_a_parent_run_in_a_store_pods_cannot_reach_is_refused_before_anything_is_applied(tmp_path, api, capsys):
-    code = main(["submit", "--cluster", "k8s", "-c", "smoke", "--root", str(tmp_path / "runs")])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "sqlite:///" in err and "which pods cannot reach" in err
-    assert "port-forward svc/mlflow" in err
-    assert [r["method"] for r in api.requests] == []
-
-
-def test_unreachable_mlflow_is_one_line_and_nothing_is_applied(tmp_path, api, capsys, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    code = main(["submit", "--cluster", "k8s", "-c", "smoke", "--root", str(tmp_path / "runs")])
-    assert code == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "127.0.0.1:9" in err
-    assert api.requests == []
+def test_submit_makes_no_mlflow_run_and_no_local_store(tmp_path, api):
+    """The parent run is made where the study runs (by the first stage): submitting needs no
+    MLflow, even with a sqlite tracking.uri, and writes no mlflow.db."""
+    code = main(["submit", "--cluster", "k8s", "-c", "smoke", "--root", str(tmp_path / "runs"),
+                 "--set", "tracking.uri=sqlite:///" + str(tmp_path / "x.db"), "--set", "k8s.namespace=study"])
+    assert code == 0
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "runs" / "mlflow.db").exists()
+    spec = json.loads(api.objects["/api/v1/namespaces/study/configmaps/smoke-specs"]["data"]["train-bf16.json"])
+    assert spec["tracking"]["tracking_uri"] == "http://mlflow.faster-qat.svc.cluster.local:5000"
 
 
 def test_logs_come_from_the_stage_container_once_it_started(tmp_path, api):
     assert submit(tmp_path) == 0
     layout = RunLayout(tmp_path / "runs", "smoke")
+    record = read_record(layout)
+    backend = K8sBackend.for_record(record)
     api.objects["/api/v1/namespaces/study/pods/smoke-train-fp8-abc"] = {
         "metadata": {"name": "smoke-train-fp8-abc", "labels": {"faster-qat/run": "smoke", "faster-qat/stage": "train-fp8"}},
         "status": {"containerStatuses": [{"name": "stage", "state": {"running": {}}}]}}
-    assert K8sBackend().logs(layout, "train-fp8") == "log of smoke-train-fp8-abc container stage\n"
-    assert K8sBackend().logs(layout, "report").startswith("(no log yet at ")  # no pod yet
+    assert backend.logs(layout, record, "train-fp8") == "log of smoke-train-fp8-abc container stage\n"
+    assert backend.logs(layout, record, "report").startswith("(no log yet at ")  # no pod yet
 
 
 def test_watch_shows_states_until_every_stage_finished(tmp_path, api, capsys):
@@ -211,7 +207,7 @@ def test_watch_shows_states_until_every_stage_finished(tmp_path, api, capsys):
                 obj["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
 
     threading.Thread(target=finish_all).start()
-    assert _watch(K8sBackend(), layout, interval_s=0.1) == 0
+    assert _watch(K8sBackend.for_record(read_record(layout)), layout, interval_s=0.1) == 0
     out = capsys.readouterr().out
     assert "smoke: all 28 stages succeeded" in out
     assert "queued" in out and "succeeded" in out  # the transitions, one line each (not a TTY)

@@ -14,6 +14,7 @@ import time
 from pipeline.backends.base import StageState
 from pipeline.backends.slurm import SlurmBackend
 from pipeline.layout import RunLayout
+from pipeline.run_record import read_record
 from tests.smoke import SMOKE_STAGES, TRIMMED_OUT, pipeline_cli, report_rows
 
 
@@ -29,9 +30,11 @@ def test_the_smoke_study_on_slurm_matches_the_local_run(slurm_cluster, smoke_roo
     assert submitted.returncode == 0, submitted.stderr
     assert f"submitted {stages} stage(s)" in submitted.stdout
     layout = RunLayout(root.resolve(), "smoke")
+    record = read_record(layout)
+    backend = SlurmBackend.for_record(record)
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
-        statuses = SlurmBackend().status(layout)
+        statuses = backend.status(layout, record)
         if all(status.state.finished for status in statuses):
             break
         time.sleep(5)

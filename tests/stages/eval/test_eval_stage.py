@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.contract import read_marker
-from stages.export.packing import LinearAmax, unpack_nvfp4
-from stages.export.unified import pack_device, pack_linear
+from contract.markers import read_marker
+from stages.deployment.packing import LinearAmax, unpack_nvfp4
+from stages.deployment.unified import pack_device, pack_linear
 from stages.eval.core import run
 from stages.runtime import run_stage
 from tests.stages.ptq.quant_testkit import (
-    MMLU_TINY, REPO, TINY_MODEL, HandNvfp4Linear, fused_amax, mean_ce, stage_spec, val_rows,
+    MMLU_TINY,
+    REPO,
+    TINY_MODEL,
+    HandNvfp4Linear,
+    fused_amax,
+    mean_ce,
+    stage_spec,
+    val_rows,
 )
 
 EVAL = {"micro_batch": 2, "max_batches": 3, "device": "cpu"}  # the first 6 val rows
@@ -93,7 +100,7 @@ def test_eval_ptq_runs_the_deployed_nvfp4_forward(tmp_path: Path, data_dir: Path
 
 
 def _rows(data_dir: Path, index: int):
-    from stages.train.batches import TokenSplit
+    from stages.batches import TokenSplit
 
     return TokenSplit(data_dir, "val").rows([2 * index, 2 * index + 1])
 
@@ -186,7 +193,7 @@ def test_int4_weight_only_without_its_kernels_evaluates_its_fake_quant(tmp_path:
     from tests.stages.ptq.quant_testkit import fake_train_dir
 
     recipe = tmp_path / "int4_g32.yaml"
-    recipe.write_text((REPO / "stages/precision/recipes/int4_weight_only.yaml").read_text()
+    recipe.write_text((REPO / "contract/recipes/int4_weight_only.yaml").read_text()
                       .replace("name: int4_weight_only", "name: int4_g32").replace("group_size: 256", "group_size: 32"))
     train = fake_train_dir(tmp_path / "train", str(recipe))
     assert run_stage(stage_spec(tmp_path / "export", "export", {"model": train}, {}), export) == 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.contract import MANIFEST_FILE, write_json_atomic
+from contract.files import write_json_atomic
+from contract.spec import MANIFEST_FILE
 from stages.report.table import build_rows, to_csv, to_markdown
 
 

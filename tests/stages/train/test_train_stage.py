@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_testlib import TINY_MODEL, losses, metric_rows
-from stages.contract import read_marker
+
+from contract.markers import read_marker
+from contract.tracking import StageTracker, read_events
+from stages.batches import TokenSplit
+from stages.losses import cross_entropy_sum
 from stages.runtime import run_stage
-from stages.tracking import StageTracker, read_events
-from stages.train.batches import TokenSplit
 from stages.train.core import run
-from stages.train.losses import cross_entropy_sum
 
 
 def _val_loss_of(model_dir: Path, data_dir: Path, rows: int) -> float:
@@ -130,7 +130,7 @@ def test_qad_mixes_kl_and_cross_entropy_with_a_different_teacher(make_spec) -> N
     [
         ({"global_batch": 6, "micro_batch": 4}, "train: params: global_batch (6) must be a multiple of micro_batch (4)"),
         ({"recipe": "fp3"}, "train: params.recipe: recipe fp3: no such built-in recipe"),
-        ({"betas": [0.9]}, "train: params.betas.1: Field required"),
+        ({"betas": [0.9]}, "train: params.betas.1: required field is missing"),
         ({"device": "cuda"}, "train: params.device: cuda requested but no CUDA device"),
         ({"model": "/nonexistent/model"}, "train: params.model: /nonexistent/model is not a Hugging Face model dir (no config.json)"),
     ],
@@ -155,7 +155,7 @@ def test_activation_checkpointing_recomputes_the_same_step(make_spec) -> None:
 def test_missing_val_split_is_one_line_error(make_spec, tmp_path: Path, data_dir: Path) -> None:
     import shutil
 
-    from stages.contract import mark_succeeded
+    from contract.markers import mark_succeeded
 
     partial = tmp_path / "partial-data"
     shutil.copytree(data_dir / "train", partial / "train")
