@@ -17,7 +17,8 @@ this process, peak memory, and the ratio to the bf16 run (the faster of the firs
 clock drift). `--harness` also times bench.step's bf16 step at the same depth in this process, the
 yardstick of the stage's overhead. A variant that does not fit in memory is reported with the
 memory it had reached and rerun at the largest depth of `--fallback-layers` that fits (with bf16
-at that depth for its ratio).
+at that depth for its ratio). Each variant, the harness and the peak measurement run in a process
+of their own (a variant's model, optimizer and compiled graphs all go with it).
 
   python -m bench.study_step [--variants bf16,fp8_scaled_mm,...] [--layers 36] [--steps 3]
                              [--warmup 2] [--harness] [--out FILE]
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -163,13 +165,38 @@ def run_stage_variant(name: str, shape: Shape, steps: int, warmup: int, root: Pa
     return result
 
 
-def free_gpu() -> None:
-    from stages.precision.linear_op import SHARED_INPUTS
+def run_child(args: argparse.Namespace, child: str, layers: int, root: Path) -> dict[str, Any]:
+    """One variant (or "harness", or "peak") in a process of its own; its result as a dict."""
+    out = root / f"{child}-{layers}.json"
+    command = [sys.executable, "-m", "bench.study_step", "--child", child, "--layers", str(layers), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--root", str(root), "--out", str(out)]
+    if args.activation_checkpointing:
+        command.append("--activation-checkpointing")
+    code = subprocess.run(command, check=False).returncode
+    if out.exists():
+        return json.loads(out.read_text())
+    error = f"child process exited {code} without a result"
+    return {"error": error} if child in ("harness", "peak") else asdict(Result(child, *VARIANTS[child], layers, error=error))
 
-    SHARED_INPUTS.clear()
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
+
+def child_main(args: argparse.Namespace) -> None:
+    shape = replace(STUDY, layers=args.layers)
+    if args.child == "peak":
+        result: dict[str, Any] = {"tflops": measured_bf16_peak_tflops(), "device": torch.cuda.get_device_name()}
+    elif args.child == "harness":
+        result = asdict(run_variant("bf16", True, args.steps, args.warmup, shape))
+    else:
+        try:
+            result = asdict(run_stage_variant(args.child, shape, args.steps, args.warmup, args.root, args.root / "data",
+                                              args.activation_checkpointing))
+        except Exception as error:  # noqa: BLE001 - reported in the table, not a traceback alone
+            traceback.print_exc()
+            result = asdict(Result(args.child, *VARIANTS[args.child], args.layers,
+                                   error=f"{type(error).__name__}: {str(error)[:300]}"))
+        if result["error"] and "out of memory" in result["error"].lower():
+            result["notes"].append(f"out of memory at {args.layers} layers; allocated "
+                                   f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB at most")
+    Path(args.out).write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -183,48 +210,43 @@ def main() -> None:
     parser.add_argument("--harness", action="store_true", help="also time bench.step's bf16 step at the same depth")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "study_step.json"))
     parser.add_argument("--root", type=Path, help="stage folders (default: a temporary folder)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant, "harness" or "peak"
     args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     shape = replace(STUDY, layers=args.layers)
     root = args.root or Path(tempfile.mkdtemp(prefix="study-step-"))
-    data_dir = write_random_tokens(root / "data", rows=16, seq=shape.seq, vocab=shape.vocab)
-    peak = measured_bf16_peak_tflops()
+    write_random_tokens(root / "data", rows=16, seq=shape.seq, vocab=shape.vocab)
+    measured = run_child(args, "peak", args.layers, root)  # the parent never touches the GPU: all its memory is the children's
+    peak = measured["tflops"]
     print(f"measured dense bf16 peak (8192^3 matmul): {peak:.0f} TFLOP/s", flush=True)
-    payload: dict[str, Any] = {"device": torch.cuda.get_device_name(), "measured_bf16_peak_tflops": peak,
+    payload: dict[str, Any] = {"device": measured["device"], "measured_bf16_peak_tflops": peak,
                                "shape": asdict(shape), "global_batch": 8, "activation_checkpointing":
                                args.activation_checkpointing, "seed_b200_s": SEED_B200_S, "variants": [],
                                "harness": None}
-    runs = names + (["bf16"] if "bf16" in names and len(names) > 1 else [])
-    for name in runs:
-        for layers in [args.layers, *(int(n) for n in args.fallback_layers.split(",") if int(n) < args.layers)]:
+    depths = [args.layers, *(int(n) for n in args.fallback_layers.split(",") if int(n) < args.layers)]
+    # (variant, depths to try in order); bf16 once more at the end bounds the clocks' drift.
+    tasks = [(name, depths) for name in names + (["bf16"] if "bf16" in names and len(names) > 1 else [])]
+    for name, tried in tasks:
+        for layers in tried:
             t0 = time.monotonic()
-            try:
-                result = run_stage_variant(name, replace(shape, layers=layers), args.steps, args.warmup, root,
-                                           data_dir, args.activation_checkpointing)
-            except Exception as error:  # noqa: BLE001 - one broken variant must not hide the others
-                traceback.print_exc()
-                result = Result(name, *VARIANTS[name], layers, error=f"{type(error).__name__}: {str(error)[:300]}")
-            result.notes.append(f"wall {time.monotonic() - t0:.0f}s incl. build, compile, validation")
-            out_of_memory = result.error is not None and "out of memory" in result.error.lower()
-            if out_of_memory:
-                result.notes.append(f"out of memory at {layers} layers; peak reached "
-                                    f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-            payload["variants"].append(asdict(result))
-            print(json.dumps(asdict(result)), flush=True)
-            free_gpu()
+            result = run_child(args, name, layers, root)
+            result["notes"].append(f"wall {time.monotonic() - t0:.0f}s incl. start, build, compile, validation")
+            payload["variants"].append(result)
+            print(json.dumps(result), flush=True)
             write(payload, Path(args.out))
-            if not out_of_memory:
+            if not (result["error"] and "out of memory" in result["error"].lower()):
+                if layers != args.layers and name != "bf16":  # its ratio needs bf16 at this depth too
+                    tasks.append(("bf16", [layers]))
                 break
-            if layers != args.layers and name != "bf16":  # its ratio needs bf16 at this depth too
-                runs.append("bf16")
     if args.harness:
-        harness = run_variant("bf16", True, args.steps, args.warmup, shape)
-        payload["harness"] = asdict(harness)
-        print(json.dumps(asdict(harness)), flush=True)
-        free_gpu()
+        payload["harness"] = run_child(args, "harness", args.layers, root)
+        print(json.dumps(payload["harness"]), flush=True)
     write(payload, Path(args.out))
 
 
