@@ -1,6 +1,7 @@
 """ModelOpt QAT on the compiled path (GPU): the h100 profile's QAT run, from a ModelOpt PTQ, trains
 compiled through our kernels and ops with ModelOpt's restored quantizers, and its loss curve is
-ModelOpt's eager one. Skipped without CUDA."""
+ModelOpt's eager one (fp32: within 1e-3 over 20 steps; bf16: within what compiling moves an
+unquantized bf16 run). Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from train_testlib import losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="ModelOpt's NVFP4 fake quant needs CUDA")
 STEPS = 20
+
+
+def _gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def _tags(stage_dir: Path) -> dict[str, str]:
@@ -42,9 +47,22 @@ def test_compiled_modelopt_qat_follows_modelopt_eager_loss_curve(make_spec, tmp_
     assert run_stage(eager, run) == 0 and run_stage(compiled, run) == 0
 
     eager_curve, compiled_curve = losses(eager.parent), losses(compiled.parent)
-    gap = max(abs(a - b) for a, b in zip(eager_curve, compiled_curve, strict=True))
+    gap = _gap(eager_curve, compiled_curve)
     print(f"{dtype}: max |loss gap| over {STEPS} steps {gap:.2e}; eager {eager_curve[0]:.4f} -> {eager_curve[-1]:.4f}")
-    assert len(eager_curve) == STEPS and gap <= 1e-3, (eager_curve, compiled_curve)
+    assert len(eager_curve) == STEPS
+    if dtype == "float32":
+        assert gap <= 1e-3, (eager_curve, compiled_curve)
+    else:
+        # In bf16 compiling alone moves the curve: Inductor keeps fused elementwise chains (RMSNorm,
+        # SiLU * up, rotary) in fp32 where eager rounds each op to bf16. The control: the same
+        # model in bf16, unquantized, compiled against eager. The QAT path may not add to that.
+        plain = {"recipe": "bf16", "backend": "emulated", "model": str(TINY_MODEL), "device": "cuda", "dtype": dtype,
+                 "steps": STEPS, "warmup_steps": 1, "lr": 1e-3, "val_batches": 1}
+        plain_eager, plain_compiled = make_spec("plain-eager", **plain), make_spec("plain-compiled", **plain, compile=True)
+        assert run_stage(plain_eager, run) == 0 and run_stage(plain_compiled, run) == 0
+        control = _gap(losses(plain_eager.parent), losses(plain_compiled.parent))
+        print(f"{dtype}: control (bf16 recipe, compiled vs eager) max |loss gap| {control:.2e}")
+        assert gap <= max(1e-3, 2 * control), (gap, control)
     assert eager_curve[-1] < eager_curve[0] - 0.1  # it trains: the comparison is not of two flat lines
 
     assert _tags(eager.parent)["modelopt_path"] == "eager: ModelOpt modules"
