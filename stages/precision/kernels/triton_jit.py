@@ -267,8 +267,8 @@ def _block_kernel(
     K_FASTEST: the grid is (K tiles, R tiles), so programs launched one after another cover one
     band of rows along K rather than one column of tiles down R: each row's block scales (a few
     bytes per program) are then written whole while they sit in L2, not in partial 32-byte sectors
-    that reach DRAM apart (row-major MXFP8 data and scales of a 151936x4096 tensor: 0.69 of the
-    copy rate with R fastest)."""
+    that reach DRAM apart (row-major MXFP8 data and scales of a 151936x4096 tensor on an H200:
+    0.661 ms with R fastest, 0.444 ms with K fastest, the column-wise kernel's 0.431 ms)."""
     if K_FASTEST:
         pid_r, pid_k = tl.program_id(1), tl.program_id(0)
     else:
