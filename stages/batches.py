@@ -31,6 +31,11 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.labels, self.position_ids)))
 
+    def pin_memory(self) -> Batch:
+        """In page-locked memory, so `to(cuda)` copies without blocking the host until the GPU has
+        finished the work queued before the copy (a copy from pageable memory does)."""
+        return Batch(*(t.pin_memory() for t in (self.input_ids, self.labels, self.position_ids)))
+
     @property
     def label_tokens(self) -> int:
         """Tokens that carry a loss: labels shifted by one, as the LM predicts the next token."""
@@ -130,3 +135,26 @@ def validation_batches(
     for index in range(rank, per_rank * world_size, world_size):
         start = index * micro_batch
         yield split.rows(list(range(start, min(start + micro_batch, len(split)))))
+
+
+class StepBatches:
+    """A rank's micro-batches of a step, read on the host ahead of time: `prefetch(step)` while the
+    GPU still runs the previous step, `take(step)` at the step's start. The GPU waits on the host
+    between steps (each step ends in a sync: its loss and gradient norm are read); reading the
+    rows there (datasets indexing, tensor conversion) would add that time to every step."""
+
+    def __init__(self, split: TokenSplit, order: TrainOrder, plan: StepPlan, rank: int, pin: bool) -> None:
+        self.split, self.order, self.plan, self.rank, self.pin = split, order, plan, rank, pin
+        self._ahead: tuple[int, list[Batch]] | None = None
+
+    def _read(self, step: int) -> list[Batch]:
+        batches = [self.split.rows(rows) for rows in self.order.micro_batches(step, self.plan, self.rank)]
+        return [b.pin_memory() for b in batches] if self.pin else batches
+
+    def prefetch(self, step: int) -> None:
+        self._ahead = (step, self._read(step))
+
+    def take(self, step: int) -> list[Batch]:
+        """The host batches of `step`, prefetched or read now."""
+        ahead, self._ahead = self._ahead, None
+        return ahead[1] if ahead is not None and ahead[0] == step else self._read(step)

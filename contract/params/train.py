@@ -118,8 +118,10 @@ class TrainParams(StageParams):
     )
     compile: bool = Field(
         default=False,
-        description="torch.compile each decoder layer (GPU; ModelOpt's NVFP4 QAT fails under "
-        "compile, keep false there).",
+        description="torch.compile each decoder layer (GPU). Backend modelopt then computes its NVFP4 "
+        "QuantLinears with ModelOpt's quantizers and amax through this project's kernels in ModelOpt's "
+        "arithmetic (its own modules fail under torch 2.11's compile); false runs ModelOpt's modules eager. "
+        "MLflow tag modelopt_path says which ran.",
     )
     activation_checkpointing: bool = Field(
         default=False, description="Recompute each decoder layer's activations in backward."

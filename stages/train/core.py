@@ -11,6 +11,7 @@ import gc
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,6 @@ from stages.train.schedule import build_scheduler
 WARMUP_STEPS_EXCLUDED = 2
 
 
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     params = ctx.params_as(TrainStageParams)
     ctx.defer_signals = True  # finish the step, checkpoint, then stop (Slurm preemption)
@@ -86,32 +85,81 @@ def _compute_dtype(params: TrainStageParams) -> torch.dtype | None:
     return DTYPES[params.compute_dtype]
 
 
-def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[str, Any]:
-    from stages.precision import PrecisionUnavailable, prepare_model
+@dataclass(frozen=True)
+class TrainData:
+    """The step plan and the data it reads: the preprocess splits and the seeded row order."""
 
-    _seed_everything(params.seed, world.device)
+    plan: StepPlan
+    train: TokenSplit
+    val: TokenSplit
+    order: TrainOrder
+
+
+@dataclass(frozen=True)
+class Training:
+    """What build_training made: the session the loop steps, and what the final save records."""
+
+    session: Session
+    recipe: Recipe
+    start: int  # steps already done (a resumed run)
+    describe: dict[str, str]  # the MLflow tags of the precision recipe as it ran
+
+
+def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[str, Any]:
+    seed_everything(params.seed, world.device)
+    data = load_data(ctx, params, world)
+    source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
+    tokenizer = load_tokenizer(source, "params.model")
+    model = load_causal_lm(source, params.dtype, "params.model").to(world.device)
+    training = build_training(ctx, params, world, data, model, source)
+    metrics_file = MetricsFile(ctx.output_dir, training.start) if world.is_main else None
+    summary = train_loop(ctx, training.session, training.start, metrics_file)
+
+    model, prepared, recipe = training.session.model, training.session.prepared, training.recipe
+    precision = {
+        "recipe": recipe.model_dump(mode="json"),
+        "backend": prepared.backend,
+        "method": params.method,
+        "dtype": params.dtype,
+        "describe": training.describe,
+    }
+    extra = {MODELOPT_STATE_FILE: prepared.modelopt_state()} if prepared.backend == "modelopt" and world.is_main else {}
+    save_final(model, tokenizer, ctx.output_dir, world, precision, extra)
+    barrier(world)
+    return {**summary, "backend": prepared.backend, "recipe": recipe.name, "world_size": world.world_size}
+
+
+def load_data(ctx: StageContext, params: TrainStageParams, world: World) -> TrainData:
     plan = StepPlan(params.global_batch, params.micro_batch, world.world_size)
     plan.check()
     data_dir = ctx.input_dir("data")
     train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
-    order = TrainOrder(len(train_split), params.seed)
+    return TrainData(plan, train_split, val_split, TrainOrder(len(train_split), params.seed))
 
-    source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
-    tokenizer = load_tokenizer(source, "params.model")
-    model = load_causal_lm(source, params.dtype, "params.model").to(world.device)
+
+def build_training(
+    ctx: StageContext, params: TrainStageParams, world: World, data: TrainData, model: torch.nn.Module, source: str
+) -> Training:
+    """Everything between the loaded model and the first step: the precision recipe, activation
+    checkpointing, compile, FSDP2, AdamW and its schedule, a resume from the newest checkpoint,
+    and the run's tags. `source` is where the model came from (a ModelOpt run's quantizers)."""
+    from stages.precision import PrecisionUnavailable, prepare_model
+
     decoder_layers(model)  # fail early on an unsupported architecture
     teacher = _load_teacher(ctx, params, source, world) if params.method == "qad" else None
 
     recipe = params.recipe
     saved = _saved_modelopt_quantizers(source, recipe) if params.backend == "modelopt" else None
     calibrate = (
-        calibration_loop(train_split, order, params.micro_batch, params.calib_batches, world.device)
+        calibration_loop(data.train, data.order, params.micro_batch, params.calib_batches, world.device)
         if params.calib_batches and saved is None
         else None
     )
     try:
         # Before FSDP2: the recipe swaps linears, and fully_shard must see the final modules.
-        prepared = prepare_model(model, recipe, params.backend, calibrate=calibrate, saved_quantizers=saved)
+        prepared = prepare_model(
+            model, recipe, params.backend, calibrate=calibrate, saved_quantizers=saved, for_compile=params.compile
+        )
     except PrecisionUnavailable as error:
         raise StageInputError(f"params.backend: {error}") from None
     if saved is not None:
@@ -130,6 +178,9 @@ def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[st
         betas=params.betas,
         eps=params.eps,
         weight_decay=params.weight_decay,
+        # One kernel for the whole update on a GPU (for-each: several passes over the weights, the
+        # gradients and both moments, and a copy of the second moment).
+        fused=world.device.type == "cuda",
     )
     scheduler = build_scheduler(
         optimizer,
@@ -139,7 +190,8 @@ def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[st
         steps=params.steps,
         schedule=params.schedule,
     )
-    session = Session(params, world, model, prepared, optimizer, scheduler, train_split, val_split, order, plan, teacher)
+    session = Session(params, world, model, prepared, optimizer, scheduler, data.train, data.val, data.order,
+                      data.plan, teacher)
 
     start = 0
     latest = ckpt.latest_checkpoint(ctx.output_dir)
@@ -160,20 +212,7 @@ def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[st
          "world_size": str(world.world_size), "device": world.device.type,
          "compute_dtype": params.compute_dtype or params.dtype}
     )
-    metrics_file = MetricsFile(ctx.output_dir, start) if world.is_main else None
-    summary = _loop(ctx, session, start, metrics_file)
-
-    precision = {
-        "recipe": recipe.model_dump(mode="json"),
-        "backend": prepared.backend,
-        "method": params.method,
-        "dtype": params.dtype,
-        "describe": describe,
-    }
-    extra = _modelopt_state(model) if prepared.backend == "modelopt" and world.is_main else {}
-    save_final(model, tokenizer, ctx.output_dir, world, precision, extra)
-    barrier(world)
-    return {**summary, "backend": prepared.backend, "recipe": recipe.name, "world_size": world.world_size}
+    return Training(session, recipe, start, describe)
 
 
 @contextlib.contextmanager
@@ -195,7 +234,7 @@ def collect_garbage_between_steps(every: int) -> Iterator[Callable[[int], None]]
         gc.enable()
 
 
-def _loop(ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile | None) -> dict[str, Any]:
+def train_loop(ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile | None) -> dict[str, Any]:
     with collect_garbage_between_steps(s.params.gc_every) as collect:
         return _steps(ctx, s, start, metrics_file, collect)
 
@@ -301,18 +340,12 @@ def _saved_modelopt_quantizers(source: str, recipe: Recipe) -> SavedQuantizers |
     return None if state is None else SavedQuantizers(state, quantizer_state(model_dir))
 
 
-def _modelopt_state(model: torch.nn.Module) -> dict[str, Any]:
-    import modelopt.torch.opt as mto
-
-    return {MODELOPT_STATE_FILE: mto.modelopt_state(model)}
-
-
 def _last_logged_loss(metrics_file: MetricsFile | None) -> float | None:
     rows = metrics_file.rows() if metrics_file is not None else []
     return rows[-1]["loss"] if rows else None
 
 
-def _seed_everything(seed: int, device: torch.device) -> None:
+def seed_everything(seed: int, device: torch.device) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     if device.type == "cpu":
