@@ -16,6 +16,9 @@ from stages.contract import TrackingRef
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+# A study trains models: MLflow's "model training" kind, not its GenAI default (MLflow 3.17's UI
+# also takes the kind from the link `pipeline report` prints: stages/report/mlflow_view.py).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def resolve_tracking_uri(root: Path, configured: str | None) -> str:
@@ -37,11 +40,14 @@ def open_parent_run(layout: RunLayout, tracking_uri: str, experiment: str) -> Tr
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             experiment_id = found.experiment_id
+            if EXPERIMENT_KIND[0] not in found.tags:
+                client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
         else:
             artifact_location = None
             if tracking_uri.startswith("sqlite:///"):
                 artifact_location = (layout.root.resolve() / ARTIFACTS_DIR).as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location,
+                                                     tags=dict([EXPERIMENT_KIND]))
         previous = layout.read_run().get("tracking") if layout.run_file.exists() else None
         if (
             previous

@@ -114,6 +114,19 @@ class StageTracker:
                       "ts": int(time.time() * 1000), "parent": True})
         self.flush()
 
+    def log_stage_metrics(self, stage: str, metrics: dict[str, float]) -> None:
+        """Log to another stage's run of the same pipeline run (the report puts each row's
+        comparison metrics on the stage run that row stands for); sent once that run exists."""
+        values = {k: float(v) for k, v in metrics.items()}
+        self._append({"type": "metrics", "metrics": values, "step": 0,
+                      "ts": int(time.time() * 1000), "stage": stage})
+        self.flush()
+
+    def set_experiment_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the study's experiment (e.g. a saved view of its runs page)."""
+        self._append({"type": "experiment_tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self.flush()
+
     def finish(self, status: str) -> bool:
         """Close the run; retries a little harder than a step does. True when all was sent."""
         self._append({"type": "end", "status": status})
@@ -214,7 +227,7 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
             target = ref.parent_run_id if event.get("parent") else state.run_id
             client.log_batch(target, tags=[RunTag(k, v) for k, v in event["tags"].items()])
         elif kind == "metrics":
-            target = ref.parent_run_id if event.get("parent") else state.run_id
+            target = _metrics_target(event, ref, state, stage_dir)
             items = [Metric(k, v, event["ts"], event["step"]) for k, v in event["metrics"].items()]
             for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
                 client.log_batch(target, metrics=chunk)
@@ -225,6 +238,9 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
                 client.log_artifacts(target, str(local), event.get("artifact_path"))
             elif local.exists():
                 client.log_artifact(target, str(local), event.get("artifact_path"))
+        elif kind == "experiment_tags":
+            for key, value in event["tags"].items():
+                client.set_experiment_tag(ref.experiment_id, key, value)
         elif kind == "end":
             client.set_terminated(state.run_id, status=event["status"])
         state.acked += 1
@@ -235,6 +251,19 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
 
 def stage_run_id(stage_dir: Path) -> str | None:
     return _SyncState.load(stage_dir / TRACKING_DIR / SYNCED_FILE).run_id
+
+
+def _metrics_target(event: dict[str, Any], ref: TrackingRef, state: _SyncState, stage_dir: Path) -> str:
+    if event.get("parent"):
+        return ref.parent_run_id
+    if event.get("stage"):
+        # Stage dirs are <root>/<run>/<stage>: the other stage's run id is in its own sync state.
+        run_id = stage_run_id(stage_dir.parent / event["stage"])
+        if run_id is None:
+            raise RuntimeError(f"{event['stage']}: its MLflow run does not exist yet; "
+                               "`python -m pipeline sync` sends these metrics once it does")
+        return run_id
+    return state.run_id
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from pipeline.backends.base import StageState, StageStatus, failure_note
+from pipeline.backends.local_timing import LocalTiming
 from pipeline.errors import BackendError
 from pipeline.graph import Stage
 from pipeline.layout import RunLayout
@@ -64,9 +65,15 @@ class LocalDriver:
     poll_s: float = 0.05
     # Makes a stage's command instead of running it as a plain subprocess (None: process runtime).
     launcher: StageLauncher | None = None
+    # Records where each stage ran; runs train stages alone with report.timing: isolated (None: from the graph).
+    timing: LocalTiming | None = None
     _states: dict[str, StageStatus] = field(default_factory=dict, init=False)
     _running: dict[str, _Running] = field(default_factory=dict, init=False)
     _stopping: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.timing is None:
+            self.timing = LocalTiming.for_run(self.prepared.layout.run_dir, self.prepared.graph)
 
     def run(self) -> dict[str, StageState]:
         layout = self.prepared.layout
@@ -119,10 +126,15 @@ class LocalDriver:
 
     def _launch_ready(self) -> bool:
         launched = False
-        for name in self._ready():
+        ready = self._ready()
+        timed_waiting = any(self.timing.is_timed(self.prepared.graph[name].kind) for name in ready)
+        for name in ready:
             if len(self._running) >= self.max_parallel:
                 break
             stage = self.prepared.graph[name]
+            running_kinds = [self.prepared.graph[other].kind for other in self._running]
+            if not self.timing.may_start(stage.kind, running_kinds, timed_waiting):
+                continue  # report.timing: isolated
             gpus = self._free_gpus(stage.resources.gpus_per_node)
             if gpus is None:
                 continue  # waits for GPUs; later stages that need fewer may still start
@@ -154,6 +166,7 @@ class LocalDriver:
                "PIPELINE_JOB_ID": f"local-{os.getpid()}-{name}"}
         # A stage sees only the GPUs it was given; a CPU stage sees none.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
+        env.update(self.timing.started(name, stage.kind, gpus))  # what ran where, for step times
         log = layout.log_path(name).open("ab")
         log.write(f"=== {time.strftime('%F %T')} {' '.join(command)}\n".encode())
         log.flush()
@@ -174,6 +187,7 @@ class LocalDriver:
                 continue
             running.log.close()
             del self._running[name]
+            self.timing.ended(name)
             changed = True
             status = self._states[name]
             status.finished_at = time.time()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from stages.device_sharing import record_sharing, steps_window
 from stages.hf_model import (
     DTYPES, MODELOPT_STATE_FILE, load_causal_lm, load_tokenizer, modelopt_state, quantizer_state, read_precision,
     resolve_model_source,
@@ -31,6 +32,7 @@ from stages.train.metrics import MetricsFile, Progress, mfu, peak_flops, trainab
 from stages.train.model_io import save_final
 from stages.train.params import TrainParams
 from stages.train.schedule import build_scheduler
+from stages.versions import package_versions
 
 # Steps left out of the mean step time: the first ones pay for warm-up (allocator, compile).
 WARMUP_STEPS_EXCLUDED = 2
@@ -140,6 +142,9 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
     )
     metrics_file = MetricsFile(ctx.output_dir, start) if world.is_main else None
     summary = _loop(ctx, session, start, metrics_file)
+    if metrics_file is not None:
+        summary["device_sharing"] = _device_sharing(ctx.spec.stage, metrics_file, world)
+        summary["versions"] = package_versions()
 
     precision = {
         "recipe": recipe.model_dump(mode="json"),
@@ -197,6 +202,7 @@ def _steps(
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)
         elapsed = time.perf_counter() - began
+        ended_at = time.time()  # wall clock: what the device-sharing record is compared with
         step_times.append(elapsed)
         done = step + 1
         collect(done)  # after the step's timing: a collection pauses no GPU work here
@@ -218,7 +224,7 @@ def _steps(
             progress.note(f"step {done}: val_loss {val_loss:.4f}")
         ctx.tracker.log_metrics(row, step=done)
         if metrics_file is not None:
-            metrics_file.append({"step": done, **row})
+            metrics_file.append({"step": done, **row, "ended_at": ended_at})
         progress.update(done, last.loss, row["tokens_per_s"])
         stop = any_rank(ctx.interrupted, world)
         if (p.checkpoint_every and done % p.checkpoint_every == 0) or (stop and done < p.steps):
@@ -284,6 +290,12 @@ def _modelopt_state(model: torch.nn.Module) -> dict[str, Any]:
     import modelopt.torch.opt as mto
 
     return {MODELOPT_STATE_FILE: mto.modelopt_state(model)}
+
+
+def _device_sharing(stage: str, metrics_file: MetricsFile, world: World) -> dict[str, Any] | None:
+    """What else ran on this stage's GPUs or CPU cores while its steps ran (stages/device_sharing.py)."""
+    window = steps_window(metrics_file.rows())
+    return None if window is None else record_sharing(stage, window, world.device.type == "cuda")
 
 
 def _last_logged_loss(metrics_file: MetricsFile | None) -> float | None:

@@ -12,7 +12,7 @@ from pipeline.layout import RunLayout
 from pipeline.sync import sync_run
 from pipeline.tracking import open_parent_run
 from stages.contract import TrackingRef
-from stages.tracking import pending_event_count, stage_run_id, sync_stage_events
+from stages.tracking import StageTracker, pending_event_count, stage_run_id, sync_stage_events
 from tests.pipeline.probe_dag import drive, fan_out_graph
 
 
@@ -92,3 +92,26 @@ def test_stages_keep_working_when_mlflow_is_unreachable_and_sync_is_idempotent(t
     # The stage's own value and the summary's; MLflow stores a (value, step, time) once.
     assert len(history) == len({(e["ts"], e["metrics"]["chars"]) for e in logged}) >= 1
     assert events[0]["type"] == "create_run" and events[-1] == {"type": "end", "status": "FINISHED"}
+
+
+def test_the_report_logs_to_other_stage_runs_and_tags_the_study_experiment(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    drive(fan_out_graph(), tmp_path, open_tracking=lambda layout: open_parent_run(layout, uri, "probe-study"))
+    layout = RunLayout(tmp_path, "probe")
+    ref = TrackingRef(**layout.read_run()["tracking"])
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(ref.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    summary = StageTracker(layout.stage_dir("summary"), ref, "summary")
+    summary.start({"stage": "summary"})
+    summary.set_experiment_tags({"mlflow.sharedViewState.abc": '{"name": "compare"}'})
+    summary.log_stage_metrics("a", {"study.val_loss_deployed": 6.5})
+    summary.log_stage_metrics("late", {"study.val_loss_deployed": 7.5})  # that stage has no run yet
+
+    assert client.get_experiment(ref.experiment_id).tags["mlflow.sharedViewState.abc"] == '{"name": "compare"}'
+    assert client.get_run(stage_run_id(layout.stage_dir("a"))).data.metrics["study.val_loss_deployed"] == 6.5
+    assert pending_event_count(layout.stage_dir("summary")) == 1  # waits, in order, for its target
+    late = StageTracker(layout.stage_dir("late"), ref, "late")
+    late.start({"stage": "late"})
+    assert sync_stage_events(layout.stage_dir("summary"), ref) == 1
+    assert client.get_run(stage_run_id(layout.stage_dir("late"))).data.metrics["study.val_loss_deployed"] == 7.5
