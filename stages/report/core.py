@@ -64,7 +64,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def _parent_metrics(study: Study) -> dict[str, float]:
     """Per-row numbers on the parent run too, named `<run>.<phase>.<metric>`."""
-    return {f"{row.run}.{row.phase}.{name.removeprefix(mlflow_view.PREFIX)}": value
+    return {f"{row.run}.{row.phase}.{name.split('/', 1)[1]}": value
             for row in study.rows for name, value in mlflow_view.comparison_metrics(row).items()}
 
 

@@ -111,7 +111,7 @@ def _versions(records: list[StageRecord], report_versions: Mapping[str, str]) ->
 
 def to_html(study: Study, title: str, description: str, plots: list[Path], records: list[StageRecord],
             report_params: Mapping[str, Any], report_versions: Mapping[str, str]) -> str:
-    differences = "".join(f"<li>{_esc(d.label)}: {_esc(pct_cell(d.pct, d.low, d.high))} %</li>" for d in study.differences)
+    differences = "".join(f"<li>{_esc(d.label)}, %: {_esc(pct_cell(d.pct, d.low, d.high))}</li>" for d in study.differences)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body>",

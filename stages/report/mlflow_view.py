@@ -3,7 +3,9 @@ the runs page where they compare.
 
 - Each row of the table puts its numbers on the stage run it stands for (train-<run> for a
   trained run, eval-ptq-<run> for its PTQ model, eval-base for the base model), under the same
-  `study.*` names on every run, so the runs page sorts them and the compare page lines them up.
+  names on every run: `study/*` the values, `study_ci/*` their intervals' bounds, `study_n/*`
+  the sample sizes. The runs page sorts them as columns; its chart (compare) view draws each as
+  a bar chart, the `study` section first.
 - MLflow 3.17 chooses the GenAI or the model-training UI from its `workflowType` (the URL's
   `workflowType` parameter, else the browser's last choice, GenAI by default; the experiment's
   `mlflow.experimentKind` tag is what older 3.x read) and restores a runs page's columns, sort
@@ -22,7 +24,9 @@ from typing import Any
 
 from stages.report.rows import StudyRow
 
-PREFIX = "study."
+# MLflow's chart view groups metrics into sections by the part of their name before "/": the
+# comparison first, then the intervals' bounds, then the sample sizes.
+PREFIX, INTERVAL_PREFIX, SIZE_PREFIX = "study/", "study_ci/", "study_n/"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 WORKFLOW_PARAM = "workflowType=machine_learning"  # MLflow 3.17: the model-training UI
 VIEW_FILE = "mlflow_view.json"  # in the report's folder: what `pipeline report` links to
@@ -38,36 +42,39 @@ def row_stage(row: StudyRow, stages: set[str]) -> str | None:
 def comparison_metrics(row: StudyRow) -> dict[str, float]:
     """The row's numbers under the names every stage run shares."""
     values: dict[str, float | int | bool | None] = {
-        "step_time_s": row.step_time_s,
-        "step_time_s_low": row.step_time_low,
-        "step_time_s_high": row.step_time_high,
-        "step_time_steps": row.step_time_steps,
-        "step_time_vs_baseline": row.step_time_vs_baseline,
-        "step_time_vs_baseline_low": row.step_time_vs_baseline_low,
-        "step_time_vs_baseline_high": row.step_time_vs_baseline_high,
-        "step_time_comparable": row.step_time_comparable,
-        "val_loss_deployed": row.val_loss,
-        "val_loss_deployed_low": row.val_loss_low,
-        "val_loss_deployed_high": row.val_loss_high,
-        "val_tokens": row.val_tokens,
-        "val_sequences": row.val_sequences,
-        "val_loss_deployed_vs_baseline_pct": row.val_loss_vs_baseline_pct,
-        "val_loss_deployed_vs_baseline_pct_low": row.val_loss_vs_baseline_pct_low,
-        "val_loss_deployed_vs_baseline_pct_high": row.val_loss_vs_baseline_pct_high,
-        "val_loss_deployed_within_noise": row.val_loss_within_noise,
+        PREFIX + "val_loss_deployed": row.val_loss,
+        PREFIX + "val_loss_deployed_vs_baseline_pct": row.val_loss_vs_baseline_pct,
+        PREFIX + "val_loss_deployed_within_noise": row.val_loss_within_noise,
+        PREFIX + "step_time_s": row.step_time_s,
+        PREFIX + "step_time_vs_baseline": row.step_time_vs_baseline,
+        PREFIX + "step_time_comparable": row.step_time_comparable,
+        INTERVAL_PREFIX + "val_loss_deployed_low": row.val_loss_low,
+        INTERVAL_PREFIX + "val_loss_deployed_high": row.val_loss_high,
+        INTERVAL_PREFIX + "val_loss_deployed_vs_baseline_pct_low": row.val_loss_vs_baseline_pct_low,
+        INTERVAL_PREFIX + "val_loss_deployed_vs_baseline_pct_high": row.val_loss_vs_baseline_pct_high,
+        INTERVAL_PREFIX + "step_time_s_low": row.step_time_low,
+        INTERVAL_PREFIX + "step_time_s_high": row.step_time_high,
+        INTERVAL_PREFIX + "step_time_vs_baseline_low": row.step_time_vs_baseline_low,
+        INTERVAL_PREFIX + "step_time_vs_baseline_high": row.step_time_vs_baseline_high,
+        SIZE_PREFIX + "val_tokens": row.val_tokens,
+        SIZE_PREFIX + "val_sequences": row.val_sequences,
+        SIZE_PREFIX + "step_time_steps": row.step_time_steps,
     }
     for task, accuracy in row.accuracy.items():
-        values |= {f"accuracy_{task}": accuracy.value, f"accuracy_{task}_low": accuracy.low,
-                   f"accuracy_{task}_high": accuracy.high, f"accuracy_{task}_n": accuracy.n}
-    return {PREFIX + name: float(value) for name, value in values.items() if value is not None}
+        values |= {PREFIX + f"accuracy_{task}": accuracy.value,
+                   INTERVAL_PREFIX + f"accuracy_{task}_low": accuracy.low,
+                   INTERVAL_PREFIX + f"accuracy_{task}_high": accuracy.high,
+                   SIZE_PREFIX + f"accuracy_{task}_questions": accuracy.n}
+    return {name: float(value) for name, value in values.items() if value is not None}
 
 
 def view_columns(tasks: list[str]) -> list[str]:
-    """The runs page's columns: what a researcher compares, then what the run was."""
-    metrics = ["step_time_s", "step_time_vs_baseline", "step_time_comparable", "val_loss_deployed",
-               "val_loss_deployed_vs_baseline_pct", "val_loss_deployed_within_noise",
-               *(f"accuracy_{task}" for task in tasks)]
-    return [f"metrics.`{PREFIX}{name}`" for name in metrics] + ["tags.`recipe`", "tags.`backend`"]
+    """The runs page's columns: what a researcher compares, its sample sizes, what the run was."""
+    values = ["val_loss_deployed", "val_loss_deployed_vs_baseline_pct", "step_time_vs_baseline", "step_time_s",
+              *(f"accuracy_{task}" for task in tasks), "step_time_comparable", "val_loss_deployed_within_noise"]
+    sizes = ["val_tokens", "step_time_steps", *(f"accuracy_{task}_questions" for task in tasks)]
+    return ([f"metrics.`{PREFIX}{name}`" for name in values] + [f"metrics.`{SIZE_PREFIX}{name}`" for name in sizes]
+            + ["tags.`recipe`", "tags.`backend`"])
 
 
 def view_state(parent_run_id: str, tasks: list[str]) -> dict[str, Any]:
@@ -84,8 +91,10 @@ def view_state(parent_run_id: str, tasks: list[str]) -> dict[str, Any]:
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
         "selectedColumns": selected,
-        "columnOrder": [],
-        "columnWidths": {column: 24 + 8 * len(column.split("`")[1]) for column in selected},
+        # The grid applies widths only to the columns it is given an order for: these come first,
+        # after the pinned run name; the others keep their places behind them.
+        "columnOrder": selected,
+        "columnWidths": {column: 40 + 7 * len(column.split("`")[1]) for column in selected},
         "runsExpanded": {},
         "runsPinned": [],
         "runsHidden": [],

@@ -88,15 +88,15 @@ def step_time_figure(rows: list[StudyRow], baseline: str, colours: dict[str, Any
     figure, ax = plt.subplots(figsize=(8, 4.5))
     timed = [row for row in rows if row.step_time_s is not None]
     for i, row in enumerate(timed):
-        comparable = bool(row.step_time_comparable) or row.run == baseline
+        comparable = bool(row.step_time_comparable)  # the baseline's: whether it ran alone
         errors = None
         if row.step_time_low is not None:
             errors = [[row.step_time_s - row.step_time_low], [row.step_time_high - row.step_time_s]]
         ax.bar(i, row.step_time_s, yerr=errors, capsize=4, color=colours[row.run],
                alpha=1.0 if comparable else 0.45, hatch=None if comparable else "//", edgecolor="black")
         label = "baseline" if row.run == baseline else f"{row.step_time_vs_baseline:.2f}x"
-        if not row.step_time_comparable and row.run != baseline:
-            label += "\nnot comparable"
+        if not comparable:
+            label += "\nshared" if row.run == baseline else "\nnot comparable"
         ax.annotate(label, (i, row.step_time_high or row.step_time_s), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(range(len(timed)), [row.run for row in timed], rotation=30, ha="right")

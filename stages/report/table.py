@@ -164,7 +164,7 @@ def differences_markdown(study: Study) -> list[str]:
         return []
     lines = ["", "Paired differences in val loss (deployed), same validation sequences:", ""]
     for diff in study.differences:
-        lines.append(f"- {diff.label}: {pct_cell(diff.pct, diff.low, diff.high)} %")
+        lines.append(f"- {diff.label}, %: {pct_cell(diff.pct, diff.low, diff.high)}")
     return lines
 
 

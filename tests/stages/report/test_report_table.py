@@ -79,7 +79,7 @@ def test_markdown_table_shows_intervals_sample_sizes_and_flags(study):
         "| fp8 | trained | fp8 | emulated | fp8 | 1.00 [0.90, 1.10] (n=3) | 0.500x [0.452, 0.552], not comparable "
         "| shared: cpu cores with train-bf16 | 2.28579 [1.96, 2.68] | +1.0 [+1.0, +1.0] | 0.500 [0.188, 0.812] (3/6) |")
     assert "| \u22120.3 [\u22121.6, +1.5] within noise |" in by_run["| int4/trained"]
-    assert "- qat: PTQ vs the base model: \u22128.3 [\u22128.3, \u22128.3] %" in lines
+    assert "- qat: PTQ vs the base model, %: \u22128.3 [\u22128.3, \u22128.3]" in lines
 
 
 def test_digits_follow_the_interval_so_small_differences_show():
