@@ -163,7 +163,12 @@ def build_study(inputs: dict[str, Path], tags: dict[str, dict[str, str]], settin
             row = row_for(run, "trained", stage_tags)
             metrics = read_step_metrics(stage_dir)
             curves[run] = metrics
-            kept = [m for m in metrics if "step_time_s" in m and m["step"] > settings.skip_first_steps]
+            timed = [m for m in metrics if "step_time_s" in m]
+            kept = [m for m in timed if m["step"] > settings.skip_first_steps]
+            if timed and not kept:
+                kept = timed
+                notes.append(f"{role}: all {len(timed)} steps are within report.skip_first_steps "
+                             f"({settings.skip_first_steps}): its step time includes the warm-up")
             samples[row.key].step_times = [m["step_time_s"] for m in kept]
             sharing[row.key] = (summary.get("device_sharing"), steps_window(kept))
             row.tokens_per_s = summary.get("tokens_per_s")

@@ -145,14 +145,14 @@ def columns(study: Study) -> list[Column]:
 def notes(study: Study) -> list[str]:
     level = f"{round(study.level * 100)}%"
     return [
-        f"val loss: mean next-token cross entropy (nats/token) of the exported model in its inference "
-        f"format on the held-out split; {level} interval: percentile bootstrap over validation sequences",
-        f"val loss vs {study.baseline}: 100 x (val loss / {study.baseline}'s - 1), the interval a paired "
-        f"bootstrap over the same sequences; '{WITHIN_NOISE}': the interval contains no difference",
-        f"step time: mean seconds per optimizer step after the warm-up steps, {level} bootstrap interval "
-        f"over steps; the ratio to {study.baseline} resamples both runs' steps",
-        f"'{NOT_COMPARABLE}': this run or {study.baseline} shared its GPU or CPU cores with another stage "
-        "during its timed steps (or nobody recorded it); set `report.timing: isolated` to run train stages alone",
+        (f"val loss: mean next-token cross entropy (nats/token) of the exported model in its inference "
+         f"format on the held-out split; {level} interval: percentile bootstrap over validation sequences"),
+        (f"val loss vs {study.baseline}: 100 x (val loss / {study.baseline}'s - 1), the interval a paired "
+         f"bootstrap over the same sequences; '{WITHIN_NOISE}': the interval contains no difference"),
+        (f"step time: mean seconds per optimizer step after the warm-up steps, {level} bootstrap interval "
+         f"over steps; the ratio to {study.baseline} resamples both runs' steps"),
+        (f"'{NOT_COMPARABLE}': this run or {study.baseline} shared its GPU or CPU cores with another stage "
+         "during its timed steps (or nobody recorded it); set `report.timing: isolated` to run train stages alone"),
         f"accuracy: lm-eval multiple choice, {level} Wilson interval, correct/n questions",
         "val loss in training precision (the last validation of each run) is in report.csv and the loss curves",
         *study.notes,

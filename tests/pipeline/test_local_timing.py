@@ -4,6 +4,7 @@ stages alone: real subprocesses (probe stages), the driver's own ledger."""
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_isolated_timing_runs_each_timed_stage_alone(tmp_path):
     states = LocalDriver(prepared, 4, [], timing=timing).run()
     assert {state.value for state in states.values()} == {"succeeded"}
     ordered = sorted(spans(tmp_path).values())
-    for (_, end), (start, _) in zip(ordered, ordered[1:]):
+    for (_, end), (start, _) in pairwise(ordered):
         assert start >= end  # no two stages ever overlapped
     ledger = PlacementLedger(tmp_path / "probe" / LEDGER_FILE)
     b_start, b_end = spans(tmp_path)["b"]

@@ -7,7 +7,12 @@ import os
 import pytest
 
 from stages.device_sharing import (
-    LEDGER_ENV, PlacementLedger, record_sharing, shared_during, sharing_from_ledger, steps_window,
+    LEDGER_ENV,
+    PlacementLedger,
+    record_sharing,
+    shared_during,
+    sharing_from_ledger,
+    steps_window,
 )
 
 

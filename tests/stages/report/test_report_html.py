@@ -6,6 +6,7 @@ import base64
 import re
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import pytest
@@ -25,7 +26,7 @@ def study_and_inputs(tmp_path: Path):
 def test_loss_curves_put_cross_entropy_of_every_run_on_one_axis_and_qad_kl_on_its_own(study_and_inputs):
     study, _, _ = study_and_inputs
     figure = loss_curves_figure(study.curves, colours_for(sorted(study.curves)))
-    train_ax, val_ax, kl_ax = figure.axes
+    train_ax, _, kl_ax = figure.axes
     curves = {line.get_label(): list(line.get_ydata()) for line in train_ax.lines}
     assert sorted(curves) == ["bf16", "fp8", "int4", "qat"]
     assert curves["qat"] == [row["ce_loss"] for row in study.curves["qat"]]  # its CE term, not the KL mix
@@ -60,7 +61,7 @@ def test_the_html_report_is_one_offline_page_with_table_plots_settings_and_versi
 
 
 class _TagBalance(HTMLParser):
-    VOID = {"meta", "img", "br", "hr", "link", "input"}
+    VOID: ClassVar[set[str]] = {"meta", "img", "br", "hr", "link", "input"}
 
     def __init__(self) -> None:
         super().__init__()
