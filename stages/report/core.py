@@ -3,8 +3,8 @@
 Outputs: report.md, report.csv, report.html (table, plots, settings and versions; offline),
 rows.json, plots/*.png, mlflow_view.json (with tracking). In MLflow: the table becomes the
 parent run's description and the files its artifacts; each row's numbers go to the stage run it
-stands for under shared `study.*` names; a saved view of the runs page shows them side by side
-(stages/report/mlflow_view.py).
+stands for under names shared by all (`study/*`, `study_ci/*`, `study_n/*`); a saved view of the
+runs page shows them side by side (stages/report/mlflow_view.py).
 """
 
 from __future__ import annotations
