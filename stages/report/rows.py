@@ -254,8 +254,8 @@ def _timing(record: dict[str, Any] | None, window: tuple[float, float] | None) -
     if record.get("exclusive") is None:
         return "unknown", record.get("note", "")
     if record.get("shared_with"):  # shared, but only during the warm-up steps the mean leaves out
-        return "exclusive", f"{record['source']}: alone during the timed steps (shared during warm-up)"
-    return "exclusive", f"{record['source']}: alone on {record['device']}"
+        return "exclusive", f"{record['source']}: no other stage during the timed steps (some during warm-up)"
+    return "exclusive", f"{record['source']}: no other stage on {record['device']}"
 
 
 def _against_baseline(row: StudyRow, sample: Samples, baseline: StudyRow, base: Samples,

@@ -153,6 +153,8 @@ def notes(study: Study) -> list[str]:
          f"over steps; the ratio to {study.baseline} resamples both runs' steps"),
         (f"'{NOT_COMPARABLE}': this run or {study.baseline} shared its GPU or CPU cores with another stage "
          "during its timed steps (or nobody recorded it); set `report.timing: isolated` to run train stages alone"),
+        ("'exclusive': no other stage of the study ran on the run's GPUs or CPU cores during its timed steps, by "
+         "the local driver's record or the scheduler's allocation; processes outside the pipeline are not recorded"),
         f"accuracy: lm-eval multiple choice, {level} Wilson interval, correct/n questions",
         "val loss in training precision (the last validation of each run) is in report.csv and the loss curves",
         *study.notes,
