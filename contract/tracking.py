@@ -15,8 +15,9 @@ or retried stage keeps its run). A create whose response is lost is found by its
 retry; two racers that both create settle on the earliest run and delete the other.
 
 Event format (one JSON object a line): `create_run` {run_name, tags, attempt}, `params` {params},
-`tags` {tags, parent?}, `metrics` {metrics, step, ts, parent?}, `artifact` {path, artifact_path,
-parent?}, `end` {status}. `parent: true` addresses the pipeline run's parent run (the report).
+`tags` {tags, parent?}, `metrics` {metrics, step, ts, parent? | stage?}, `artifact` {path,
+artifact_path, parent?}, `experiment_tags` {tags}, `end` {status}. `parent: true` addresses the
+pipeline run's parent run (the report); `stage: NAME` another stage's run of the same pipeline run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import sys
 import time
 import uuid
@@ -36,6 +38,9 @@ from contract.spec import TrackingRef
 
 RUN_KEY_TAG = "faster_qat.run_key"
 STAGE_KEY_TAG = "faster_qat.stage_key"
+# A study trains models: MLflow's "model training" kind, not its GenAI default (MLflow 3.17's UI
+# also takes the kind from the link `pipeline report` prints: stages/report/mlflow_view.py).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 TRACKING_DIR = "tracking"
 EVENTS_FILE = "events.jsonl"
@@ -54,6 +59,7 @@ class _SyncState:
     acked: int = 0  # number of events already delivered
     run_id: str | None = None
     parent_run_id: str | None = None
+    experiment_id: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> _SyncState:
@@ -62,10 +68,11 @@ class _SyncState:
         except FileNotFoundError:
             return cls()
         return cls(acked=int(payload["acked"]), run_id=payload.get("run_id"),
-                   parent_run_id=payload.get("parent_run_id"))
+                   parent_run_id=payload.get("parent_run_id"), experiment_id=payload.get("experiment_id"))
 
     def save(self, path: Path) -> None:
-        write_json_atomic(path, {"acked": self.acked, "run_id": self.run_id, "parent_run_id": self.parent_run_id})
+        write_json_atomic(path, {"acked": self.acked, "run_id": self.run_id, "parent_run_id": self.parent_run_id,
+                                 "experiment_id": self.experiment_id})
 
 
 @dataclass
@@ -130,6 +137,26 @@ class StageTracker:
         values = {k: float(v) for k, v in metrics.items()}
         self._append({"type": "metrics", "metrics": values, "step": 0,
                       "ts": int(time.time() * 1000), "parent": True})
+        self.flush()
+
+    def mlflow_ids(self) -> tuple[str, str] | None:
+        """(experiment id, parent run id) once the stage's run exists in MLflow; None before."""
+        state = _SyncState.load(self.synced_path)
+        if state.experiment_id is None or state.parent_run_id is None:
+            return None
+        return state.experiment_id, state.parent_run_id
+
+    def log_stage_metrics(self, stage: str, metrics: dict[str, float]) -> None:
+        """Log to another stage's run of the same pipeline run (the report puts each row's
+        comparison metrics on the stage run that row stands for); sent once that run exists."""
+        values = {k: float(v) for k, v in metrics.items()}
+        self._append({"type": "metrics", "metrics": values, "step": 0,
+                      "ts": int(time.time() * 1000), "stage": stage})
+        self.flush()
+
+    def set_experiment_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the study's experiment (e.g. a saved view of its runs page)."""
+        self._append({"type": "experiment_tags", "tags": {k: str(v) for k, v in tags.items()}})
         self.flush()
 
     def finish(self, status: str) -> bool:
@@ -204,20 +231,20 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
     for name, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
 
     synced_path = stage_dir / TRACKING_DIR / SYNCED_FILE
     state = _SyncState.load(synced_path)
     events = read_events(stage_dir)
     if state.acked >= len(events):
         return 0
-    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    client = tracking_client(ref)
     sent = 0
     for event in events[state.acked :]:
         kind = event["type"]
         if kind == "create_run":
             if state.run_id is None:
                 experiment_id = experiment_id_of(client, ref)
+                state.experiment_id = experiment_id
                 state.parent_run_id = parent_run_id_of(client, ref, experiment_id)
                 key = f"{ref.run_key}/{event['run_name']}/{event.get('attempt', '0')}"
                 tags = {**event["tags"], "mlflow.parentRunId": state.parent_run_id}
@@ -233,7 +260,7 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
             target = state.parent_run_id if event.get("parent") else state.run_id
             client.log_batch(target, tags=[RunTag(k, v) for k, v in event["tags"].items()])
         elif kind == "metrics":
-            target = state.parent_run_id if event.get("parent") else state.run_id
+            target = _metrics_target(event, state, stage_dir)
             items = [Metric(k, v, event["ts"], event["step"]) for k, v in event["metrics"].items()]
             for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
                 client.log_batch(target, metrics=chunk)
@@ -244,12 +271,29 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
                 client.log_artifacts(target, str(local), event.get("artifact_path"))
             elif local.exists():
                 client.log_artifact(target, str(local), event.get("artifact_path"))
+        elif kind == "experiment_tags":
+            experiment_id = experiment_id_of(client, ref)
+            for key, value in event["tags"].items():
+                client.set_experiment_tag(experiment_id, key, value)
         elif kind == "end":
             client.set_terminated(state.run_id, status=event["status"])
         state.acked += 1
         sent += 1
         state.save(synced_path)
     return sent
+
+
+def tracking_client(ref: TrackingRef) -> Any:
+    """An MlflowClient of the study's store; the embedded sqlite store in WAL mode, so several
+    stages log at once (a busy writer waits instead of failing)."""
+    from mlflow.tracking import MlflowClient
+
+    if ref.tracking_uri.startswith("sqlite:///"):
+        path = Path(ref.tracking_uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path, timeout=30) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+    return MlflowClient(tracking_uri=ref.tracking_uri)
 
 
 def experiment_id_of(client: Any, ref: TrackingRef) -> str:
@@ -261,9 +305,12 @@ def experiment_id_of(client: Any, ref: TrackingRef) -> str:
         if found.lifecycle_stage == "deleted":
             raise RuntimeError(f"MLflow experiment '{ref.experiment}' is deleted: restore it "
                                "(mlflow experiments restore) or set tracking.experiment")
+        if EXPERIMENT_KIND[0] not in found.tags:
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return client.create_experiment(ref.experiment, artifact_location=ref.artifact_location)
+        return client.create_experiment(ref.experiment, artifact_location=ref.artifact_location,
+                                        tags=dict([EXPERIMENT_KIND]))
     except MlflowException:
         found = client.get_experiment_by_name(ref.experiment)
         if found is None:
@@ -317,10 +364,8 @@ def _settle(client: Any, runs: list[Any]) -> str:
 
 def close_parent_run(ref: TrackingRef, status: str) -> None:
     """Mark the pipeline run's parent run finished (FINISHED, FAILED or KILLED)."""
-    from mlflow.tracking import MlflowClient
-
     try:
-        client = MlflowClient(tracking_uri=ref.tracking_uri)
+        client = tracking_client(ref)
         client.set_terminated(parent_run_id_of(client, ref), status=status)
     except Exception as error:  # the run's own results are on disk; say so and go on
         print(f"warning: could not close MLflow parent run: {type(error).__name__}: {str(error)[:200]}",
@@ -343,6 +388,19 @@ def _create_exclusively(path: Path, content: str) -> bool:
 
 def stage_run_id(stage_dir: Path) -> str | None:
     return _SyncState.load(stage_dir / TRACKING_DIR / SYNCED_FILE).run_id
+
+
+def _metrics_target(event: dict[str, Any], state: _SyncState, stage_dir: Path) -> str:
+    if event.get("parent"):
+        return state.parent_run_id
+    if event.get("stage"):
+        # Stage dirs are <root>/<run>/<stage>: the other stage's run id is in its own sync state.
+        run_id = stage_run_id(stage_dir.parent / event["stage"])
+        if run_id is None:
+            raise RuntimeError(f"{event['stage']}: its MLflow run does not exist yet; "
+                               "`python -m pipeline sync` sends these metrics once it does")
+        return run_id
+    return state.run_id
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -17,6 +17,19 @@ class ReportParams(StageParams):
         2, ge=0, description="Warm-up steps left out of the mean step time."
     )
     plots: bool = Field(True, description="Draw loss curves, step-time bars, val loss vs step time.")
+    timing: Literal["shared", "isolated"] = Field(
+        "shared",
+        description="isolated: the local backend runs each train stage alone, so step times are "
+        "comparable; shared: stages run side by side (faster) and the report marks step-time "
+        "ratios measured while a device was shared as not comparable. Slurm and Kubernetes "
+        "give each train stage its own GPUs either way.",
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="Level of the intervals (bootstrap and Wilson)."
+    )
+    bootstrap_resamples: int = Field(
+        2000, ge=100, description="Resamples of each bootstrap interval (seeded: same data, same interval)."
+    )
 
 
 class ReportInput(BaseModel):

@@ -60,7 +60,7 @@ class LocalBackend(Backend):
     @classmethod
     def settings_from(cls, config, options: dict) -> LocalSettings:
         chosen = {key: value for key, value in options.items() if value is not None}
-        return LocalSettings(docker_network=config.images.network, **chosen)
+        return LocalSettings(docker_network=config.images.network, timing=config.report.timing, **chosen)
 
     def tracking(self, config, layout: RunLayout) -> TrackingRef | None:
         from pipeline.tracking import study_tracking

@@ -31,6 +31,7 @@ from contract.markers import mark_failed, read_marker
 from contract.tracking import close_parent_run, parent_run_id_of
 from pipeline.backends.base import StageState, StageStatus, failure_note, marker_state
 from pipeline.backends.local_settings import LocalSettings
+from pipeline.backends.local_timing import LocalTiming
 from pipeline.errors import BackendError
 from pipeline.layout import RunLayout
 from pipeline.run_record import RunRecord, StageRecord, read_record
@@ -69,9 +70,17 @@ class LocalDriver:
     poll_s: float = 0.05
     # Makes a stage's command instead of running it as a plain subprocess (None: process runtime).
     launcher: StageLauncher | None = None
+    # Records where each stage ran; runs train stages alone with report.timing: isolated
+    # (None: as the run's settings say).
+    timing: LocalTiming | None = None
     _states: dict[str, StageStatus] = field(default_factory=dict, init=False)
     _running: dict[str, _Running] = field(default_factory=dict, init=False)
     _stopping: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.timing is None:
+            self.timing = LocalTiming(self.layout.run_dir, isolated=self.settings.timing == "isolated")
+        self._timing = self.timing
 
     def run(self) -> dict[str, StageState]:
         """Drive the run to its end (the caller holds the run lock)."""
@@ -119,9 +128,14 @@ class LocalDriver:
 
     def _launch_ready(self) -> bool:
         launched = False
-        for name in self._ready():
+        ready = self._ready()
+        timed_waiting = any(self._timing.is_timed(self.record.stages[name].kind) for name in ready)
+        for name in ready:
             if len(self._running) >= self.settings.max_parallel:
                 break
+            running_kinds = [self.record.stages[other].kind for other in self._running]
+            if not self._timing.may_start(self.record.stages[name].kind, running_kinds, timed_waiting):
+                continue  # report.timing: isolated
             gpus = self._free_gpus(self.record.stages[name].resources.gpus_per_node)
             if gpus is None:
                 continue  # waits for GPUs; later stages that need fewer may still start
@@ -152,6 +166,7 @@ class LocalDriver:
         env.pop(LOCK_FD_ENV, None)
         # A stage sees only the GPUs it was given; a CPU stage sees none.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
+        env.update(self._timing.started(name, stage.kind, gpus))  # what ran where, for step times
         log = self.layout.log_path(name).open("ab")
         log.write(f"=== {time.strftime('%F %T')} {' '.join(command)}\n".encode())
         log.flush()
@@ -172,6 +187,7 @@ class LocalDriver:
                 continue
             running.log.close()
             del self._running[name]
+            self._timing.ended(name)
             changed = True
             status = self._states[name]
             status.finished_at = time.time()

@@ -1,5 +1,5 @@
 """Settings of the local backend: from the command line (`--max-parallel`, `--runtime`) and the
-config (`images.network`), recorded in run.json so a detached driver and later commands agree."""
+config (`images.network`, `report.timing`), recorded in run.json so a detached driver and later commands agree."""
 
 from __future__ import annotations
 
@@ -20,3 +20,5 @@ class LocalSettings(BaseModel):
     runtime: Literal["process", "docker"] = Field(
         "process", description="Stages as processes here, or in their images (pinned by digest) through Docker.")
     docker_network: str = Field("none", description="--runtime docker: the containers' network.")
+    timing: Literal["shared", "isolated"] = Field(
+        "shared", description="report.timing: isolated runs each train stage alone (comparable step times).")

@@ -143,7 +143,12 @@ def prepare_model(
             if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False)
         )
         if for_compile:
-            from stages.precision.modelopt_compiled import COMPILED_PATH, PATH_TAG, convert_for_compile, step_compiled
+            from stages.precision.modelopt_compiled import (
+                COMPILED_PATH,
+                PATH_TAG,
+                convert_for_compile,
+                step_compiled,
+            )
 
             compiled = convert_for_compile(model)
             prepared._on_step = lambda step: step_compiled(compiled)

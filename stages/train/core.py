@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from contract.device_sharing import record_sharing, steps_window
 from contract.params.train import TrainStageParams
 from contract.recipe import Recipe
 from stages.batches import StepPlan, TokenSplit, TrainOrder
@@ -57,6 +58,7 @@ from stages.train.metrics import (
 )
 from stages.train.model_io import save_final
 from stages.train.schedule import build_scheduler
+from stages.versions import package_versions
 
 # Steps left out of the mean step time: the first ones pay for warm-up (allocator, compile).
 WARMUP_STEPS_EXCLUDED = 2
@@ -114,6 +116,9 @@ def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[st
     training = build_training(ctx, params, world, data, model, source)
     metrics_file = MetricsFile(ctx.output_dir, training.start) if world.is_main else None
     summary = train_loop(ctx, training.session, training.start, metrics_file)
+    if metrics_file is not None:
+        summary["device_sharing"] = _device_sharing(ctx.spec.stage, metrics_file, world)
+        summary["versions"] = package_versions()
 
     model, prepared, recipe = training.session.model, training.session.prepared, training.recipe
     precision = {
@@ -257,6 +262,7 @@ def _steps(
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)
         elapsed = time.perf_counter() - began
+        ended_at = time.time()  # wall clock: what the device-sharing record is compared with
         step_times.append(elapsed)
         done = step + 1
         collect(done)  # after the step's timing: a collection pauses no GPU work here
@@ -278,7 +284,7 @@ def _steps(
             progress.note(f"step {done}: val_loss {val_loss:.4f}")
         ctx.tracker.log_metrics(row, step=done)
         if metrics_file is not None:
-            metrics_file.append({"step": done, **row})
+            metrics_file.append({"step": done, **row, "ended_at": ended_at})
         progress.update(done, last.loss, row["tokens_per_s"])
         stop = any_rank(ctx.interrupted, world)
         if (p.checkpoint_every and done % p.checkpoint_every == 0) or (stop and done < p.steps):
@@ -338,6 +344,12 @@ def _saved_modelopt_quantizers(source: str, recipe: Recipe) -> SavedQuantizers |
         return None
     state = modelopt_state(model_dir)
     return None if state is None else SavedQuantizers(state, quantizer_state(model_dir))
+
+
+def _device_sharing(stage: str, metrics_file: MetricsFile, world: World) -> dict[str, Any] | None:
+    """What else ran on this stage's GPUs or CPU cores while its steps ran (contract/device_sharing.py)."""
+    window = steps_window(metrics_file.rows())
+    return None if window is None else record_sharing(stage, window, world.device.type == "cuda")
 
 
 def _last_logged_loss(metrics_file: MetricsFile | None) -> float | None:

@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from contract.tracking import (
     RUN_KEY_TAG,
+    StageTracker,
+    experiment_id_of,
     parent_run_id_of,
     pending_event_count,
     stage_run_id,
@@ -102,3 +104,27 @@ def test_stages_keep_working_when_mlflow_is_unreachable_and_sync_is_idempotent(t
     # The stage's own value and the summary's; MLflow stores a (value, step, time) once.
     assert len(history) == len({(e["ts"], e["metrics"]["chars"]) for e in logged}) >= 1
     assert events[0]["type"] == "create_run" and events[-1] == {"type": "end", "status": "FINISHED"}
+
+
+def test_the_report_logs_to_other_stage_runs_and_tags_the_study_experiment(tmp_path):
+    ref = tracking_to(sqlite_uri(tmp_path))
+    drive(fan_out_graph(), tmp_path, tracking=ref)
+    layout = RunLayout(tmp_path, "probe")
+    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    experiment = experiment_id_of(client, ref)
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    summary = StageTracker(layout.stage_dir("summary"), ref, "summary")
+    summary.start({"stage": "summary"})
+    assert summary.mlflow_ids() == (experiment, parent_run_id_of(client, ref))
+    summary.set_experiment_tags({"mlflow.sharedViewState.abc": '{"name": "compare"}'})
+    summary.log_stage_metrics("a", {"study.val_loss_deployed": 6.5})
+    summary.log_stage_metrics("late", {"study.val_loss_deployed": 7.5})  # that stage has no run yet
+
+    assert client.get_experiment(experiment).tags["mlflow.sharedViewState.abc"] == '{"name": "compare"}'
+    assert client.get_run(stage_run_id(layout.stage_dir("a"))).data.metrics["study.val_loss_deployed"] == 6.5
+    assert pending_event_count(layout.stage_dir("summary")) == 1  # waits, in order, for its target
+    late = StageTracker(layout.stage_dir("late"), ref, "late")
+    late.start({"stage": "late"})
+    assert sync_stage_events(layout.stage_dir("summary"), ref) == 1
+    assert client.get_run(stage_run_id(layout.stage_dir("late"))).data.metrics["study.val_loss_deployed"] == 7.5

@@ -29,7 +29,9 @@ def _val_loss_of(model_dir: Path, data_dir: Path, rows: int) -> float:
     return (cross_entropy_sum(logits, batch.labels) / batch.label_tokens).item()
 
 
-def test_sft_trains_and_writes_a_plain_hf_checkpoint(make_spec, data_dir: Path) -> None:
+def test_sft_trains_and_writes_a_plain_hf_checkpoint(make_spec, data_dir: Path, monkeypatch) -> None:
+    for placer in ("PIPELINE_PLACEMENTS", "SLURM_JOB_ID", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(placer, raising=False)
     spec = make_spec("sft", val_every=3)
     assert run_stage(spec, run) == 0
     out = spec.parent
@@ -50,6 +52,14 @@ def test_sft_trains_and_writes_a_plain_hf_checkpoint(make_spec, data_dir: Path) 
     assert summary["val_loss"] == rows[-1]["val_loss"]
     assert (summary["backend"], summary["recipe"], summary["world_size"], summary["steps"]) == ("emulated", "bf16", 1, 6)
     assert summary["mean_step_time_s"] == pytest.approx(sum(r["step_time_s"] for r in rows[2:]) / 4)
+    # Each step's wall-clock end, and what the stage knows of who shared its CPU: started by
+    # hand (no local driver, Slurm or Kubernetes), it claims nothing.
+    ends = [r["ended_at"] for r in rows]
+    assert ends == sorted(ends) and ends[-1] - ends[0] >= sum(r["step_time_s"] for r in rows[1:])
+    sharing = summary["device_sharing"]
+    assert (sharing["source"], sharing["exclusive"], sharing["device"]) == ("none", None, "cpu")
+    assert sharing["window"] == pytest.approx([ends[0] - rows[0]["step_time_s"], ends[-1]])
+    assert summary["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
     # The saved checkpoint is the trained model: reloading it reproduces the final val loss
     # (val_batches=2 micro-batches of 2 rows = the first 4 val rows).
