@@ -3,7 +3,7 @@
 
     k8s/dev-cluster/cluster.py start    # builds the binaries if needed, starts what is not running
     k8s/dev-cluster/cluster.py status   # one line per component; exit 1 unless all are healthy
-    k8s/dev-cluster/cluster.py env      # KUBECONFIG=... REGISTRY=... for `eval`
+    k8s/dev-cluster/cluster.py env      # KUBECONFIG=..., FASTER_QAT_REGISTRY=..., PATH for `eval`
     k8s/dev-cluster/cluster.py stop     # stops every process it started, pods and their sandboxes too
 
 `start` prints one JSON object (kubeconfig, server, registry, node, node_ip, state) and reuses
@@ -174,7 +174,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(layout.info()))
     else:
         info = layout.info()
-        print(f"export KUBECONFIG={info['kubeconfig']} FASTER_QAT_REGISTRY={info['registry']}")
+        print(f"export KUBECONFIG={info['kubeconfig']} FASTER_QAT_REGISTRY={info['registry']} "
+              f"PATH={info['bin']}:$PATH")
     return 0
 
 
