@@ -5,6 +5,8 @@ PVC, and `status`/`logs` read the real API."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from pipeline.backends.k8s_api import KubeApi
 from pipeline.layout import RunLayout
 from pipeline.prepare import prepare_run
 from stages.contract import read_marker
-from tests.k8s.dev_cluster import START_TIMEOUT_S, DevCluster, wait_for
+from tests.k8s.dev_cluster import REPO, START_TIMEOUT_S, DevCluster, wait_for
 from tests.pipeline.probe_dag import fan_out_graph
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 1800)  # the first test may build the cluster and the image
@@ -99,3 +101,83 @@ def test_a_failed_stage_stops_its_dependents_through_pod_failure_policy(k8s_clus
         marker = read_marker(artifact_root / "probe" / name)
         assert marker.exit_code == 42 and "upstream" in marker.error
     assert read_marker(artifact_root / "probe" / "source").error == "source: RuntimeError: probe asked to fail"
+
+
+@pytest.fixture(scope="module")
+def cluster_mlflow(k8s_cluster: DevCluster, cluster_cpu_image: str, tmp_path_factory):
+    """k8s/ applied as a user applies it (`kubectl apply -k`), through an overlay that only swaps
+    MLflow's image for the cpu image (it holds mlflow; ghcr.io is not reachable) and lowers its
+    CPU request (the node has 2 CPUs and every stage pod asks 1); its PVC bound to a hostPath PV.
+    Yields the submitter's URI: `kubectl port-forward svc/mlflow`, as k8s/README.md says."""
+    work = tmp_path_factory.mktemp("mlflow")
+    base, overlay, data = work / "base", work / "dev", work / "data"
+    for folder in (base, overlay, data):
+        folder.mkdir()
+    data.chmod(0o777)  # the server runs as uid 1000
+    for manifest in (REPO / "k8s").glob("*.yaml"):
+        (base / manifest.name).write_text(manifest.read_text())
+    repository, digest = cluster_cpu_image.split(":dev@")[0], cluster_cpu_image.split("@")[1]
+    (overlay / "kustomization.yaml").write_text(f"""apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../base]
+images: [{{name: ghcr.io/mlflow/mlflow, newName: {repository}, digest: {digest}}}]
+patches:
+  - target: {{kind: Deployment, name: mlflow}}
+    patch: '[{{"op": "replace", "path": "/spec/template/spec/containers/0/resources/requests/cpu", "value": "250m"}}]'
+""")
+    k8s_cluster.kubectl("delete", "namespace", "faster-qat", "--ignore-not-found", "--wait=true", "--timeout=120s")
+    k8s_cluster.kubectl("delete", "pv", "mlflow-data-dev", "--ignore-not-found")
+    k8s_cluster.apply(f"""
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: mlflow-data-dev}}
+spec:
+  capacity: {{storage: 50Gi}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  hostPath: {{path: {data}, type: Directory}}
+  claimRef: {{namespace: faster-qat, name: mlflow-data}}
+""")
+    k8s_cluster.kubectl("apply", "--server-side", "-k", str(overlay))
+    k8s_cluster.kubectl("-n", "faster-qat", "rollout", "status", "deployment/mlflow", "--timeout=300s")
+    forward = subprocess.Popen([str(k8s_cluster.bin_dir / "kubectl"), f"--kubeconfig={k8s_cluster.kubeconfig}",
+                                "-n", "faster-qat", "port-forward", "svc/mlflow", ":5000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = forward.stdout.readline()  # "Forwarding from 127.0.0.1:NNNNN -> 5000"
+    match = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) -> 5000", first)
+    assert match, first
+    try:
+        yield f"http://127.0.0.1:{match.group(1)}"
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
+        k8s_cluster.kubectl("delete", "namespace", "faster-qat", "--wait=false", check=False)
+        k8s_cluster.kubectl("delete", "pv", "mlflow-data-dev", "--wait=false", check=False)
+
+
+def test_stages_report_to_the_in_cluster_mlflow_through_its_service(k8s_cluster, k8s_namespace, cluster_cpu_image,
+                                                                   cluster_mlflow, artifact_root, tmp_path,
+                                                                   monkeypatch):
+    """Pods reach MLflow at http://mlflow.faster-qat.svc.cluster.local:5000 (CoreDNS + kube-proxy);
+    the submitter made the parent run through the port-forward to the same server."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import open_parent_run
+
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    graph = fan_out_graph()
+    layout = RunLayout(tmp_path / "submitter", "probe")
+    settings = {"namespace": k8s_namespace, "poll_seconds": 1}  # tracking_uri: the in-cluster default
+    prepared = prepare_run(graph, layout, {"cpu": cluster_cpu_image}, "k8s",
+                           lambda lay: open_parent_run(lay, cluster_mlflow, "probe-on-k8s"), {"k8s": settings},
+                           Path(MOUNT))
+    backend = K8sBackend(api=KubeApi())
+    backend.submit(prepared)
+    states = finished_states(backend, layout, 600)
+    assert set(states.values()) == {(StageState.SUCCEEDED, "")}
+    client = MlflowClient(tracking_uri=cluster_mlflow)
+    runs = client.search_runs([prepared.tracking.experiment_id],
+                              f"tags.mlflow.parentRunId = '{prepared.tracking.parent_run_id}'")
+    assert sorted(run.data.tags.get("stage") for run in runs) == sorted(states)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert {run.data.tags.get("image") for run in runs} == {cluster_cpu_image}
