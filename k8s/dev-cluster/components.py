@@ -384,7 +384,17 @@ def _wait_node_ready(layout: Layout, timeout_s: float = 90) -> None:
 
 
 def _remove_pods(layout: Layout) -> None:
-    """Kill every container and sandbox of the node, so no shim outlives the cluster."""
+    """Kill every container and sandbox of the node, so no shim outlives the cluster; note the
+    sandboxes' network namespaces (CNI never gets to tear them down) for _after_containerd."""
+    namespaces = set()
+    for container in _ctr(layout, "containers", "ls", "-q", check=False).stdout.split():
+        info = _ctr(layout, "containers", "info", container, check=False)
+        try:
+            spec = json.loads(info.stdout)["Spec"]["linux"]["namespaces"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        namespaces |= {ns.get("path", "") for ns in spec if ns.get("type") == "network"}
+    _write(layout.run / "netns.json", json.dumps(sorted(p for p in namespaces if "/netns/" in p)))
     for task in _ctr(layout, "tasks", "ls", "-q", check=False).stdout.split():
         _ctr(layout, "tasks", "kill", "--signal=SIGKILL", task, check=False)
     deadline = time.time() + 20
@@ -415,9 +425,10 @@ def _after_containerd(layout: Layout) -> None:
                 os.kill(int(proc.name), 9)
             except ProcessLookupError:
                 pass
-    netns = Path("/var/run/netns")
-    for ns in sorted(netns.glob("cni-*")) if netns.is_dir() else []:
-        _sh("ip", "netns", "delete", ns.name, check=False)
+    listed = layout.run / "netns.json"
+    for path in json.loads(listed.read_text()) if listed.is_file() else []:
+        _sh("ip", "netns", "delete", Path(path).name, check=False)
+    listed.unlink(missing_ok=True)
     shutil.rmtree(layout.state / "cni" / "ipam", ignore_errors=True)
     for mount in _our_mounts(layout):
         _sh("umount", "-l", mount, check=False)

@@ -105,7 +105,9 @@ def _unavailable(reason: str) -> None:
 def start_dev_cluster() -> DevCluster:
     if os.geteuid() != 0:
         _unavailable("it needs root (kubelet, containerd, pod networking)")
-    if shutil.which("go") is None and not Path("/usr/local/go/bin/go").exists():
+    info = subprocess.run([sys.executable, str(CLUSTER_SCRIPT), "info"], capture_output=True, text=True)
+    built = info.returncode == 0 and (Path(json.loads(info.stdout)["bin"]) / "kube").exists()
+    if not built and shutil.which("go") is None and not Path("/usr/local/go/bin/go").exists():
         _unavailable("it is built from the Kubernetes Go modules and there is no go command")
     reason = _install(_missing_packages())
     if reason:

@@ -5,7 +5,9 @@ PVC, and `status`/`logs` read the real API."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -181,3 +183,38 @@ def test_stages_report_to_the_in_cluster_mlflow_through_its_service(k8s_cluster,
     assert sorted(run.data.tags.get("stage") for run in runs) == sorted(states)
     assert {run.info.status for run in runs} == {"FINISHED"}
     assert {run.data.tags.get("image") for run in runs} == {cluster_cpu_image}
+
+
+@pytest.mark.skipif(not os.environ.get("FASTER_QAT_SLOW_TESTS"),
+                    reason="the train image is 6 GB (~15 min to build and push cold): FASTER_QAT_SLOW_TESTS=1")
+def test_the_smoke_study_completes_on_the_cluster(k8s_cluster, k8s_namespace, cluster_cpu_image,
+                                                 cluster_train_image, artifact_root, tmp_path, smoke_root,
+                                                 monkeypatch):
+    """`python -m pipeline submit --cluster k8s -c smoke`: all 28 stages in their images, pulled
+    by digest, to Complete, with the local run's numbers.
+
+    The profile's model, data and task files are paths on the submitter's disk, which pods do not
+    have: the study runs from a copy of them on the artifact volume, and the volume is mounted in
+    the pods at its path on this machine (k8s.artifacts.mount_path), as a shared filesystem is."""
+    from pipeline.cli import main
+    from tests.smoke import SMOKE_STAGES, report_rows
+
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    fixtures = artifact_root / "fixtures"
+    for name in ("models", "openscience", "mmlu_tiny", "recipes"):
+        shutil.copytree(REPO / "fixtures" / name, fixtures / name)
+    profile = (REPO / "pipeline" / "profiles" / "smoke.yaml").read_text()
+    config = tmp_path / "smoke-on-k8s.yaml"
+    config.write_text(profile.replace("../../fixtures", str(fixtures)))
+    submitter = tmp_path / "submitter"
+    assert main(["submit", "--cluster", "k8s", "-c", str(config), "--root", str(submitter),
+                 "--set", f"images.refs.cpu={cluster_cpu_image}", "--set", f"images.refs.train={cluster_train_image}",
+                 "--set", f"k8s.namespace={k8s_namespace}", "--set", f"k8s.artifacts.mount_path={artifact_root}",
+                 "--set", "k8s.tracking_uri=null", "--set", "k8s.poll_seconds=2"]) == 0
+    states = finished_states(K8sBackend(api=KubeApi()), RunLayout(submitter, "smoke"), 1800)
+    assert len(states) == SMOKE_STAGES
+    assert set(states.values()) == {(StageState.SUCCEEDED, "")}, states
+    on_cluster, local = report_rows(artifact_root), report_rows(smoke_root)
+    assert set(on_cluster) == set(local)
+    for key, row in on_cluster.items():  # seeded, deterministic on CPU
+        assert float(row["val_loss"]) == pytest.approx(float(local[key]["val_loss"]), rel=1e-9), key
