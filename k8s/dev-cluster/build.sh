@@ -47,7 +47,7 @@ fi
 
 export GOMODCACHE=$CACHE/gomod GOCACHE=$CACHE/gocache GOFLAGS=-mod=mod CGO_ENABLED=0
 export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
-log() { echo "build.sh: $*" >&2; }
+log() { echo "build.sh: [$(( $(date +%s) - started )) s] $*" >&2; }
 started=$(date +%s)
 
 log "k8s.io/kubernetes@$RELEASE ($("$GO" version | cut -d' ' -f3), cache $CACHE)"

@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from components import Component, components, write_configs  # noqa: E402
+from components import Component, components  # noqa: E402
+from configs import write_configs  # noqa: E402
 from layout import Layout  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -58,13 +59,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def running_pid(layout: Layout, name: str) -> int | None:
-    path = layout.pid_file(name)
+def running_pid(layout: Layout, component: Component) -> int | None:
+    """The component's pid from its pid file, if that process is alive and still runs the
+    component's program (a stale pid file may name a reused pid of someone else's process)."""
     try:
-        pid = int(path.read_text())
-    except (OSError, ValueError):
+        pid = int(layout.pid_file(component.name).read_text())
+        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
-    return pid if _alive(pid) else None
+    return pid if _alive(pid) and program == component.argv[0] else None
 
 
 def launch(layout: Layout, component: Component) -> int:
@@ -100,7 +103,7 @@ def start(layout: Layout) -> dict[str, str]:
     built = time.time()
     write_configs(layout, binaries)
     for component in components(layout, binaries):
-        pid = running_pid(layout, component.name)
+        pid = running_pid(layout, component)
         if pid is not None and component.healthy():
             continue
         if pid is not None:  # running but sick: replace it
@@ -136,9 +139,9 @@ def stop(layout: Layout) -> list[str]:
     stopped = []
     ordered = list(reversed(components(layout, binaries)))
     for component in ordered:
-        if component.before_stop and running_pid(layout, component.name) is not None:
+        if component.before_stop and running_pid(layout, component) is not None:
             component.before_stop()
-        pid = running_pid(layout, component.name)
+        pid = running_pid(layout, component)
         if pid is not None:
             _stop_pid(pid, component.stop_grace_s)
             stopped.append(component.name)
@@ -151,7 +154,7 @@ def stop(layout: Layout) -> list[str]:
 def status(layout: Layout) -> bool:
     ok = True
     for component in components(layout, layout.bin_dir):
-        pid = running_pid(layout, component.name)
+        pid = running_pid(layout, component)
         healthy = pid is not None and component.healthy()
         ok &= healthy
         print(f"{component.name:24} {'healthy' if healthy else 'running, unhealthy' if pid else 'stopped'}"
