@@ -223,6 +223,8 @@ def _check_images(backend: Backend, plan) -> None:
 def _cmd_submit(args: argparse.Namespace) -> int:
     loaded, layout, plan, backend = _plan(args, args.cluster)
     _check_images(backend, plan)
+    if backend.name != "local":
+        _warn_unpinned(plan)
     print(backend.submit(plan, layout, yaml.safe_dump(loaded.raw, sort_keys=False)))
     if args.watch:
         return _watch(backend, layout)
@@ -243,9 +245,12 @@ def _watch(backend: Backend, layout: RunLayout, interval_s: float = 5.0) -> int:
             if all(status.state.finished for status in statuses):
                 break
             time.sleep(interval_s)
-    failed = [s.name for s in statuses if s.state.value in ("failed", "blocked", "cancelled")]
+    failed = [s for s in statuses if s.state.value in ("failed", "blocked", "cancelled")]
     if failed:
-        print(f"{layout.run_id}: {len(failed)} stage(s) did not succeed: {', '.join(failed)}")
+        print(f"{layout.run_id}: {len(failed)} stage(s) did not succeed: {', '.join(s.name for s in failed)}")
+        first = next((s for s in failed if s.state.value == "failed" and s.note), None)
+        if first is not None:
+            print(f"  {first.name}: {first.note}")
         return EXIT_FAILED
     print(f"{layout.run_id}: all {len(statuses)} stages succeeded")
     return EXIT_OK
@@ -256,7 +261,19 @@ def _cmd_render(args: argparse.Namespace) -> int:
     _, layout, plan, backend = _plan(args, args.cluster)
     for path in backend.render(plan, layout, args.output):
         print(path)
+    _warn_unpinned(plan)
     return EXIT_OK
+
+
+def _warn_unpinned(plan) -> None:
+    """Jobs on a cluster pull their image on every node: a tag without a digest may name other
+    bytes tomorrow. One line names the images the run uses that no digest pins."""
+    used = sorted({stage.image for stage in plan.graph})
+    unpinned = [name for name in used if "@sha256:" not in plan.image_refs[name]]
+    if unpinned:
+        print(f"warning: image(s) {', '.join(f'{n} ({plan.image_refs[n]})' for n in unpinned)} not pinned by "
+              "digest: `python -m pipeline images build|push|lock` fills images/lock.yaml "
+              "(images.strict: true refuses unpinned images)", file=sys.stderr)
 
 
 def _layout_for(args: argparse.Namespace) -> RunLayout:

@@ -118,10 +118,17 @@ class Backend(ABC):
     def submit(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None) -> str:
         """Lock the run, prepare it, start it; returns one line saying where it went."""
         with acquire_run_lock(layout, f"submit --cluster {self.name}") as lock:
+            before = {path: _read_or_none(path) for path in (layout.run_file, layout.config_path)}
             prepared = self.prepare(plan, layout, config_yaml)
             if not prepared.to_run:
                 return f"{layout.run_id}: all {len(prepared.graph)} stages already succeeded (cached); nothing submitted"
-            return f"{layout.run_id}: submitted {len(prepared.to_run)} stage(s): {self.apply(prepared, lock.fd)}"
+            try:
+                where = self.apply(prepared, lock.fd)
+            except BaseException:  # refused by the cluster: the run's record is as it was
+                for path, content in before.items():
+                    _restore(path, content)
+                raise
+            return f"{layout.run_id}: submitted {len(prepared.to_run)} stage(s): {where}"
 
     def prepare(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None) -> PreparedRun:
         return prepare_run(plan, layout, self.name, self.settings.model_dump(mode="json"), config_yaml,
@@ -165,3 +172,19 @@ class Backend(ABC):
         if not path.exists():
             return f"(no log yet at {path})"
         return path.read_text(errors="replace")
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _restore(path: Path, content: bytes | None) -> None:
+    from contract.files import write_atomic
+
+    if content is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_atomic(path, content)

@@ -24,7 +24,7 @@ from typing import Any
 from contract.files import write_atomic
 from contract.spec import TrackingRef
 from pipeline.backends.base import Backend, StageState, StageStatus
-from pipeline.backends.k8s_api import KubeApi
+from pipeline.backends.k8s_api import ApiError, KubeApi
 from pipeline.backends.k8s_render import (
     FINGERPRINT_ANNOTATION,
     RUN_LABEL,
@@ -40,6 +40,12 @@ from pipeline.layout import RunLayout
 from pipeline.plan import RunPlan
 from pipeline.prepare import PreparedRun
 from pipeline.run_record import RunRecord
+
+# Kinds a submission may find already there (shared by runs, or holding data): taken back on a
+# refusal only when this submission created them.
+KEPT_KINDS = ("Namespace", "PersistentVolumeClaim")
+# Container waiting reasons that no retry fixes: a digest that is not in the registry, a bad name.
+IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 
 
 def new_attempt() -> str:
@@ -83,6 +89,23 @@ class K8sBackend(Backend):
         write_atomic(path, to_yaml(self.objects(plan, plan.names, self.k8s.attempt)))
         return [path]
 
+    def submit(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None) -> str:
+        self.check_reachable()
+        return super().submit(plan, layout, config_yaml)
+
+    def check_reachable(self) -> None:
+        """Credentials, the API server and the namespace, before anything is written or applied."""
+        namespace = self.k8s.namespace
+        try:
+            found = self.api.get("v1", "Namespace", None, namespace)
+        except ApiError as error:
+            if error.status != 403:  # a submitter bound only in its namespace may not read Namespaces
+                raise
+            return
+        if found is None and not self.k8s.create_namespace:
+            raise BackendError(f"k8s: namespace {namespace} does not exist: create it (kubectl create namespace "
+                               f"{namespace}), set k8s.namespace, or set k8s.create_namespace: true")
+
     def apply(self, prepared: PreparedRun, lock_fd: int) -> str:
         layout, namespace = prepared.layout, self.k8s.namespace
         objects = self.objects(prepared.plan, prepared.to_run, new_attempt())
@@ -91,15 +114,19 @@ class K8sBackend(Backend):
             return (f"{layout.run_id}: its {len(jobs)} Job(s) of these fingerprints are already in namespace "
                     f"{namespace}; nothing changed (`python -m pipeline status {layout.run_id}`)")
         self._clear_finished_jobs(layout.run_id)
-        applied: list[dict[str, Any]] = []
+        made: list[dict[str, Any]] = []  # what this submission created, to take back on a refusal
         try:
             for obj in objects:
+                meta = obj["metadata"]
+                existed = obj["kind"] in KEPT_KINDS and \
+                    self.api.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]) is not None
                 self.api.apply(obj)
-                applied.append(obj)
-        except BaseException:  # nothing stays half applied: remove what this submission made
-            for obj in reversed(applied):
-                if obj["kind"] in ("Job", "ConfigMap", "Service"):
-                    self.api.delete(obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"])
+                if not existed:
+                    made.append(obj)
+        except BaseException:  # nothing stays half applied: a quota or admission refusal mid-way
+            for obj in reversed(made):
+                meta = obj["metadata"]
+                self.api.delete(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
             raise
         layout.write_jobs({"backend": self.name, "namespace": namespace, "submitted_at": time.time(),
                            "stages": {o["metadata"]["labels"][STAGE_LABEL]: {"job_id": o["metadata"]["name"]}
@@ -152,10 +179,13 @@ class K8sBackend(Backend):
         pods: dict[str, list[dict[str, Any]]] = {}
         for pod in self.api.list("v1", "Pod", namespace, selector):
             pods.setdefault(pod["metadata"]["labels"].get(STAGE_LABEL), []).append(pod)
+        cancelled = set(layout.read_jobs().get("cancelled", []))
         found = {}
         for name, info in record.stages.items():
             job = jobs.get(name)
             state, note = job_state(job, pods.get(name, []))
+            if job is None and name in cancelled:
+                state, note = StageState.CANCELLED, "cancelled"
             status = (job or {}).get("status", {})
             found[name] = StageStatus(name, info.kind, state, note, (job or {}).get("metadata", {}).get("name", ""),
                                       _timestamp(status.get("startTime")), _timestamp(status.get("completionTime")))
@@ -181,6 +211,9 @@ class K8sBackend(Backend):
             if not _finished(job):
                 self.api.delete("batch/v1", "Job", namespace, job["metadata"]["name"])
                 stopped.append(job["metadata"]["labels"].get(STAGE_LABEL, job["metadata"]["name"]))
+        if stopped:  # `status` says cancelled, not "no Job", until the run is submitted again
+            jobs = layout.read_jobs()
+            layout.write_jobs({**jobs, "cancelled": sorted(set(jobs.get("cancelled", [])) | set(stopped))})
         return stopped
 
 
@@ -195,9 +228,17 @@ def job_state(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> tuple[S
     if failed:
         if failed.get("reason") == "PodFailurePolicy":
             return StageState.BLOCKED, "an upstream stage failed"
-        return StageState.FAILED, f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": ")
+        said = _termination_message(pods)  # the stage's own one line, from its marker
+        return StageState.FAILED, said or f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": ")
     if job.get("spec", {}).get("suspend"):
         return StageState.QUEUED, "suspended (waiting for queue admission)"
+    for pod in pods:
+        status = pod.get("status", {})
+        for container in status.get("initContainerStatuses", []) + status.get("containerStatuses", []):
+            waiting = container.get("state", {}).get("waiting", {})
+            if waiting.get("reason") in IMAGE_PULL_FAILURES:
+                return StageState.FAILED, (f"{waiting['reason']}: image {container.get('image', '')} cannot be "
+                                           f"pulled: {waiting.get('message', '')}".strip(": ")[:400])
     for pod in pods:
         for container in pod.get("status", {}).get("containerStatuses", []):
             if container.get("name") == STAGE_CONTAINER and "running" in container.get("state", {}):
@@ -207,6 +248,15 @@ def job_state(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> tuple[S
             if container.get("name") == WAIT_CONTAINER and "running" in container.get("state", {}):
                 return StageState.PENDING, "waiting for upstream stages"
     return StageState.QUEUED, ""
+
+
+def _termination_message(pods: list[dict[str, Any]]) -> str:
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
+        for container in pod.get("status", {}).get("containerStatuses", []):
+            message = container.get("state", {}).get("terminated", {}).get("message", "")
+            if container.get("name") == STAGE_CONTAINER and message.strip():
+                return message.strip().splitlines()[0]
+    return ""
 
 
 def _failed(job: dict[str, Any]) -> bool:

@@ -57,9 +57,9 @@ class KubeApi:
         # and after its v37 generator change share (nemo-run's torchx pins urllib3 < 2, hence
         # kubernetes < 37, in the same environment).
         configuration = self.client.configuration
-        if getattr(configuration, "refresh_api_key_hook", None):
-            configuration.refresh_api_key_hook(configuration)
-        token = configuration.get_api_key_with_prefix("authorization")
+        # kube_config keeps a token as api_key["BearerToken"]; get_api_key_with_prefix refreshes
+        # an expiring one (exec plugins, in-cluster service account tokens) first.
+        token = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         if token:
             headers["authorization"] = token
         url = configuration.host + path + (f"?{urlencode(query)}" if query else "")
@@ -93,7 +93,7 @@ class KubeApi:
         found = self.request("GET", object_path(api_version, kind, namespace), [("labelSelector", selector)])
         return found.get("items", [])
 
-    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self.request("GET", object_path(api_version, kind, namespace, name))
         except ApiError as error:
@@ -101,7 +101,7 @@ class KubeApi:
                 return None
             raise
 
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
         try:
             self.request("DELETE", object_path(api_version, kind, namespace, name),
                          body={"kind": "DeleteOptions", "apiVersion": "v1",

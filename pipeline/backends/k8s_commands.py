@@ -86,6 +86,7 @@ def main_script(stage_dir: str, command: str) -> str:
         "trap 'kill -TERM $PID 2>/dev/null' TERM INT",
         "while :; do wait $PID; RC=$?; kill -0 $PID 2>/dev/null || break; done",
         "sleep 1; kill $TAIL 2>/dev/null",
-        'if [ "$RC" != 0 ]; then python -m stages.mark_failed --spec "$D/spec.json" --exit-code "$RC"; fi',
+        'if [ "$RC" != 0 ]; then python -m stages.mark_failed --spec "$D/spec.json" --exit-code "$RC" '
+        '--message-file /dev/termination-log; fi',
         'exit "$RC"',
     ]) + "\n"

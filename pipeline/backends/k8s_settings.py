@@ -140,6 +140,11 @@ class K8sSettings(BaseModel):
     )
     queue_name: str | None = Field(None, description="Kueue LocalQueue (gang admission); none: no Kueue.")
     poll_seconds: int = Field(15, ge=1, le=600, description="How often a waiting stage looks at upstream markers.")
+    cpu_request: str | None = Field(
+        None, description="CPU request of every stage container (a quantity, e.g. 100m); its limit stays "
+        "resources.<kind>.cpus. Pods wait for their upstreams scheduled, holding their requests: on a node "
+        "narrower than the DAG, a small request keeps waiting pods from starving running ones. "
+        "null: request resources.<kind>.cpus.")
     init_cpu: str = Field("250m", description="CPU of the waiting init container.")
     init_memory: str = Field("256Mi", description="Memory of the waiting init container.")
     master_port: int = Field(29500, ge=1, le=65535, description="torchrun rendezvous port (multi-node).")
@@ -148,6 +153,12 @@ class K8sSettings(BaseModel):
         description=f"Env var -> Secret key, only as secretKeyRef; env vars: {', '.join(SECRET_ENV)}.",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
+    host_mounts: list[str] = Field(
+        default_factory=list,
+        description="Node paths mounted read-only into stage pods at the same path (hostPath): a shared "
+        "filesystem every node has (/lustre/models), for local models, tokenizers, data and task "
+        "folders a study reads. A local input outside these is refused at render.",
+    )
     attempt: str = Field(
         "1", pattern=r"^[A-Za-z0-9._-]{1,63}$",
         description="render only: the attempt token of the rendered Jobs (submit makes a fresh one). "
@@ -157,6 +168,11 @@ class K8sSettings(BaseModel):
 
     _namespace = field_validator("namespace")(classmethod(lambda cls, v: _label(v)))
     _quantities = field_validator("init_cpu", "init_memory")(classmethod(lambda cls, v: check_quantity(v)))
+
+    @field_validator("cpu_request")
+    @classmethod
+    def _cpu_request(cls, value: str | None) -> str | None:
+        return None if value is None else check_quantity(value)
 
     @field_validator("secrets")
     @classmethod
@@ -175,6 +191,14 @@ class K8sSettings(BaseModel):
             if item and (len(item) > 63 or not re.match(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", item)):
                 raise ValueError(f"{key}: '{item}' is not a valid label value")
         return value
+
+    @field_validator("host_mounts")
+    @classmethod
+    def _absolute_mounts(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not path.startswith("/") or path.rstrip("/") == "":
+                raise ValueError(f"'{path}' must be an absolute path other than /")
+        return [path.rstrip("/") for path in paths]
 
     @field_validator("tracking_uri")
     @classmethod

@@ -29,3 +29,9 @@ def slurm_cluster() -> str:
         if line.startswith("export SLURM_CONF="):
             os.environ["SLURM_CONF"] = line.removeprefix("export SLURM_CONF=")
     return "debug"
+
+
+# The real dev Kubernetes cluster, its registry and the cpu image pushed there (test_k8s_cluster).
+from tests.k8s.dev_cluster import k8s_cluster, k8s_namespace  # noqa: E402,F401
+from tests.k8s.stage_images import cluster_cpu_image, cluster_train_image  # noqa: E402,F401
+from tests.pipeline.images.conftest import docker_client  # noqa: E402,F401

@@ -31,7 +31,7 @@ ATTEMPT = "golden-attempt"
 
 
 def render(tmp_path: Path, profile: str, *overrides: str) -> list[dict]:
-    loaded = load_config(profile, ["k8s.tracking_uri=null", *overrides])
+    loaded = load_config(profile, ["k8s.tracking_uri=null", f"k8s.host_mounts=[{REPO}/fixtures]", *overrides])
     backend = K8sBackend(loaded.config.k8s or K8sSettings(), api=object())  # type: ignore[arg-type]
     layout = RunLayout(tmp_path / "runs", loaded.config.study)
     plan = plan_run(loaded.config, layout.run_id, backend.stage_root(layout), None, "k8s")
@@ -104,6 +104,15 @@ def test_gpu_stage_asks_for_gpus_shm_b200_nodes_and_a_deadline_covering_its_upst
     validate_all(objects)
 
 
+def test_a_cpu_request_lets_waiting_pods_hold_little_while_limits_stay(tmp_path):
+    objects = render(tmp_path, "qwen3-8b-b200", "k8s.cpu_request=500m")
+    train = next(o for o in objects if o["metadata"]["name"] == "qwen3-8b-b200-train-fp8")
+    resources = train["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "500m", "memory": "1048576Mi", "nvidia.com/gpu": "8"}
+    assert resources["limits"] == {"cpu": "64", "memory": "1048576Mi", "nvidia.com/gpu": "8"}
+    validate_all(objects)
+
+
 def test_multi_node_stage_is_an_indexed_job_with_a_headless_service(tmp_path):
     objects = render(tmp_path, "qwen3-8b-b200", "resources.train.nodes=2", "study=b200")
     services = [o for o in objects if o["kind"] == "Service"]
@@ -133,7 +142,7 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run([sys.executable, "-m", "pipeline", "render", "--cluster", "k8s",
                            "--root", str(tmp_path / "runs"), "-o", str(tmp_path / "out"),
-                           "--set", "k8s.tracking_uri=null", *args],
+                           "--set", "k8s.tracking_uri=null", "--set", f"k8s.host_mounts=[{REPO}/fixtures]", *args],
                           capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
 
 
@@ -145,6 +154,8 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--set", "k8s.secrets={HF_TOKN: {secret: hf, key: token}}"], "unknown secret env 'HF_TOKN'"),
     (["--set", "k8s.secrets={HF_TOKEN: {secret: hf, key: 'a b'}}"], "is not a valid Secret key"),
     (["--set", "k8s.tracking_uri=/tmp/mlruns"], "pods need an MLflow server URI"),
+    (["--set", "k8s.host_mounts=[]"], "k8s: stage preprocess reads params.source = "),
+    (["--set", "k8s.host_mounts=[relative/dir]"], "k8s.host_mounts: 'relative/dir' must be an absolute path"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     result = cli(tmp_path, "-c", "smoke", *args)
@@ -161,6 +172,28 @@ def test_render_cli_writes_one_file_of_objects(tmp_path):
     assert sum(d["kind"] == "Job" for d in docs) == 28
 
 
+def test_the_study_scale_profile_names_its_unpinned_images_and_renders_digests_once_locked(tmp_path):
+    unlocked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", "images.lock_file=null")
+    assert unlocked.returncode == 0, unlocked.stderr
+    assert unlocked.stderr.strip() == (
+        "warning: image(s) cpu (faster-qat-cpu:dev), train (faster-qat-train:dev) not pinned by digest: "
+        "`python -m pipeline images build|push|lock` fills images/lock.yaml (images.strict: true refuses "
+        "unpinned images)")
+    digests = {name: f"registry.example/faster-qat/{name}:dev@sha256:{digit * 64}"
+               for name, digit in (("cpu", "1"), ("train", "2"))}
+    lock = tmp_path / "lock.yaml"
+    lock.write_text(yaml.safe_dump({"images": {name: {"ref": ref, "pinned_by": "registry-digest"}
+                                                for name, ref in digests.items()}}))
+    locked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", f"images.lock_file={lock}",
+                 "--set", "images.refs={cpu: registry.example/faster-qat/cpu:dev, "
+                 "train: registry.example/faster-qat/train:dev}")
+    assert locked.returncode == 0 and locked.stderr == "", locked.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "out" / "qwen3-8b-b200.yaml").read_text()))
+    images = {c["image"] for d in docs if d["kind"] == "Job"
+              for c in d["spec"]["template"]["spec"]["initContainers"] + d["spec"]["template"]["spec"]["containers"]}
+    assert images == set(digests.values())
+
+
 def test_render_is_pure_and_deterministic_without_mlflow_or_cluster(tmp_path):
     """No MLFLOW_TRACKING_URI, no server, no kubeconfig: render exits 0, writes -o DIR only, and
     the same config renders the same bytes twice (tracking: the in-cluster default URI)."""
@@ -169,7 +202,8 @@ def test_render_is_pure_and_deterministic_without_mlflow_or_cluster(tmp_path):
     outputs = []
     for attempt in ("first", "second"):
         result = subprocess.run([sys.executable, "-m", "pipeline", "render", "--cluster", "k8s", "-c", "smoke",
-                                 "--root", str(tmp_path / "runs"), "-o", str(tmp_path / attempt)],
+                                 "--root", str(tmp_path / "runs"), "-o", str(tmp_path / attempt),
+                                 "--set", f"k8s.host_mounts=[{REPO}/fixtures]"],
                                 capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
         assert result.returncode == 0, result.stderr
         outputs.append((tmp_path / attempt / "smoke.yaml").read_bytes())
