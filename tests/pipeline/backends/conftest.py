@@ -29,3 +29,19 @@ def slurm_cluster() -> str:
         if line.startswith("export SLURM_CONF="):
             os.environ["SLURM_CONF"] = line.removeprefix("export SLURM_CONF=")
     return "debug"
+
+
+@pytest.fixture(scope="session")
+def nemorun_home(tmp_path_factory) -> Path:
+    """NeMo-Run's own records (NEMORUN_HOME: experiments, its job index) in a session folder, set
+    before anything imports nemo_run (it reads the variable once). In CI the extra must be there."""
+    import importlib.util
+
+    if importlib.util.find_spec("nemo_run") is None:
+        reason = "the nemo-run extra is not installed (pip install -e '.[nemo]')"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run the NeMo-Run tests")
+        pytest.skip(reason)
+    home = tmp_path_factory.mktemp("nemorun-home")
+    os.environ["NEMORUN_HOME"] = str(home)
+    return home
