@@ -223,9 +223,9 @@ def _check_images(backend: Backend, plan) -> None:
 def _cmd_submit(args: argparse.Namespace) -> int:
     loaded, layout, plan, backend = _plan(args, args.cluster)
     _check_images(backend, plan)
-    if backend.name != "local":
-        _warn_unpinned(plan)
     print(backend.submit(plan, layout, yaml.safe_dump(loaded.raw, sort_keys=False)))
+    if backend.pulls_images():
+        _warn_unpinned(plan)
     if args.watch:
         return _watch(backend, layout)
     return EXIT_OK
@@ -261,7 +261,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
     _, layout, plan, backend = _plan(args, args.cluster)
     for path in backend.render(plan, layout, args.output):
         print(path)
-    _warn_unpinned(plan)
+    if backend.pulls_images():
+        _warn_unpinned(plan)
     return EXIT_OK
 
 

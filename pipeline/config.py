@@ -33,6 +33,7 @@ from contract.recipe import PrecisionBackend, RecipeValue
 from contract.spec import is_dns1123_label
 from contract.validation import one_line
 from pipeline.backends.k8s_settings import K8sSettings
+from pipeline.backends.nemo_settings import NemoRunSettings
 from pipeline.backends.slurm_settings import SlurmSettings
 from pipeline.image_lock import (
     DEFAULT_LOCK_FILE,
@@ -216,6 +217,9 @@ class StudyConfig(BaseModel):
     k8s: K8sSettings | None = Field(None, description="Kubernetes settings (--cluster k8s).")
     slurm: SlurmSettings | None = Field(
         None, description="Slurm placement and environment (submit/render --cluster slurm)."
+    )
+    nemo_run: NemoRunSettings | None = Field(
+        None, description="NeMo-Run executor and stage environment (submit/render --cluster nemo-run)."
     )
 
     @field_validator("study")

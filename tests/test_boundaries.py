@@ -46,3 +46,10 @@ def test_a_stage_kind_imports_no_other_kind():
                       and m.split(".")[1] != kind]
             found += [f"{path.relative_to(REPO)}: {m}" for m in others]
     assert found == []
+
+
+def test_only_the_nemo_session_imports_the_optional_nemo_run_extra():
+    # It imports nemo_run inside its functions: the control plane imports without the extra
+    # (tests/pipeline/backends/test_nemo_render.py checks that at run time too).
+    assert offenders("pipeline", ("nemo_run",)) == ["pipeline/backends/nemo_session.py: nemo_run",
+                                                   "pipeline/backends/nemo_session.py: nemo_run.config"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pipeline.backends.base import Backend
 from pipeline.backends.k8s import K8sBackend
 from pipeline.backends.local import LocalBackend
+from pipeline.backends.nemo import (
+    NemoRunBackend,  # imports nemo_run only inside its methods
+)
 from pipeline.backends.slurm import SlurmBackend
 from pipeline.errors import ConfigError
 
@@ -12,6 +15,7 @@ CLUSTERS: dict[str, type[Backend]] = {
     "local": LocalBackend,
     "k8s": K8sBackend,
     "slurm": SlurmBackend,
+    "nemo-run": NemoRunBackend,
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from contract.markers import read_marker, success_problem
+from contract.markers import UPSTREAM_FAILED_EXIT, read_marker, success_problem
 from contract.spec import TrackingRef
 from pipeline.errors import ConfigError
 from pipeline.layout import RunLayout
@@ -66,12 +66,14 @@ def failure_note(layout: RunLayout, name: str) -> str:
 
 
 def marker_state(layout: RunLayout, name: str, fingerprint: str) -> StageState | None:
-    """Succeeded (outputs verify) or failed from the marker of this fingerprint; None otherwise."""
+    """Succeeded (outputs verify), failed, or blocked (its gate found an upstream failed) from the
+    marker of this fingerprint; None otherwise."""
     marker = read_marker(layout.stage_dir(name))
     if marker is None or marker.fingerprint != fingerprint:
         return None
     if marker.state == "failed":
-        return StageState.FAILED
+        # Stopped by its upstream gate (k8s, nemo-run): it never ran; an upstream failed.
+        return StageState.BLOCKED if marker.exit_code == UPSTREAM_FAILED_EXIT else StageState.FAILED
     return StageState.SUCCEEDED if success_problem(layout.stage_dir(name), fingerprint) is None else None
 
 
@@ -110,6 +112,10 @@ class Backend(ABC):
         from pipeline.tracking import study_tracking
 
         return study_tracking(config, layout.root, layout.run_id, settle_s=1.0)
+
+    def pulls_images(self) -> bool:
+        """Whether the nodes pull the stage images by reference (so a tag alone is a risk)."""
+        return False
 
     # ---- files and submission ---------------------------------------------------------------
     def render(self, plan: RunPlan, layout: RunLayout, output_dir: Path) -> list[Path]:
@@ -160,7 +166,7 @@ class Backend(ABC):
                 cached = found.state == StageState.CACHED
                 state = StageState.CACHED if cached and marked == StageState.SUCCEEDED else marked
                 found = replace(found, state=state,
-                                note=failure_note(layout, name) if marked == StageState.FAILED else "")
+                                note=failure_note(layout, name) if marked in DEAD else "")
             dead = [up for up in sorted(set(info.upstream.values())) if statuses[up].state in DEAD]
             if found.state in (StageState.PENDING, StageState.QUEUED) and dead:
                 found = replace(found, state=StageState.BLOCKED, note=f"upstream {dead[0]} will not succeed")

@@ -79,6 +79,9 @@ class K8sBackend(Backend):
             return None
         return study_tracking(config, layout.root, layout.run_id, settle_s=1.0, uri=self.k8s.tracking_uri)
 
+    def pulls_images(self) -> bool:
+        return True
+
     # ---- render / submit ----------------------------------------------------------------------
     def objects(self, plan: RunPlan, names: list[str], attempt: str) -> list[dict[str, Any]]:
         specs = {name: plan.specs[name] for name in names}

@@ -113,6 +113,9 @@ class SlurmBackend(Backend):
     Settings = SlurmSettings
     renderable = True
 
+    def pulls_images(self) -> bool:
+        return self.settings.container is not None  # type: ignore[attr-defined]
+
     def render(self, plan: RunPlan, layout: RunLayout, output_dir: Path) -> list[Path]:
         """`<stage>.sbatch` for every stage, `submit.sh` and `run.json`; submits nothing."""
         return write_rendered(plan, plan.names, self.settings, layout, output_dir, record=None)

@@ -41,5 +41,5 @@ def test_only_implemented_clusters_are_offered():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     submit = next(a for a in commands.choices["submit"]._actions if "--cluster" in a.option_strings)
     render = next(a for a in commands.choices["render"]._actions if "--cluster" in a.option_strings)
-    assert sorted(submit.choices) == ["k8s", "local", "slurm"]
-    assert sorted(render.choices) == ["k8s", "slurm"]
+    assert sorted(submit.choices) == ["k8s", "local", "nemo-run", "slurm"]
+    assert sorted(render.choices) == ["k8s", "nemo-run", "slurm"]
