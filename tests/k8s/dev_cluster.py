@@ -7,8 +7,8 @@
 
 `cluster.py start` builds the binaries when the cache lacks them (a cold build takes a quarter
 of an hour on 2 cores; `.ci/run` does it before the tests), then starts, or reuses, the cluster.
-The cluster stays up after the session, like the Slurm test cluster: `k8s/dev-cluster/cluster.py
-stop` stops it. Without root or the Debian packages it needs, the tests skip with the reason;
+A cluster the session started is stopped at its end (~4 s); one that was already up (started
+by hand with `k8s/dev-cluster/cluster.py start`, for a quick edit-test loop) is left up. Without root or the Debian packages it needs, the tests skip with the reason;
 under CI (CI set) they fail instead.
 """
 
@@ -126,10 +126,19 @@ def start_dev_cluster() -> DevCluster:
                       busybox=busybox_image(info["registry"]))
 
 
+def _running() -> bool:
+    return subprocess.run([sys.executable, str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode == 0
+
+
 @pytest.fixture(scope="session")
-def k8s_cluster() -> DevCluster:
-    """The dev cluster (started or reused); see the module docstring."""
-    return start_dev_cluster()
+def k8s_cluster() -> Iterator[DevCluster]:
+    """The dev cluster (started, or reused when it runs already); a cluster this session started
+    is stopped at its end, so no test leaves a process behind."""
+    was_running = _running()
+    cluster = start_dev_cluster()
+    yield cluster
+    if not was_running:
+        subprocess.run([sys.executable, str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=120)
 
 
 @pytest.fixture

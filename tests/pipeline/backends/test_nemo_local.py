@@ -76,7 +76,12 @@ def test_the_smoke_study_on_the_local_executor_matches_the_local_run(nemorun_hom
 
 def test_a_failed_stage_stops_its_dependents_at_their_gate(nemorun_home, tmp_path):
     backend, layout = submit_probe(tmp_path, fail="a")
-    found = wait_finished(layout, 300)
+    wait_finished(layout, 300)  # join reads as blocked as soon as a failed; its gate writes its marker later
+    deadline = time.monotonic() + 120
+    while not (layout.stage_dir("join") / "_FAILED").exists():
+        assert time.monotonic() < deadline, "join's gate left no marker"
+        time.sleep(0.5)
+    found = statuses(layout)
     assert {name: s.state for name, s in found.items()} == {
         "source": StageState.SUCCEEDED, "a": StageState.FAILED, "b": StageState.SUCCEEDED,
         "c": StageState.SUCCEEDED, "d": StageState.SUCCEEDED, "join": StageState.BLOCKED}
@@ -87,7 +92,10 @@ def test_a_failed_stage_stops_its_dependents_at_their_gate(nemorun_home, tmp_pat
     log = backend.logs(layout, record, "join")  # no stage.log: NeMo-Run's log of the task, the gate's words
     assert log.startswith("(no stage.log yet at ") and "upstream a failed: join will not run" in log
     assert "probe asked to fail" in backend.logs(layout, record, "a")
-    assert processes_of(layout.run_dir) == []  # experiment.py ended with its tasks
+    deadline = time.monotonic() + 60
+    while processes_of(layout.run_dir):  # experiment.py ends with its tasks
+        assert time.monotonic() < deadline, processes_of(layout.run_dir)
+        time.sleep(0.5)
 
 
 def test_cancel_stops_the_experiment_and_its_tasks(nemorun_home, tmp_path):
