@@ -77,6 +77,24 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s:
         time.sleep(every_s)
 
 
+def bind_artifact_volume(cluster: DevCluster, namespace: str, root: Path) -> str:
+    """A hostPath PV at `root`, pre-bound to the artifact claim the k8s backend renders in
+    `namespace`; returns the PV's name (delete it after the test)."""
+    volume = f"artifacts-{namespace}"
+    cluster.apply(f"""
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {volume}}}
+spec:
+  capacity: {{storage: 2Ti}}
+  accessModes: [ReadWriteMany]
+  persistentVolumeReclaimPolicy: Retain
+  hostPath: {{path: {root}, type: Directory}}
+  claimRef: {{namespace: {namespace}, name: faster-qat-artifacts}}
+""")
+    return volume
+
+
 def _missing_packages() -> list[str]:
     return sorted({package for command, package in PACKAGES.items()
                    if not (Path(command).exists() if command.startswith("/") else shutil.which(command))})

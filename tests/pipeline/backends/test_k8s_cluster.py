@@ -25,8 +25,15 @@ from pipeline.errors import BackendError
 from pipeline.layout import RunLayout
 from pipeline.plan import RunPlan, plan_graph
 from pipeline.run_record import read_record
-from tests.k8s.dev_cluster import REPO, START_TIMEOUT_S, DevCluster, wait_for
+from tests.k8s.dev_cluster import (
+    REPO,
+    START_TIMEOUT_S,
+    DevCluster,
+    bind_artifact_volume,
+    wait_for,
+)
 from tests.pipeline.probe_dag import RUN_ID, fan_out_graph
+from tests.smoke import assert_same_losses
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 1800)  # the first test may build the cluster and the image
 MOUNT = "/artifacts"
@@ -39,18 +46,7 @@ def artifact_root(k8s_cluster: DevCluster, k8s_namespace: str, tmp_path) -> Path
     root = tmp_path / "pvc"
     root.mkdir()
     root.chmod(0o777)  # stage pods run as uid 1000; hostPath volumes are not chowned to fsGroup
-    volume = f"artifacts-{k8s_namespace}"
-    k8s_cluster.apply(f"""
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: {volume}}}
-spec:
-  capacity: {{storage: 2Ti}}
-  accessModes: [ReadWriteMany]
-  persistentVolumeReclaimPolicy: Retain
-  hostPath: {{path: {root}, type: Directory}}
-  claimRef: {{namespace: {k8s_namespace}, name: faster-qat-artifacts}}
-""")
+    volume = bind_artifact_volume(k8s_cluster, k8s_namespace, root)
     yield root
     k8s_cluster.kubectl("delete", "pv", volume, "--wait=false", check=False)
 
@@ -416,15 +412,6 @@ def smoke_overrides(namespace: str, cpu_image: str, train_image: str) -> list[st
     return [arg for override in overrides for arg in ("--set", override)]
 
 
-def assert_same_losses_as_local(artifact_root: Path, smoke_root: Path) -> None:
-    from tests.smoke import report_rows
-
-    on_cluster, local = report_rows(artifact_root), report_rows(smoke_root)
-    assert on_cluster and set(on_cluster) <= set(local)
-    for key, row in on_cluster.items():  # seeded, deterministic on CPU: the local run's losses
-        assert float(row["val_loss"]) == pytest.approx(float(local[key]["val_loss"]), rel=1e-9), key
-
-
 @pytest.mark.skipif(not SMOKE_ON_CLUSTER, reason="needs the 6 GB train image (~15 min to build and push cold): "
                     "FASTER_QAT_K8S_SMOKE=1 (or FASTER_QAT_SLOW_TESTS=1 for all 28 stages)")
 def test_the_smoke_study_completes_through_submit(k8s_cluster, k8s_namespace, cluster_cpu_image, cluster_train_image,
@@ -434,7 +421,7 @@ def test_the_smoke_study_completes_through_submit(k8s_cluster, k8s_namespace, cl
                  *smoke_overrides(k8s_namespace, cluster_cpu_image, cluster_train_image)]) == 0
     states = finished_states(RunLayout(submitter, "smoke"), 1800)
     assert set(states.values()) == {(StageState.SUCCEEDED, "")}, states
-    assert_same_losses_as_local(artifact_root, smoke_root)
+    assert_same_losses(artifact_root, smoke_root)
 
 
 @pytest.mark.skipif(not SMOKE_ON_CLUSTER, reason="needs the 6 GB train image (~15 min to build and push cold): "
@@ -456,7 +443,7 @@ def test_the_smoke_study_completes_through_kubectl_apply_of_render(k8s_cluster, 
 
     conditions = wait_for(jobs_finished, 1800, "every Job to finish", every_s=3)
     assert all("Complete" in found for found in conditions.values()), conditions
-    assert_same_losses_as_local(artifact_root, smoke_root)
+    assert_same_losses(artifact_root, smoke_root)
 
 
 def test_submit_from_the_cli_makes_no_mlflow_store_and_cancel_stops_it(k8s_cluster, k8s_namespace, artifact_root,

@@ -4,7 +4,6 @@ the upstream gate first; the study ends with the local backend's numbers."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pipeline.backends.nemo_settings import NemoRunSettings
 from pipeline.layout import RunLayout
 from pipeline.run_record import read_record
 from tests.pipeline.probe_dag import RUN_ID, fan_out_graph, plan
-from tests.smoke import TRIMMED_OUT, pipeline_cli, report_rows
+from tests.smoke import TRIMMED_OUT, assert_same_losses, pipeline_cli
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +65,7 @@ def test_the_smoke_study_on_the_local_executor_matches_the_local_run(nemorun_hom
     jobs = layout.read_jobs()  # one NeMo-Run experiment named after the run, a task per stage
     assert jobs["experiment_dir"].startswith(str(nemorun_home / "experiments" / "smoke" / "smoke_"))
     assert sorted(jobs["stages"]) == sorted(found)
-    on_nemo, local = report_rows(root), report_rows(smoke_root)
-    assert on_nemo and set(on_nemo) <= set(local)
-    for key, row in on_nemo.items():  # seeded and deterministic on CPU: the same losses
-        for column in ("val_loss", "train_val_loss"):
-            if row[column]:
-                assert math.isclose(float(row[column]), float(local[key][column]), rel_tol=1e-9), (key, column)
+    assert_same_losses(root, smoke_root)
 
 
 def test_a_failed_stage_stops_its_dependents_at_their_gate(nemorun_home, tmp_path):

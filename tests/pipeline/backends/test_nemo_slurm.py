@@ -4,7 +4,6 @@ afterok) order the tasks; the study ends with the local backend's numbers."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pipeline.backends.nemo_settings import NemoRunSettings
 from pipeline.layout import RunLayout
 from pipeline.run_record import read_record
 from tests.pipeline.probe_dag import RUN_ID, fan_out_graph, plan
-from tests.smoke import TRIMMED_OUT, pipeline_cli, report_rows
+from tests.smoke import TRIMMED_OUT, assert_same_losses, pipeline_cli
 
 pytestmark = pytest.mark.slow
 SLURM = {"executor": "slurm", "slurm": {"account": "studies", "partition": "debug"}}
@@ -68,12 +67,7 @@ def test_the_smoke_study_on_slurm_through_nemo_run_matches_the_local_run(nemorun
     assert {name: s.state for name, s in found.items()} == {name: StageState.SUCCEEDED for name in found}
     assert all(s.job_id.isdigit() for s in found.values())  # each stage was one sbatch job
 
-    on_nemo, local = report_rows(root), report_rows(smoke_root)
-    assert on_nemo and set(on_nemo) <= set(local)
-    for key, row in on_nemo.items():  # seeded and deterministic on CPU: the same losses
-        for column in ("val_loss", "train_val_loss"):
-            if row[column]:
-                assert math.isclose(float(row[column]), float(local[key][column]), rel_tol=1e-9), (key, column)
+    assert_same_losses(root, smoke_root)
 
 
 def test_a_failed_stage_blocks_its_dependents_and_cancel_takes_them_off_the_queue(nemorun_home, slurm_cluster,
