@@ -35,8 +35,10 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import (
+        fp4_fake_quant_block,
+    )
     from triton.testing import do_bench_cudagraph
-    from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import fp4_fake_quant_block
 
     from stages.precision.kernels import ops
     from stages.precision.nvfp4 import fake_quantize_nvfp4

@@ -12,31 +12,39 @@ import tempfile
 import time
 from pathlib import Path
 
+from contract.params import ProbeParams
 from pipeline.backends.local_driver import LocalDriver
+from pipeline.backends.local_settings import LocalSettings
 from pipeline.graph import Graph, Stage
 from pipeline.layout import RunLayout
+from pipeline.plan import plan_graph
 from pipeline.prepare import prepare_run
+from pipeline.runlock import acquire_run_lock
 
 IMAGES = {"cpu": "faster-qat-cpu:dev"}
 
 
 def twelve_stage_graph() -> Graph:
     """preprocess -> 4 fan-out chains of (train -> eval) -> 2 summaries -> report: 12 stages."""
-    stages = [Stage("source", "probe", {"payload": "s"})]
+    stages = [Stage("source", "probe", ProbeParams(payload="s"))]
     for run in ("a", "b", "c", "d"):
-        stages.append(Stage(f"train-{run}", "probe", {"payload": run}, {"in": "source"}))
-        stages.append(Stage(f"eval-{run}", "probe", {"payload": run}, {"in": f"train-{run}"}))
-    stages.append(Stage("left", "probe", {}, {"a": "eval-a", "b": "eval-b"}))
-    stages.append(Stage("right", "probe", {}, {"c": "eval-c", "d": "eval-d"}))
-    stages.append(Stage("report", "probe", {}, {"left": "left", "right": "right"}))
+        stages.append(Stage(f"train-{run}", "probe", ProbeParams(payload=run), {"in": "source"}))
+        stages.append(Stage(f"eval-{run}", "probe", ProbeParams(payload=run), {"in": f"train-{run}"}))
+    stages.append(Stage("left", "probe", ProbeParams(), {"a": "eval-a", "b": "eval-b"}))
+    stages.append(Stage("right", "probe", ProbeParams(), {"c": "eval-c", "d": "eval-d"}))
+    stages.append(Stage("report", "probe", ProbeParams(), {"left": "left", "right": "right"}))
     return Graph(stages)
 
 
 def run_once(graph: Graph, layout: RunLayout, max_parallel: int) -> tuple[float, int]:
+    """As `python -m pipeline run` does it: plan, lock, prepare, drive."""
     started = time.perf_counter()
-    prepared = prepare_run(graph, layout, IMAGES, "local", None, {})
-    if prepared.to_run:
-        LocalDriver(prepared, max_parallel, []).run()
+    settings = LocalSettings(max_parallel=max_parallel)
+    plan = plan_graph(graph, layout.run_id, layout.root.resolve(), IMAGES, None, "local")
+    with acquire_run_lock(layout, "bench"):
+        prepared = prepare_run(plan, layout, "local", settings.model_dump(), None)
+        if prepared.to_run:
+            LocalDriver(layout, prepared.record, settings, []).run()
     return time.perf_counter() - started, len(prepared.to_run)
 
 

@@ -25,10 +25,9 @@ from typing import Any
 import datasets
 from transformers import AutoTokenizer
 
+from contract.params.preprocess import PreprocessParams
 from stages.preprocess.chat import ChatColumns
 from stages.preprocess.core import encode
-from stages.preprocess.params import PreprocessParams
-from stages.runtime import parse_params
 from stages.preprocess.source import load_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +58,8 @@ def main() -> None:
         data = work / "rows.jsonl"
         text = args.data.read_text(encoding="utf-8")
         data.write_text(text * args.copies, encoding="utf-8")
-        params = parse_params(PreprocessParams, {"source": str(data), "tokenizer": args.tokenizer, "seq_len": args.seq_len,
-                               "num_proc": args.num_proc})
+        params = PreprocessParams(source=str(data), tokenizer=args.tokenizer, seq_len=args.seq_len,
+                                  num_proc=args.num_proc)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         source = load_source(params, work / "cache", log)
         rows = len(source.dataset)

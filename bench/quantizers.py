@@ -14,7 +14,7 @@ reference is timed too.
 training step's shapes), prints the table and uses the fastest tile for the rest of the run:
 how the defaults in ops.TILES were chosen.
 
-  python -m bench.quantizers [--sweep [FAMILY ...]] [--out FILE]
+  python -m bench.quantizers [--sweep [FAMILY ...]] [--kernels NAME,...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def modelopt_nvfp4(x: torch.Tensor) -> tuple[float, float, float] | None:
     """(fractions of elements bit-equal to our NVFP4 fake quant in ModelOpt's arithmetic and in
     torchao's, ModelOpt's ms) if ModelOpt imports."""
     try:
-        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import fp4_fake_quant_block
+        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import (
+            fp4_fake_quant_block,
+        )
     except Exception as error:  # noqa: BLE001 - report why, keep benching
         print(f"modelopt: not compared ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
         return None
@@ -126,7 +128,9 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip timing the PyTorch reference")
     parser.add_argument("--sweep", nargs="*", choices=list(SWEEP), metavar="FAMILY",
                         help=f"choose ops.TILES by timing candidate tiles first (all families, or those named: {', '.join(SWEEP)})")
+    parser.add_argument("--kernels", help="comma-separated: time only these (of: " + ", ".join(kernels()) + ")")
     args = parser.parse_args()
+    chosen = kernels() if not args.kernels else {n: kernels()[n] for n in args.kernels.split(",")}
     rows = []
     device = torch.cuda.get_device_name()
     print(device)
@@ -139,7 +143,7 @@ def main() -> None:
         copy_bw = 2 * n * 2 / (copy_ms * 1e-3) / 1e9
         rows.append({"kernel": "copy (x.clone)", "size": f"{r}x{k}", "ms": copy_ms, "gb_per_s": copy_bw, "fraction_of_copy_bw": 1.0})
         print(f"{'copy (x.clone)':32} {f'{r}x{k}':>14} {copy_ms:8.3f} {copy_bw:8.0f} {1.0:8.2f}")
-        for name, (kernel, reference, reads, out_bytes) in kernels().items():
+        for name, (kernel, reference, reads, out_bytes) in chosen.items():
             ms = do_bench_cudagraph(lambda: kernel(x))
             eager_ms = do_bench(lambda: kernel(x))
             gbs = n * (2 * reads + out_bytes) / (ms * 1e-3) / 1e9
@@ -157,7 +161,7 @@ def main() -> None:
             rows.append(row)
             ref_text = f"{ref_ms:8.3f} {ref_ms / ms:8.1f}" if ref_ms else f"{'-':>8} {'-':>8}"
             print(f"{name:32} {f'{r}x{k}':>14} {ms:8.3f} {gbs:8.0f} {gbs / copy_bw:8.2f} {one_read:7.2f} {eager_ms:8.3f} {ref_text}")
-        if (r, k) == (4096, 4096):
+        if (r, k) == (4096, 4096) and not args.kernels:
             compared = modelopt_nvfp4(x)
             if compared is not None:
                 equal, equal_torchao, mo_ms = compared

@@ -19,9 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stages.contract import StageSpec, mark_succeeded, write_spec
+from contract.markers import mark_succeeded
+from contract.params.preprocess import PreprocessParams
+from contract.spec import StageSpec, write_spec
 from stages.preprocess.core import preprocess
-from stages.preprocess.params import PreprocessParams
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 2

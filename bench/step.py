@@ -12,7 +12,7 @@ is not ahead of it. `--profile DIR` writes, per variant, the GPU kernels of one 
 Python functions (cProfile) of another.
 
   python -m bench.step [--variants bf16,fp8_native,...] [--compile both|off|on] [--out FILE]
-                       [--profile DIR] [--tiny]
+                       [--profile DIR] [--tiny] [--layers N]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -283,8 +283,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "step.json"))
     parser.add_argument("--profile", type=Path, help="write each variant's top GPU kernels (one profiled step) here")
     parser.add_argument("--tiny", action="store_true", help="tiny layers: the step time is the host's overhead")
+    parser.add_argument("--layers", type=int, help=f"decoder layers (default {STUDY.layers}; Qwen3-8B has 36)")
     args = parser.parse_args()
     shape = TINY if args.tiny else STUDY
+    if args.layers:
+        shape = replace(shape, layers=args.layers)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from contract.spec import is_dns1123_label
 from pipeline.backends import CLUSTERS, backend_for, renderable_clusters
+from pipeline.backends.base import Backend
 from pipeline.errors import BackendError, ConfigError, one_line
 from pipeline.layout import RunLayout, list_runs
-from stages.contract import is_dns1123_label
+from pipeline.run_record import RunRecord, read_record
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("status", "stage states of a run"), ("cancel", "stop a run"),
                        ("report", "print the study table of a run"),
-                       ("sync", "send tracking events buffered during an MLflow outage")):
+                       ("sync", "send tracking events buffered during an MLflow outage"),
+                       ("verify", "hash the outputs of every succeeded stage against its _SUCCESS")):
         command = commands.add_parser(name, help=text)
         command.add_argument("run_id", nargs="?", help="run id (default: the latest run)")
         _root_arg(command)
@@ -171,21 +174,23 @@ def _run_id(args: argparse.Namespace, default: str) -> str:
 
 
 def _load(args: argparse.Namespace):
+    """The config, validated, with its local data source checked (columns in the first rows)."""
     from pipeline.data_check import check_data_source
     from pipeline.loader import load_config
-    from pipeline.study import build_study_graph
 
     loaded = load_config(args.config, args.overrides)
-    graph = build_study_graph(loaded.config)
     # Stages that run here (run, submit --cluster local) need the data here; on a cluster
     # a path may name the cluster's filesystem, so only what exists here is opened.
     runs_here = args.command == "run" or getattr(args, "cluster", None) == "local"
     check_data_source(loaded.config.data, must_exist=runs_here)
-    return loaded, graph
+    return loaded
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    loaded, graph = _load(args)
+    from pipeline.study import build_study_graph
+
+    loaded = _load(args)
+    graph = build_study_graph(loaded.config)
     config = loaded.config
     print(f"study {config.study}: {len(graph)} stages, in the order they can run")
     width = max(len(stage.name) for stage in graph)
@@ -198,49 +203,47 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _prepare(args: argparse.Namespace, cluster: str):
-    from pipeline.prepare import prepare_run
-    from pipeline.study import image_refs
-    from pipeline.tracking import open_parent_run, resolve_tracking_uri
+def _backend(args: argparse.Namespace, cluster: str, config) -> Backend:
+    options = {"max_parallel": getattr(args, "max_parallel", None), "runtime": getattr(args, "runtime", None)}
+    if cluster != "local" and options["runtime"]:
+        raise ConfigError(f"--runtime: only for --cluster local (cluster {cluster} runs images itself)")
+    backend_class = backend_for(cluster)
+    return backend_class(backend_class.settings_from(config, options))
 
-    loaded, graph = _load(args)
-    config = loaded.config
-    layout = RunLayout(_resolved_root(args), _run_id(args, config.study))
-    uri = resolve_tracking_uri(layout.root, config.tracking.uri)
-    experiment = config.tracking.experiment or config.study
-    prepared = prepare_run(
-        graph, layout, image_refs(config), cluster,
-        lambda lay: open_parent_run(lay, uri, experiment),
-        config.model_dump(mode="json"),
-    )
-    if prepared.to_run:
-        from stages.contract import write_atomic
 
-        write_atomic(layout.config_path, yaml.safe_dump(loaded.raw, sort_keys=False))
-    return prepared
+def _plan(args: argparse.Namespace, cluster: str):
+    """Load, build and fingerprint the run, in memory: nothing is written."""
+    from pipeline.plan import plan_run
+
+    loaded = _load(args)
+    backend = _backend(args, cluster, loaded.config)
+    layout = RunLayout(_usable_dir("--root", args.root), _run_id(args, loaded.config.study))
+    plan = plan_run(loaded.config, layout.run_id, backend.stage_root(layout),
+                    backend.tracking(loaded.config, layout), backend.name)
+    return loaded, layout, plan, backend
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.backends.local import default_max_parallel, visible_gpu_ids
-    from pipeline.backends.local_driver import LocalDriver
+    from pipeline.backends.local import driver_for
     from pipeline.display import StatusView
-    from pipeline.tracking import close_parent_run
+    from pipeline.runlock import acquire_run_lock
 
-    launcher = _docker_launcher(args) if args.runtime == "docker" else None
-    prepared = _prepare(args, "local")
-    layout = prepared.layout
-    if not prepared.to_run:
-        print(f"{layout.run_id}: all {len(prepared.graph)} stages already succeeded (cached)")
-        return EXIT_OK
-    view = StatusView(f"{layout.run_id} ({layout.run_dir})", live=False if args.plain else None)
-    driver = LocalDriver(prepared, args.max_parallel or default_max_parallel(), visible_gpu_ids(),
-                         on_change=view.update, launcher=launcher)
-    with view:
-        states = driver.run()
+    loaded, layout, plan, backend = _plan(args, "local")
+    _check_images(backend, plan)  # before the lock: a refused run leaves nothing behind
+    with acquire_run_lock(layout, "run"):
+        prepared = backend.prepare(plan, layout, yaml.safe_dump(loaded.raw, sort_keys=False))
+        if not prepared.to_run:
+            print(f"{layout.run_id}: all {len(plan.graph)} stages already succeeded (cached)")
+            return EXIT_OK
+        view = StatusView(f"{layout.run_id} ({layout.run_dir})", live=False if args.plain else None)
+        for name, reason in prepared.reasons.items():
+            if reason.startswith("output "):  # a success that no longer verifies: say why it reruns
+                print(f"{name}: runs again: its {reason}")
+        driver = driver_for(layout, prepared.record, on_change=view.update)
+        with view:
+            states = driver.run()
     failed = [name for name, state in states.items() if state.value in ("failed", "blocked")]
     interrupted = [name for name, state in states.items() if state.value == "interrupted"]
-    if prepared.tracking:
-        close_parent_run(prepared.tracking, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     if interrupted:
         print(f"{layout.run_id}: interrupted; `python -m pipeline run` again resumes it")
         return EXIT_INTERRUPTED
@@ -252,74 +255,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _docker_launcher(args: argparse.Namespace):
-    """Checks every image of the graph before anything is prepared or started."""
-    from pipeline.docker_runtime import DockerLauncher
-    from pipeline.study import image_refs
+def _check_images(backend: Backend, plan) -> None:
+    """--runtime docker: every image pinned, present and built from this checkout's stages."""
+    if backend.name == "local" and backend.settings.runtime == "docker":  # type: ignore[attr-defined]
+        from pipeline.docker_runtime import DockerLauncher
+        from pipeline.prepare import run_record
 
-    loaded, graph = _load(args)
-    launcher = DockerLauncher(image_refs(loaded.config), loaded.config.images.network)
-    launcher.check(graph)
-    return launcher
+        DockerLauncher(backend.settings.docker_network).check(run_record(plan, "local", {}, None))  # type: ignore[attr-defined]
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    backend_class = backend_for(args.cluster)
-    if args.runtime and args.cluster != "local":
-        raise ConfigError(f"--runtime: only for --cluster local (cluster {args.cluster} runs images itself)")
-    if args.cluster == "local":
-        if args.runtime == "docker":
-            _docker_launcher(args)
-        backend = backend_class(max_parallel=args.max_parallel, runtime=args.runtime or "process")
-    else:
-        backend = backend_class()
-    prepared = _prepare(args, args.cluster)
-    if not prepared.to_run:
-        print(f"{prepared.layout.run_id}: all stages already succeeded (cached); nothing submitted")
-        return EXIT_OK
-    print(f"{prepared.layout.run_id}: submitted {len(prepared.to_run)} stage(s): {backend.submit(prepared)}")
+    loaded, layout, plan, backend = _plan(args, args.cluster)
+    _check_images(backend, plan)
+    print(backend.submit(plan, layout, yaml.safe_dump(loaded.raw, sort_keys=False)))
+    if backend.pulls_images():
+        _warn_unpinned(plan)
     if args.watch:
-        return _watch(backend, prepared.layout)
+        return _watch(backend, layout)
     return EXIT_OK
 
 
-def _watch(backend, layout: RunLayout, interval_s: float = 5.0) -> int:
+def _watch(backend: Backend, layout: RunLayout, interval_s: float = 5.0) -> int:
     """Poll the backend's status (a batch of list calls) until every stage has finished."""
     import time
 
     from pipeline.display import StatusView
 
+    record = read_record(layout)
     with StatusView(f"{layout.run_id} ({layout.run_dir})") as view:
         while True:
-            statuses = backend.status(layout)
+            statuses = backend.status(layout, record)
             view.update(statuses)
             if all(status.state.finished for status in statuses):
                 break
             time.sleep(interval_s)
-    failed = [s.name for s in statuses if s.state.value in ("failed", "blocked", "cancelled")]
+    failed = [s for s in statuses if s.state.value in ("failed", "blocked", "cancelled")]
     if failed:
-        print(f"{layout.run_id}: {len(failed)} stage(s) did not succeed: {', '.join(failed)}")
+        print(f"{layout.run_id}: {len(failed)} stage(s) did not succeed: {', '.join(s.name for s in failed)}")
+        first = next((s for s in failed if s.state.value == "failed" and s.note), None)
+        if first is not None:
+            print(f"  {first.name}: {first.note}")
         return EXIT_FAILED
     print(f"{layout.run_id}: all {len(statuses)} stages succeeded")
     return EXIT_OK
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from pipeline.study import image_refs
-
-    loaded, graph = _load(args)
-    _usable_dir("--root", args.root)
+    """Pure: no network, no MLflow, no cluster, nothing written outside -o DIR."""
     _usable_dir("-o", args.output)
-    backend = backend_for(args.cluster)()
-    layout = RunLayout(args.root, _run_id(args, loaded.config.study))
-    written = backend.render(graph, layout, image_refs(loaded.config), loaded, args.output)  # type: ignore[attr-defined]
-    for path in written:
+    _, layout, plan, backend = _plan(args, args.cluster)
+    for path in backend.render(plan, layout, args.output):
         print(path)
+    if backend.pulls_images():
+        _warn_unpinned(plan)
     return EXIT_OK
-
-
-def _resolved_root(args: argparse.Namespace) -> Path:
-    return _usable_dir("--root", args.root)
 
 
 def _usable_dir(option: str, path: Path) -> Path:
@@ -338,10 +327,21 @@ def _usable_dir(option: str, path: Path) -> Path:
     return resolved
 
 
+def _warn_unpinned(plan) -> None:
+    """Jobs on a cluster pull their image on every node: a tag without a digest may name other
+    bytes tomorrow. One line names the images the run uses that no digest pins."""
+    used = sorted({stage.image for stage in plan.graph})
+    unpinned = [name for name in used if "@sha256:" not in plan.image_refs[name]]
+    if unpinned:
+        print(f"warning: image(s) {', '.join(f'{n} ({plan.image_refs[n]})' for n in unpinned)} not pinned by "
+              "digest: `python -m pipeline images build|push|lock` fills images/lock.yaml "
+              "(images.strict: true refuses unpinned images)", file=sys.stderr)
+
+
 def _layout_for(args: argparse.Namespace) -> RunLayout:
-    """The run a status/logs/cancel/report/sync command names (default: the latest); a run
+    """The run a status/logs/cancel/verify/report/sync command names (default: the latest); a run
     that does not exist is bad input like any other (exit 2)."""
-    root = _resolved_root(args)
+    root = _usable_dir("--root", args.root)
     runs = list_runs(root)
     if args.run_id is None:
         if not runs:
@@ -353,11 +353,10 @@ def _layout_for(args: argparse.Namespace) -> RunLayout:
     return RunLayout(root, args.run_id)
 
 
-def _backend_of(layout: RunLayout):
-    cluster = layout.read_run().get("cluster", "local")
-    if cluster not in CLUSTERS:
-        raise ConfigError(f"{layout.run_file}: unknown cluster {cluster!r}; known: {', '.join(sorted(CLUSTERS))}")
-    return backend_for(cluster)()
+def _recorded(args: argparse.Namespace) -> tuple[RunLayout, RunRecord, Backend]:
+    layout = _layout_for(args)
+    record = read_record(layout)
+    return layout, record, backend_for(record.cluster).for_record(record)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -365,39 +364,63 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from pipeline.display import status_table
 
-    layout = _layout_for(args)
-    statuses = _backend_of(layout).status(layout)
+    layout, record, backend = _recorded(args)
+    statuses = backend.status(layout, record)
     Console().print(status_table(statuses, f"{layout.run_id} ({layout.run_dir})"))
     return EXIT_OK
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    layout = _layout_for(args)
-    if args.stage not in layout.read_run()["stages"]:
-        raise ConfigError(f"logs: run {layout.run_id} has no stage '{args.stage}'")
-    text = _backend_of(layout).logs(layout, args.stage)
+    layout, record, backend = _recorded(args)
+    if args.stage not in record.stages:
+        raise ConfigError(f"logs: run {layout.run_id} has no stage '{args.stage}'; "
+                          f"stages: {', '.join(record.stages)}")
+    text = backend.logs(layout, record, args.stage)
     lines = text.splitlines()
     print("\n".join(lines[-args.tail:] if args.tail else lines))
     return EXIT_OK
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    layout = _layout_for(args)
-    stopped = _backend_of(layout).cancel(layout)
+    layout, record, backend = _recorded(args)
+    stopped = backend.cancel(layout, record)
     print(f"{layout.run_id}: cancelled {', '.join(stopped) if stopped else 'nothing (no stage was running)'}")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Hash every output every succeeded stage recorded, and say which no longer match."""
+    from contract.markers import read_marker, success_problem
+
+    layout, record, _ = _recorded(args)
+    broken = 0
+    for name, info in record.stages.items():
+        marker = read_marker(layout.stage_dir(name))
+        if marker is None or marker.state != "succeeded" or marker.fingerprint != info.fingerprint:
+            print(f"{name}: not succeeded")
+            continue
+        problem = success_problem(layout.stage_dir(name), info.fingerprint, full=True)
+        broken += problem is not None
+        print(f"{name}: {problem or f'ok ({len(marker.outputs)} outputs)'}")
+    if broken:
+        print(f"{layout.run_id}: {broken} succeeded stage(s) do not verify; `python -m pipeline run` reruns them")
+        return EXIT_FAILED
+    print(f"{layout.run_id}: every succeeded stage's outputs verify")
     return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import print_report
 
-    return print_report(_layout_for(args))
+    layout, record, _ = _recorded(args)
+    return print_report(layout, record)
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     from pipeline.sync import sync_run
 
-    return sync_run(_layout_for(args))
+    layout, record, _ = _recorded(args)
+    return sync_run(layout, record)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -430,5 +453,6 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cancel": _cmd_cancel,
     "report": _cmd_report,
     "sync": _cmd_sync,
+    "verify": _cmd_verify,
     "config": _cmd_config,
 }

@@ -8,8 +8,32 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from contract.compat import recipe_refusal
+from contract.kinds import STAGE_KINDS
+from contract.params import (
+    EvalParams,
+    ExportParams,
+    PreprocessParams,
+    PtqParams,
+    ReportParams,
+    TrainParams,
+)
+from contract.params.train import TrainStageParams
+from contract.recipe import PrecisionBackend, RecipeValue
+from contract.spec import is_dns1123_label
+from contract.validation import one_line
+from pipeline.backends.k8s_settings import K8sSettings
+from pipeline.backends.nemo_settings import NemoRunSettings
 from pipeline.backends.slurm_settings import SlurmSettings
 from pipeline.image_lock import (
     DEFAULT_LOCK_FILE,
@@ -19,18 +43,7 @@ from pipeline.image_lock import (
     read_lock,
     resolve_lock_path,
 )
-from pipeline.backends.k8s_settings import K8sSettings
 from pipeline.resources import Resources
-from pipeline.stage_kinds import STAGE_KINDS
-from stages.contract import is_dns1123_label
-from stages.eval.params import EvalParams
-from stages.export.params import ExportParams
-from stages.precision.compat import recipe_refusal
-from stages.precision.recipe import PrecisionBackend, RecipeError, load_recipe
-from stages.preprocess.params import PreprocessParams
-from stages.ptq.params import PtqParams
-from stages.report.params import ReportParams
-from stages.train.params import TrainParams
 
 # Stage names are `<prefix>-<run>` and k8s Job names `<run_id>-<stage>`: keep both in 63.
 MAX_RUN_NAME = 24
@@ -46,7 +59,11 @@ class RunConfig(BaseModel):
     method: Literal["sft", "qat", "qad"] = Field(
         "sft", description="sft: fine-tune; qat: fake-quant training; qad: QAT with distillation."
     )
-    recipe: str = Field(description="Precision recipe: a built-in name or a recipe YAML path.")
+    recipe: RecipeValue = Field(
+        description="Precision recipe: a built-in name, a recipe YAML path (./, ../ or / relative to "
+        "the config file), or the recipe itself as a mapping. Loaded once, here: stages receive it "
+        "by value, and fingerprints cover its content."
+    )
     backend: PrecisionBackend = Field(
         description="Who runs the recipe; recorded in MLflow, never swapped silently."
     )
@@ -72,22 +89,13 @@ class RunConfig(BaseModel):
         default_factory=dict, description="Overrides of resources.train for this run's training."
     )
 
-    @field_validator("recipe")
-    @classmethod
-    def _known_recipe(cls, value: str) -> str:
-        try:
-            load_recipe(value)
-        except RecipeError as error:
-            raise ValueError(str(error)) from None
-        return value
-
     @field_validator("backend")
     @classmethod
     def _backend_runs_the_recipe(cls, value: str, info: ValidationInfo) -> str:
         # Judged from the recipe alone (the machine's part is checked where the stage runs):
         # a pairing no machine can run stops here, before anything is submitted.
         if "recipe" in info.data:  # else the recipe's own error is reported
-            refusal = recipe_refusal(load_recipe(info.data["recipe"]), value)
+            refusal = recipe_refusal(info.data["recipe"], value)
             if refusal:
                 raise ValueError(refusal)
         return value
@@ -223,6 +231,9 @@ class StudyConfig(BaseModel):
     slurm: SlurmSettings | None = Field(
         None, description="Slurm placement and environment (submit/render --cluster slurm)."
     )
+    nemo_run: NemoRunSettings | None = Field(
+        None, description="NeMo-Run executor and stage environment (submit/render --cluster nemo-run)."
+    )
 
     @field_validator("study")
     @classmethod
@@ -283,18 +294,13 @@ class StudyConfig(BaseModel):
                 raise ValueError(f"runs.{name}.resources: {error}") from None
         return self
 
-    def train_params(self, run_name: str) -> TrainParams:
+    def train_params(self, run_name: str) -> TrainStageParams:
         """The study's train settings with the run's overrides, recipe, backend and method."""
         run = self.runs[run_name]
-        merged = {
-            **self.train.model_dump(),
-            **run.train,
-            "recipe": run.recipe,
-            "backend": run.backend,
-            "method": run.method,
-        }
+        merged = {**self.train.model_dump(), **run.train}
         try:
-            return TrainParams.model_validate(merged)
+            return TrainStageParams.model_validate(
+                {**merged, "recipe": run.recipe, "backend": run.backend, "method": run.method})
         except Exception as error:
             raise ValueError(_first_error(error)) from None
 
@@ -314,9 +320,6 @@ class StudyConfig(BaseModel):
 
 
 def _first_error(error: Exception) -> str:
-    errors = getattr(error, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return f"{where}: {first['msg']}" if where else first["msg"]
+    if isinstance(error, ValidationError):
+        return one_line(error)
     return str(error).splitlines()[0]

@@ -7,6 +7,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from contract.recipe import Recipe
 from pipeline.config import RunConfig, StudyConfig
 from pipeline.resources import Resources
 
@@ -25,6 +26,9 @@ def _describe_model(model: type[BaseModel], prefix: str, lines: list[str]) -> No
     for name, field in model.model_fields.items():
         annotation = field.annotation
         nested = _nested_model(annotation)
+        if nested is Recipe:  # given by name or path; its own fields: `python -m stages.precision` and contract/recipe.py
+            lines.append(f"{prefix}{name} (recipe name | YAML path | mapping, required): {field.description or ''}")
+            continue
         if nested is not None and name not in ("runs", "resources"):
             lines.append(f"{prefix}{name}: {field.description or ''}")
             _describe_model(nested, f"{prefix}{name}.", lines)

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from contract.params.preprocess import PreprocessParams
 from pipeline.errors import ConfigError
-from stages.preprocess.params import PreprocessParams
 
 FIRST_ROWS = 100
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

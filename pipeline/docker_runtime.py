@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.backends.local_driver import stage_command
+from contract.launch import StageLaunch
 from pipeline.errors import BackendError
 from pipeline.fingerprint import code_version
-from pipeline.graph import Graph, Stage
 from pipeline.image_lock import ImageRef
 from pipeline.images import CODE_LABEL, docker_client
+from pipeline.run_record import RunRecord, StageRecord
 
 RUNTIMES = ("process", "docker")
 IN_CONTAINER_PYTHON = "python"
@@ -55,39 +55,37 @@ def resolve_local_image(client: Any, text: str) -> Any:
 class DockerLauncher:
     """Makes the driver's command for a stage: the container runner, not the stage itself."""
 
-    image_refs: dict[str, str]
     network: str = "none"
 
-    def check(self, graph: Graph, names: list[str] | None = None) -> dict[str, str]:
-        """Fail before anything starts (every stage of the graph, or `names`): returns image
-        name -> local image id of what will run."""
+    def check(self, record: RunRecord, names: list[str] | None = None) -> dict[str, str]:
+        """Fail before anything starts (every stage of the run, or `names`): returns image
+        reference -> local image id of what will run."""
         client = docker_client()
         ids: dict[str, str] = {}
-        for name in names if names is not None else graph.names:
-            stage = graph[name]
-            image = resolve_local_image(client, self.image_refs[stage.image])
+        for name in names if names is not None else list(record.stages):
+            stage = record.stages[name]
+            image = resolve_local_image(client, stage.image)
             ids[stage.image] = image.id
             labels = image.attrs.get("Config", {}).get("Labels") or {}
             built_from = labels.get(CODE_LABEL + stage.kind)
             if built_from != code_version(stage.kind):
                 raise BackendError(
-                    f"stage {name}: image '{stage.image}' ({self.image_refs[stage.image]}) was built "
-                    f"from other `stages/` code than this checkout's ({stage.kind}: "
-                    f"{built_from or 'unlabelled'} != {code_version(stage.kind)}); "
-                    f"rebuild: `python -m pipeline images build {stage.image}` then `images lock`"
+                    f"stage {name}: image {stage.image} was built from other `stages/` code than this "
+                    f"checkout's ({stage.kind}: {built_from or 'unlabelled'} != {code_version(stage.kind)}); "
+                    "rebuild: `python -m pipeline images build` then `images lock`"
                 )
         return ids
 
-    def command(self, stage: Stage, spec_path: Path, gpus: list[int]) -> list[str]:
-        inner = stage_command(stage.kind, spec_path, stage.resources.processes_per_node,
-                              python=IN_CONTAINER_PYTHON)
+    def command(self, name: str, stage: StageRecord, spec_path: Path, gpus: list[int]) -> list[str]:
+        inner = StageLaunch(stage.kind, str(spec_path), processes_per_node=stage.resources.processes_per_node,
+                            python=IN_CONTAINER_PYTHON).argv()
         # <root>/<run>/<stage>/spec.json (RunLayout): the root is mounted, the run names the container
         root, run_id = spec_path.parents[2], spec_path.parents[1].name
         command = [sys.executable, "-m", "pipeline.docker_stage",
-                   "--image", self.image_refs[stage.image],
+                   "--image", stage.image,
                    "--spec", str(spec_path),
                    "--root", str(root),
-                   "--name", container_name(root, run_id, stage.name),
+                   "--name", container_name(root, run_id, name),
                    "--network", self.network,
                    "--shm-gb", str(stage.resources.shm_gb)]
         if gpus:

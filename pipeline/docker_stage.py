@@ -24,8 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contract.device_sharing import LEDGER_ENV
+from contract.files import write_json_atomic
+from contract.markers import mark_failed
+from contract.spec import load_spec
 from pipeline.errors import BackendError
-from stages.contract import load_spec, mark_failed, write_json_atomic
 
 CONTAINER_RECORD = "container.json"
 STOP_GRACE_S = 15  # below the driver's grace, so the driver never has to SIGKILL this runner
@@ -89,7 +92,9 @@ def _run_and_follow(client: Any, image: Any, args: argparse.Namespace, spec: Any
     container = client.containers.run(
         image.id, args.command, name=args.name, detach=True, network_mode=args.network,
         user=f"{os.getuid()}:{os.getgid()}", working_dir=str(args.root.resolve()), volumes=volumes,
-        environment={"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PIPELINE_JOB_ID": args.name},
+        environment={"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PIPELINE_JOB_ID": args.name,
+                     # the driver's placement record, under the mounted root (stages/device_sharing.py)
+                     **{k: os.environ[k] for k in (LEDGER_ENV,) if k in os.environ}},
         device_requests=[DeviceRequest(device_ids=gpus, capabilities=[["gpu"]])] if gpus else None,
         shm_size=f"{int(args.shm_gb * 1024)}m", init=True,
         labels={STAGE_DIR_LABEL: str(spec.output_dir), "org.faster-qat.run": spec.run_id},

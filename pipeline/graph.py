@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
+from contract.params import StageParams
+from contract.spec import is_dns1123_label
 from pipeline.errors import ConfigError
 from pipeline.resources import Resources
-from stages.contract import is_dns1123_label
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Stage:
 
     name: str
     kind: str
-    params: dict[str, Any] = field(default_factory=dict)
+    params: StageParams  # the kind's model (contract.params.STAGE_PARAMS), validated
     # role -> upstream stage name; the stage reads that stage's output dir as `inputs[role]`.
     upstream: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)

@@ -27,6 +27,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from contract.validation import one_line
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LOCK_FILE = "images/lock.yaml"
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -111,9 +113,7 @@ def read_lock(path: Path) -> LockFile:
     try:
         lock = LockFile.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ImageRefError(f"{path}: {where}: {first['msg']}") from None
+        raise ImageRefError(f"{path}: {one_line(error)}") from None
     for name, entry in lock.images.items():
         ref = ImageRef.parse(entry.ref)
         if ref.digest is None:
@@ -122,7 +122,7 @@ def read_lock(path: Path) -> LockFile:
 
 
 def write_lock(path: Path, lock: LockFile) -> None:
-    from stages.contract import write_atomic
+    from contract.files import write_atomic
 
     body = yaml.safe_dump(lock.model_dump(mode="json"), sort_keys=True)
     write_atomic(path, LOCK_HEADER + body)

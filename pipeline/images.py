@@ -17,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.kinds import STAGE_KINDS
 from pipeline.errors import BackendError, ConfigError
 from pipeline.fingerprint import code_version
-from pipeline.image_lock import PROJECT_ROOT, ImageRef, LockEntry, LockFile, read_lock, write_lock
-from pipeline.stage_kinds import STAGE_KINDS
+from pipeline.image_lock import (
+    PROJECT_ROOT,
+    ImageRef,
+    LockEntry,
+    LockFile,
+    read_lock,
+    write_lock,
+)
 
 IMAGES_DIR = PROJECT_ROOT / "images"
 CODE_LABEL = "org.faster-qat.code."  # + stage kind -> code_version(kind)
@@ -56,11 +63,12 @@ def docker_client() -> Any:
 
 
 def build_context(name: str, images_dir: Path = IMAGES_DIR) -> io.BytesIO:
-    """A tar of images/<name>/, stages/ and the packaging files, at their project paths."""
+    """A tar of images/<name>/, the data plane (stages/ and the contract/ it runs on) and the
+    packaging files, at their project paths."""
     root = images_dir.parent
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for relative in (f"{images_dir.name}/{name}", "stages", *_CONTEXT_FILES):
+        for relative in (f"{images_dir.name}/{name}", "contract", "stages", *_CONTEXT_FILES):
             path = root / relative
             if path.exists():
                 tar.add(path, arcname=relative, filter=_clean)

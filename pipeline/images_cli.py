@@ -13,7 +13,14 @@ from pathlib import Path
 from pipeline.config import ImagesConfig
 from pipeline.errors import ConfigError
 from pipeline.image_lock import resolve_lock_path
-from pipeline.images import build_image, docker_client, lock_entry, push_image, select, update_lock
+from pipeline.images import (
+    build_image,
+    docker_client,
+    lock_entry,
+    push_image,
+    select,
+    update_lock,
+)
 
 
 def _images_config(args: argparse.Namespace) -> ImagesConfig:

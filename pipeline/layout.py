@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.files import write_json_atomic
+from contract.spec import LOG_FILE, SPEC_FILE
 from pipeline.errors import ConfigError
-from stages.contract import LOG_FILE, SPEC_FILE, write_json_atomic
 
 RUN_FILE = "run.json"
 JOBS_FILE = "jobs.json"

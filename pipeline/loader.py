@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from contract.validation import first_problem
 from pipeline.config import StudyConfig
 from pipeline.errors import ConfigError
 
@@ -253,18 +254,13 @@ def _default_tokenizer_to_model(raw: dict[str, Any]) -> None:
 def _describe(
     error: ValidationError, source: Path, lines: dict, set_paths: dict[tuple[str, ...], str]
 ) -> str:
-    first = error.errors()[0]
-    loc = tuple(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "required field is missing"
+    dotted, message = first_problem(error)
+    loc = tuple(str(part) for part in error.errors()[0]["loc"])
     if not loc:  # a check across fields names its path first: "runs.x.resources: ..."
         named = re.match(r"([\w-]+(?:\.[\w-]+)+): (.+)", message)
         if named:
             loc, message = tuple(named.group(1).split(".")), named.group(2)
-    dotted = ".".join(loc)
+            dotted = ".".join(loc)
     inside = [item for path, item in set_paths.items() if loc and path[: len(loc)] == loc]
     if inside:  # a --set below the field that failed, e.g. runs.x.resources.gpus=2
         return f"--set {inside[-1]}: {dotted}: {message}"

@@ -1,108 +1,119 @@
-"""Turn a graph into a run on disk: fingerprints, what is cached, spec files, MLflow parent run.
+"""Put a planned run on disk, under its lock: what is cached, stale stage dirs moved aside, the
+spec of every stage to run, and `run.json`.
 
-Every backend starts here; what differs between backends is only how the specs are executed.
+Every backend's `submit` (and `run`) goes through here; what differs between backends is only
+how the specs are executed. The caller holds the run lock (pipeline/runlock.py).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pipeline.fingerprint import graph_fingerprints
+from contract.markers import clear_markers, success_problem
+from contract.spec import StageSpec, load_spec, write_spec
 from pipeline.graph import Graph
 from pipeline.layout import RunLayout
-from stages.contract import StageSpec, TrackingRef, load_spec, read_marker, write_atomic
+from pipeline.plan import RunPlan
+from pipeline.run_record import RunRecord, StageRecord, write_record
 
 
 @dataclass
 class PreparedRun:
-    layout: RunLayout
-    graph: Graph
-    fingerprints: dict[str, str]
-    specs: dict[str, StageSpec]
+    layout: RunLayout  # the run as this machine sees it
+    plan: RunPlan
     cached: set[str]
-    tracking: TrackingRef | None
+    record: RunRecord
+    # Why each stage that runs is not cached (not run, failed, inputs changed, an output changed).
+    reasons: dict[str, str]
+
+    @property
+    def graph(self) -> Graph:
+        return self.plan.graph
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        return self.plan.fingerprints
+
+    @property
+    def specs(self) -> dict[str, StageSpec]:
+        return self.plan.specs
 
     @property
     def to_run(self) -> list[str]:
         return [name for name in self.graph.names if name not in self.cached]
 
 
-def succeeded_stages(graph: Graph, layout: RunLayout, fingerprints: dict[str, str]) -> set[str]:
-    done = set()
-    for name in graph.names:
-        marker = read_marker(layout.stage_dir(name))
-        if marker and marker.state == "succeeded" and marker.fingerprint == fingerprints[name]:
-            done.add(name)
-    return done
+def cached_stages(plan: RunPlan, layout: RunLayout) -> tuple[set[str], dict[str, str]]:
+    """Stages whose `_SUCCESS` is of their fingerprint and whose outputs verify, with every
+    upstream cached too (a stage that reruns takes its dependents with it); and why the others
+    are not."""
+    cached: set[str] = set()
+    reasons: dict[str, str] = {}
+    for stage in plan.graph:
+        problem = success_problem(layout.stage_dir(stage.name), plan.fingerprints[stage.name])
+        rerun = [up for up in stage.dependencies if up not in cached]
+        if problem is None and rerun:
+            problem = f"upstream {rerun[0]} runs again"
+        if problem is None:
+            cached.add(stage.name)
+        else:
+            reasons[stage.name] = problem
+    return cached, reasons
 
 
-def prepare_run(
-    graph: Graph,
-    layout: RunLayout,
-    image_refs: dict[str, str],
-    cluster: str,
-    open_tracking: Callable[[RunLayout], TrackingRef] | None,
-    config_snapshot: dict[str, Any],
-    spec_root: Path | None = None,
-) -> PreparedRun:
-    """Write the specs of every stage that must run; touch nothing when all are cached.
+def prepare_run(plan: RunPlan, layout: RunLayout, cluster: str, settings: dict[str, Any],
+                config_yaml: str | None, write_specs: bool = True) -> PreparedRun:
+    """Write what the run needs; touch nothing when every stage is cached.
 
-    `open_tracking` creates or reuses the MLflow parent run; it is called only when some
-    stage must run, so a fully cached rerun never imports MLflow. `spec_root` is the artifact
-    root as the stages will see it (e.g. a volume's mount path in a pod); default: `layout.root`.
-    """
-    stage_root = RunLayout(spec_root or layout.root.resolve(), layout.run_id)
-    fingerprints = graph_fingerprints(graph, image_refs)
-    cached = succeeded_stages(graph, layout, fingerprints)
-    prepared = PreparedRun(layout, graph, fingerprints, {}, cached, tracking=None)
+    `write_specs`: false where the specs travel with the jobs (k8s: a ConfigMap) and the stage
+    dirs are not on this machine."""
+    cached, reasons = cached_stages(plan, layout)
+    record = run_record(plan, cluster, settings, _created_at(layout) or time.time())
+    prepared = PreparedRun(layout, plan, cached, record, reasons)
     if not prepared.to_run:
         return prepared
     layout.run_dir.mkdir(parents=True, exist_ok=True)
-    prepared.tracking = open_tracking(layout) if open_tracking else None
-    for name in prepared.to_run:
-        stage = graph[name]
-        _clear_if_stale(layout, name, fingerprints[name])
-        spec = StageSpec(
-            run_id=layout.run_id,
-            stage=name,
-            kind=stage.kind,
-            fingerprint=fingerprints[name],
-            output_dir=stage_root.stage_dir(name),
-            inputs={role: stage_root.stage_dir(up) for role, up in stage.upstream.items()},
-            params=stage.params,
-            tags={**stage.tags, "image": image_refs[stage.image], "cluster": cluster},
-            tracking=prepared.tracking,
-        )
-        write_atomic(layout.spec_path(name), spec.model_dump_json(indent=2) + "\n")
-        prepared.specs[name] = spec
-    previous = layout.read_run() if layout.run_file.exists() else {}
-    layout.write_run(
-        {
-            **previous,
-            "run_id": layout.run_id,
-            "created_at": previous.get("created_at", time.time()),
-            "updated_at": time.time(),
-            "cluster": cluster,
-            "stages": {
-                s.name: {
-                    "kind": s.kind,
-                    "upstream": s.upstream,
-                    "fingerprint": fingerprints[s.name],
-                    "image": image_refs[s.image],
-                    "tags": s.tags,
-                }
-                for s in graph
-            },
-            "tracking": prepared.tracking.model_dump() if prepared.tracking else None,
-            "config": config_snapshot,
-        }
-    )
+    if write_specs:
+        for name in prepared.to_run:
+            _clear_if_stale(layout, name, plan.fingerprints[name])
+            clear_markers(layout.stage_dir(name))  # a success whose outputs no longer verify, an old failure
+            write_spec(plan.specs[name], layout.spec_path(name))
+    if config_yaml is not None:
+        from contract.files import write_atomic
+
+        write_atomic(layout.config_path, config_yaml)
+    write_record(layout.run_file, record)
     return prepared
+
+
+def run_record(plan: RunPlan, cluster: str, settings: dict[str, Any], created_at: float | None) -> RunRecord:
+    """run.json of a plan (`created_at` None: a rendered record, the same bytes every time)."""
+    tracking = next(iter(plan.specs.values())).tracking if plan.specs else None
+    return RunRecord(
+        run_id=plan.run_id,
+        cluster=cluster,
+        created_at=created_at,
+        updated_at=time.time() if created_at is not None else None,
+        settings=settings,
+        stages={
+            stage.name: StageRecord(kind=stage.kind, upstream=stage.upstream,
+                                    fingerprint=plan.fingerprints[stage.name], image=plan.image_refs[stage.image],
+                                    tags=stage.tags, resources=stage.resources)
+            for stage in plan.graph
+        },
+        tracking=tracking,
+        config=plan.config.model_dump(mode="json") if plan.config is not None else {},
+    )
+
+
+def _created_at(layout: RunLayout) -> float | None:
+    try:
+        return RunRecord.model_validate_json(layout.run_file.read_text()).created_at
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _clear_if_stale(layout: RunLayout, name: str, fingerprint: str) -> None:

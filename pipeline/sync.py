@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from contract.tracking import pending_event_count, sync_stage_events
 from pipeline.layout import RunLayout
-from stages.contract import TrackingRef
-from stages.tracking import pending_event_count, sync_stage_events
+from pipeline.run_record import RunRecord
 
 
-def sync_run(layout: RunLayout) -> int:
-    run = layout.read_run()
-    if not run.get("tracking"):
+def sync_run(layout: RunLayout, record: RunRecord) -> int:
+    ref = record.tracking
+    if ref is None:
         print(f"{layout.run_id}: no tracking configured; nothing to sync")
         return 0
-    ref = TrackingRef(**run["tracking"])
     failures = 0
-    for stage in run["stages"]:
+    for stage in record.stages:
         stage_dir = layout.stage_dir(stage)
         pending = pending_event_count(stage_dir)
         if not pending:

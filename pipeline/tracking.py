@@ -1,18 +1,19 @@
-"""Control-plane side of MLflow: the study's experiment and the pipeline run's parent run.
+"""Where a study reports: the TrackingRef its stages carry. Nothing here talks to MLflow: the
+experiment and the parent run are made where the study runs (contract.tracking), so planning,
+rendering and submitting need no server.
 
 Default store: a sqlite file under the artifact root (WAL mode, so several stages can log at
-once); `MLFLOW_TRACKING_URI` (or `tracking.uri` in the config) selects a server instead.
+once), made by the first stage or driver that uses it; `MLFLOW_TRACKING_URI` (or `tracking.uri`
+in the config) selects a server instead.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
+from typing import Any
 
-from pipeline.errors import BackendError
-from pipeline.layout import RunLayout
-from stages.contract import TrackingRef
+from contract.spec import TrackingRef
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -25,59 +26,11 @@ def resolve_tracking_uri(root: Path, configured: str | None) -> str:
     return f"sqlite:///{(Path(root).resolve() / DB_FILE)}"
 
 
-def open_parent_run(layout: RunLayout, tracking_uri: str, experiment: str) -> TrackingRef:
-    """Create (or reuse, for a rerun of the same run id) the parent run of this pipeline run."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri.startswith("sqlite:///"):
-        _prepare_sqlite(Path(tracking_uri.removeprefix("sqlite:///")))
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            artifact_location = None
-            if tracking_uri.startswith("sqlite:///"):
-                artifact_location = (layout.root.resolve() / ARTIFACTS_DIR).as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
-        previous = layout.read_run().get("tracking") if layout.run_file.exists() else None
-        if (
-            previous
-            and previous["tracking_uri"] == tracking_uri
-            and previous["experiment_id"] == experiment_id
-        ):
-            client.update_run(previous["parent_run_id"], status="RUNNING")
-            return TrackingRef(**previous)
-        run = client.create_run(
-            experiment_id,
-            run_name=layout.run_id,
-            tags={"pipeline.run_id": layout.run_id, "pipeline.root": str(layout.root.resolve())},
-        )
-    except mlflow.exceptions.MlflowException as error:
-        raise BackendError(f"MLflow at {tracking_uri}: {str(error).splitlines()[0]}") from None
-    except Exception as error:  # connection refused, DNS, TLS...
-        raise BackendError(
-            f"MLflow at {tracking_uri} is unreachable ({type(error).__name__}); start it or "
-            "unset MLFLOW_TRACKING_URI to use the embedded store"
-        ) from None
-    return TrackingRef(
-        tracking_uri=tracking_uri, experiment_id=experiment_id, parent_run_id=run.info.run_id
-    )
-
-
-def close_parent_run(ref: TrackingRef, status: str) -> None:
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(tracking_uri=ref.tracking_uri).set_terminated(ref.parent_run_id, status=status)
-    except Exception as error:  # the run's own results are on disk; say so and go on
-        print(f"warning: could not close MLflow parent run: {type(error).__name__}: {error}")
-
-
-def _prepare_sqlite(path: Path) -> None:
-    """WAL lets readers and one writer work at once; a busy writer waits instead of failing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path, timeout=30) as connection:
-        connection.execute("PRAGMA journal_mode=WAL")
+def study_tracking(config: Any, root: Path, run_id: str, settle_s: float, uri: str | None = None) -> TrackingRef:
+    """The study's tracking as the stages see it; `uri` overrides the configured one (k8s)."""
+    uri = uri or resolve_tracking_uri(root, config.tracking.uri)
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        artifact_location = (Path(root).resolve() / ARTIFACTS_DIR).as_uri()
+    return TrackingRef(tracking_uri=uri, experiment=config.tracking.experiment or config.study,
+                       run_key=run_id, artifact_location=artifact_location, settle_s=settle_s)

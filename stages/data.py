@@ -56,6 +56,6 @@ def read_data_manifest(data_dir: Path) -> dict[str, Any]:
 
 def global_order(num_rows: int, seed: int, epoch: int) -> list[int]:
     """The row order of one epoch: a permutation seeded by (seed, epoch), the same in every
-    process (the train stage cuts global batches from it: stages.train.batches.TrainOrder)."""
+    process (the train stage cuts global batches from it: stages.batches.TrainOrder)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_rows, generator=generator).tolist()

@@ -1,12 +1,15 @@
 """Runs one stage under the contract: read the spec, do the work, mark the result.
 
 Each stage module is `python -m stages.<kind> --spec FILE`, whose `__main__` calls
-`stage_main(work)` with a function `work(ctx) -> summary metrics`.
+`stage_main(work)` with a function `work(ctx) -> summary metrics`. The spec's params arrive
+typed (the kind's model in contract.params, validated when the spec was read): a stage does not
+validate them again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -19,21 +22,21 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from stages.contract import (
-    LOG_FILE,
-    MANIFEST_FILE,
+from contract.files import write_json_atomic
+from contract.markers import (
     UPSTREAM_FAILED_EXIT,
-    StageSpec,
     clear_markers,
-    load_spec,
     mark_failed,
     mark_succeeded,
     read_marker,
-    write_json_atomic,
+    success_problem,
 )
-from stages.tracking import StageTracker
+from contract.params import StageParams
+from contract.spec import LOG_FILE, MANIFEST_FILE, StageSpec, load_spec
+from contract.tracking import StageTracker
+from contract.validation import first_problem
 
 
 class StageInterrupted(Exception):
@@ -42,6 +45,9 @@ class StageInterrupted(Exception):
 
 class StageInputError(Exception):
     """Bad input data or params: reported as one line, no traceback."""
+
+
+Params = TypeVar("Params", bound=StageParams)
 
 
 @dataclass
@@ -59,7 +65,14 @@ class StageContext:
         return self.spec.output_dir
 
     @property
-    def params(self) -> dict[str, Any]:
+    def params(self) -> StageParams:
+        return self.spec.params
+
+    def params_as(self, model: type[Params]) -> Params:
+        """The spec's params, typed; a spec of another kind is bad input."""
+        if not isinstance(self.spec.params, model):
+            raise StageInputError(f"spec.kind: a '{self.spec.kind}' spec was given to the stage that takes "
+                                  f"{model.__name__}; run python -m stages.{self.spec.kind}")
         return self.spec.params
 
     def input_dir(self, role: str) -> Path:
@@ -79,20 +92,6 @@ class StageContext:
 
 Work = Callable[[StageContext], dict[str, Any]]
 
-ParamsModel = TypeVar("ParamsModel", bound=BaseModel)
-
-
-def parse_params(model: type[ParamsModel], raw: dict[str, Any]) -> ParamsModel:
-    """Validate a stage's params; the first problem becomes a one-line StageInputError."""
-    try:
-        return model.model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")  # cross-field checks name their fields
-        raise StageInputError(f"params.{where}: {message}" if where else f"params: {message}") from None
-
-
 def stage_main(work: Work, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run one pipeline stage from its spec file.")
     parser.add_argument("--spec", required=True, type=Path, help="path to the stage's spec.json")
@@ -103,21 +102,17 @@ def stage_main(work: Work, argv: list[str] | None = None) -> None:
 def run_stage(spec_path: Path, work: Work) -> int:
     if _process_rank() > 0:
         return _run_worker_rank(spec_path, work)
-    try:
-        spec = load_spec(spec_path)
-    except Exception as error:  # unreadable spec: nothing to mark
-        print(f"error: {spec_path}: invalid stage spec: {_spec_problem(error)}", file=sys.stderr)
-        return 2
-    mismatch = _kind_mismatch(spec, work)
-    if mismatch:  # another kind's spec: its outputs are not this module's to write or mark
-        print(f"error: {spec_path}: {mismatch}", file=sys.stderr)
+    spec = _read_spec(spec_path, work)
+    if spec is None:
         return 2
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    marker = read_marker(out)
-    if marker and marker.state == "succeeded" and marker.fingerprint == spec.fingerprint:
-        print(f"{spec.stage}: already succeeded ({spec.fingerprint[:12]}), nothing to do")
+    problem = success_problem(out, spec.fingerprint)
+    if problem is None:
+        print(f"{spec.stage}: already succeeded ({spec.fingerprint[:12]}) and its outputs verify; nothing to do")
         return 0
+    if read_marker(out) is not None and problem.startswith("output "):
+        print(f"{spec.stage}: runs again: its {problem}")
     clear_markers(out)
     log = _stage_logger(spec.stage)
     upstream_error = _failed_upstream(spec)
@@ -131,7 +126,7 @@ def run_stage(spec_path: Path, work: Work) -> int:
     _install_signal_handlers(ctx)
     started = time.time()
     tracker.start({"stage": spec.stage, "kind": spec.kind, "fingerprint": spec.fingerprint, **spec.tags})
-    tracker.log_params(spec.params)
+    tracker.log_params(spec.params.model_dump(mode="json"))
     try:
         summary = work(ctx) or {}
     except StageInterrupted:
@@ -158,12 +153,55 @@ def run_stage(spec_path: Path, work: Work) -> int:
     return 0
 
 
-def _kind_mismatch(spec: StageSpec, work: Work) -> str | None:
+def _read_spec(spec_path: Path, work: Work, mark: bool = True) -> StageSpec | None:
+    """The spec, or None after one line on stderr (exit 2). A spec whose params are wrong but
+    whose stage dir is known gets a `_FAILED` naming the field, as any bad input does; a spec of
+    another kind is refused before anything is written (its outputs are not this module's)."""
+    try:
+        spec = load_spec(spec_path)
+    except ValidationError as error:
+        where, message = first_problem(error)
+        raw = _raw_json(spec_path)
+        stage, out, fingerprint = raw.get("stage"), raw.get("output_dir"), raw.get("fingerprint")
+        if where == "params" or where.startswith("params."):
+            line = f"{stage}: {where}: {message}"
+        else:
+            line = f"{spec_path}: invalid stage spec: {where + ': ' if where else ''}{message}"
+        line = " ".join(line.splitlines())  # a key or value with a line break in it stays one line
+        print(f"error: {line}", file=sys.stderr)
+        markable = (all(isinstance(v, str) and v for v in (stage, out, fingerprint))
+                    and _kind_mismatch(raw.get("kind"), work) is None)
+        # Only at an absolute output dir: a relative one would land in whatever dir the stage started in.
+        if mark and markable and Path(out).is_absolute():
+            try:
+                mark_failed(Path(out), fingerprint, line, 2)
+            except (OSError, ValueError):  # a dir the OS cannot make, a NUL byte in the path
+                pass
+        return None
+    except Exception as error:  # unreadable spec: nothing to mark
+        print(f"error: {spec_path}: invalid stage spec: {_one_line(error)}", file=sys.stderr)
+        return None
+    mismatch = _kind_mismatch(spec.kind, work)
+    if mismatch:
+        print(f"error: {spec_path}: {mismatch}", file=sys.stderr)
+        return None
+    return spec
+
+
+def _kind_mismatch(kind: Any, work: Work) -> str | None:
     """`python -m stages.probe` with a train stage's spec would mark the train stage done."""
     parts = getattr(work, "__module__", "").split(".")
-    if len(parts) >= 2 and parts[0] == "stages" and parts[1] != spec.kind:
-        return f"spec.kind is '{spec.kind}' but this is stages.{parts[1]}; run `python -m stages.{spec.kind}`"
+    if len(parts) >= 2 and parts[0] == "stages" and parts[1] != kind:
+        return f"spec.kind is '{kind}' but this is stages.{parts[1]}; run `python -m stages.{kind}`"
     return None
+
+
+def _raw_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def _process_rank() -> int:
@@ -190,15 +228,10 @@ def _run_worker_rank(spec_path: Path, work: Work) -> int:
     """A rank > 0 of a multi-process stage: run `work` (it joins rank 0's collectives) but
     write no marker, manifest or tracking; rank 0 owns those. Reads the same markers as
     rank 0 so both agree on whether there is anything to do."""
-    try:
-        spec = load_spec(spec_path)
-    except Exception as error:
-        print(f"error: {spec_path}: invalid stage spec: {_spec_problem(error)}", file=sys.stderr)
+    spec = _read_spec(spec_path, work, mark=False)
+    if spec is None:
         return 2
-    if _kind_mismatch(spec, work):
-        return 2
-    marker = read_marker(spec.output_dir)
-    if marker and marker.state == "succeeded" and marker.fingerprint == spec.fingerprint:
+    if success_problem(spec.output_dir, spec.fingerprint) is None:
         return 0
     if _failed_upstream(spec):
         return UPSTREAM_FAILED_EXIT
@@ -234,6 +267,9 @@ def _failed_upstream(spec: StageSpec) -> str | None:
         if marker is None or marker.state != "succeeded":
             state = marker.state if marker else "not finished"
             return f"{spec.stage}: upstream '{role}' ({path}) is {state}; nothing to do"
+        problem = success_problem(path, marker.fingerprint)
+        if problem:
+            return f"{spec.stage}: upstream '{role}' ({path}) succeeded but its {problem}; run it again"
     return None
 
 
@@ -264,17 +300,6 @@ def _stage_logger(name: str) -> logging.Logger:
         stream=sys.stdout,
     )
     return logging.getLogger(f"stages.{name}")
-
-
-def _spec_problem(error: BaseException) -> str:
-    """The first problem, by field: `fingerprint: Input should be a valid string`, not
-    pydantic's first line ("1 validation error for StageSpec")."""
-    if isinstance(error, ValidationError):
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        return _one_line(ValueError(f"{where}: {message}" if where else message))
-    return _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:

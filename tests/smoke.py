@@ -23,3 +23,16 @@ def report_rows(root: Path, run_id: str = "smoke") -> dict[tuple[str, str], dict
     """The study table the report stage wrote, keyed by (run, phase)."""
     with (root / run_id / "report" / "report.csv").open() as handle:
         return {(row["run"], row["phase"]): row for row in csv.DictReader(handle)}
+
+
+def assert_same_losses(root: Path, smoke_root: Path, run_id: str = "smoke") -> None:
+    """The study table under `root` has the local run's losses (seeded and deterministic on CPU),
+    for every (run, phase) it holds."""
+    import math
+
+    found, local = report_rows(root, run_id), report_rows(smoke_root)
+    assert found and set(found) <= set(local), (sorted(found), sorted(local))
+    for key, row in found.items():
+        for column in ("val_loss", "train_val_loss"):
+            if row[column]:
+                assert math.isclose(float(row[column]), float(local[key][column]), rel_tol=1e-9), (key, column)

@@ -1,14 +1,17 @@
 """Kubernetes backend: the run as plain Jobs that order themselves through markers.
 
-`render` writes the objects for `kubectl apply -f`; `submit` applies the same objects with
-server-side apply and returns. `status`, `logs` and `cancel` find the run's Jobs and Pods by the
-label `faster-qat/run=<run_id>`, in the namespace recorded in run.json.
+`render` writes the objects for `kubectl apply -f` (pure: the same config gives the same bytes;
+the stage specs travel in a ConfigMap, the parent MLflow run is made by the first stage that
+reports); `submit` applies the same objects with server-side apply and returns. `status`, `logs`
+and `cancel` find the run's Jobs and Pods by the label `faster-qat/run=<run_id>`, in the
+namespace recorded in run.json.
 
-MLflow: pods report to `k8s.tracking_uri` (the in-cluster service of k8s/mlflow.yaml). The
-submitter creates the parent run through MLFLOW_TRACKING_URI / tracking.uri, which must reach the
-same server (e.g. `kubectl -n faster-qat port-forward svc/mlflow 5000:5000`). A local store there
-(the sqlite default) is refused with one line, before anything is applied; unreachable, the
-submit stops with one line too. `k8s.tracking_uri: null` runs without MLflow.
+MLflow: pods report to `k8s.tracking_uri` (the in-cluster service of k8s/mlflow.yaml) and make
+the experiment and parent run there themselves; `k8s.tracking_uri: null` runs without MLflow.
+
+Attempts: a resubmitted run may still hold an upstream's `_FAILED` from the last attempt on the
+volume; each submission carries an attempt token (see k8s_commands). `submit` makes a fresh one;
+`render` writes `k8s.attempt` (default "1"): bump it to apply a run again after a failure.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.backends.base import Backend, StageState, StageStatus, failure_note, marker_states
-from pipeline.backends.k8s_api import KubeApi
+from contract.files import write_atomic
+from contract.spec import TrackingRef
+from pipeline.backends.base import Backend, StageState, StageStatus
+from pipeline.backends.k8s_api import ApiError, KubeApi
 from pipeline.backends.k8s_render import (
+    FINGERPRINT_ANNOTATION,
     RUN_LABEL,
     STAGE_CONTAINER,
     STAGE_LABEL,
@@ -29,106 +35,128 @@ from pipeline.backends.k8s_render import (
     to_yaml,
 )
 from pipeline.backends.k8s_settings import K8sSettings
-from pipeline.errors import BackendError, ConfigError
-from pipeline.graph import Graph
+from pipeline.errors import BackendError
 from pipeline.layout import RunLayout
-from pipeline.prepare import PreparedRun, prepare_run
-from stages.contract import StageSpec, TrackingRef, write_atomic
+from pipeline.plan import RunPlan
+from pipeline.prepare import PreparedRun
+from pipeline.run_record import RunRecord
 
-
-def settings_from_snapshot(config_snapshot: dict[str, Any]) -> K8sSettings:
-    return K8sSettings.model_validate(config_snapshot.get("k8s") or {})
+# Kinds a submission may find already there (shared by runs, or holding data): taken back on a
+# refusal only when this submission created them.
+KEPT_KINDS = ("Namespace", "PersistentVolumeClaim")
+# Container waiting reasons that no retry fixes: a digest that is not in the registry, a bad name.
+IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 
 
 def new_attempt() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-def pod_tracking(ref: TrackingRef | None, settings: K8sSettings) -> TrackingRef | None:
-    """The parent run as pods reach it: same ids, the in-cluster URI."""
-    if settings.tracking_uri is None or ref is None:
-        return None
-    if not ref.tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise ConfigError(
-            f"k8s: the parent MLflow run would live in {ref.tracking_uri}, which pods cannot reach: "
-            "set MLFLOW_TRACKING_URI (or tracking.uri) to the cluster's MLflow, e.g. after "
-            f"`kubectl -n {settings.namespace} port-forward svc/mlflow 5000:5000` use "
-            "http://127.0.0.1:5000, or set k8s.tracking_uri: null to run without MLflow")
-    return ref.model_copy(update={"tracking_uri": settings.tracking_uri})
-
-
-def pod_specs(prepared: PreparedRun, settings: K8sSettings) -> dict[str, StageSpec]:
-    """Specs as pods see them: paths under the volume's mount path, MLflow's in-cluster URI.
-    The local spec.json records are rewritten to match."""
-    mount = Path(settings.artifacts.mount_path)
-    run_dir = mount / prepared.layout.run_id
-    tracking = pod_tracking(prepared.tracking, settings)
-    specs: dict[str, StageSpec] = {}
-    for name, spec in prepared.specs.items():
-        stage = prepared.graph[name]
-        specs[name] = spec.model_copy(update={
-            "output_dir": run_dir / name,
-            "inputs": {role: run_dir / up for role, up in stage.upstream.items()},
-            "tracking": tracking,
-        })
-        write_atomic(prepared.layout.spec_path(name), specs[name].model_dump_json(indent=2) + "\n")
-    return specs
-
-
 class K8sBackend(Backend):
     name = "k8s"
+    Settings = K8sSettings
+    renderable = True
+    writes_local_specs = False  # the specs travel in the run's ConfigMap
 
-    def __init__(self, api: KubeApi | None = None, poll_s: float = 2.0) -> None:
+    def __init__(self, settings: K8sSettings, api: KubeApi | None = None, poll_s: float = 2.0) -> None:
+        super().__init__(settings)
         self.api = api or KubeApi()
         self.poll_s = poll_s
 
-    # ---- render / submit --------------------------------------------------------------------
-    def render(self, graph: Graph, layout: RunLayout, image_refs: dict[str, str], loaded: Any,
-               output_dir: Path) -> list[Path]:
-        objects = self.prepare_objects(graph, layout, image_refs, loaded.config)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / f"{layout.run_id}.yaml"
-        write_atomic(path, to_yaml(objects))
+    @property
+    def k8s(self) -> K8sSettings:
+        assert isinstance(self.settings, K8sSettings)
+        return self.settings
+
+    # ---- planning -----------------------------------------------------------------------------
+    def stage_root(self, layout: RunLayout) -> Path:
+        return Path(self.k8s.artifacts.mount_path)
+
+    def tracking(self, config: Any, layout: RunLayout) -> TrackingRef | None:
+        from pipeline.tracking import study_tracking
+
+        if self.k8s.tracking_uri is None:
+            return None
+        return study_tracking(config, layout.root, layout.run_id, settle_s=1.0, uri=self.k8s.tracking_uri)
+
+    def pulls_images(self) -> bool:
+        return True
+
+    # ---- render / submit ----------------------------------------------------------------------
+    def objects(self, plan: RunPlan, names: list[str], attempt: str) -> list[dict[str, Any]]:
+        specs = {name: plan.specs[name] for name in names}
+        return render_objects(plan.graph, specs, plan.fingerprints, plan.image_refs, self.k8s, attempt)
+
+    def render(self, plan: RunPlan, layout: RunLayout, output_dir: Path) -> list[Path]:
+        path = output_dir / f"{plan.run_id}.yaml"
+        write_atomic(path, to_yaml(self.objects(plan, plan.names, self.k8s.attempt)))
         return [path]
 
-    def prepare_objects(self, graph: Graph, layout: RunLayout, image_refs: dict[str, str],
-                        config: Any, attempt: str | None = None) -> list[dict[str, Any]]:
-        """Prepare the run (specs, parent run) and return its objects; nothing is applied."""
-        from pipeline.tracking import open_parent_run, resolve_tracking_uri
+    def submit(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None) -> str:
+        self.check_reachable()
+        return super().submit(plan, layout, config_yaml)
 
-        settings = config.k8s or K8sSettings()
-        open_tracking = None
-        if settings.tracking_uri is not None:
-            uri = resolve_tracking_uri(layout.root, config.tracking.uri)
-            pod_tracking(TrackingRef(tracking_uri=uri, experiment_id="0", parent_run_id="0"), settings)
-            experiment = config.tracking.experiment or config.study
-            open_tracking = lambda lay: open_parent_run(lay, uri, experiment)  # noqa: E731
-        prepared = prepare_run(graph, layout, image_refs, self.name, open_tracking,
-                               config.model_dump(mode="json"), Path(settings.artifacts.mount_path))
-        return render_objects(graph, pod_specs(prepared, settings), prepared.fingerprints,
-                              image_refs, settings, attempt or new_attempt())
+    def check_reachable(self) -> None:
+        """Credentials, the API server and the namespace, before anything is written or applied."""
+        namespace = self.k8s.namespace
+        try:
+            found = self.api.get("v1", "Namespace", None, namespace)
+        except ApiError as error:
+            if error.status != 403:  # a submitter bound only in its namespace may not read Namespaces
+                raise
+            return
+        if found is None and not self.k8s.create_namespace:
+            raise BackendError(f"k8s: namespace {namespace} does not exist: create it (kubectl create namespace "
+                               f"{namespace}), set k8s.namespace, or set k8s.create_namespace: true")
 
-    def submit(self, prepared: PreparedRun) -> str:
-        layout = prepared.layout
-        run = layout.read_run()
-        settings = settings_from_snapshot(run.get("config", {}))
-        image_refs = {stage.image: run["stages"][stage.name]["image"] for stage in prepared.graph}
-        objects = render_objects(prepared.graph, pod_specs(prepared, settings), prepared.fingerprints,
-                                 image_refs, settings, new_attempt())
-        self._clear_finished_jobs(layout.run_id, settings.namespace)
-        for obj in objects:
-            self.api.apply(obj)
+    def apply(self, prepared: PreparedRun, lock_fd: int) -> str:
+        layout, namespace = prepared.layout, self.k8s.namespace
+        objects = self.objects(prepared.plan, prepared.to_run, new_attempt())
         jobs = [obj for obj in objects if obj["kind"] == "Job"]
-        layout.write_jobs({"backend": self.name, "namespace": settings.namespace, "submitted_at": time.time(),
+        if self._same_jobs_exist(layout.run_id, jobs):
+            return (f"{layout.run_id}: its {len(jobs)} Job(s) of these fingerprints are already in namespace "
+                    f"{namespace}; nothing changed (`python -m pipeline status {layout.run_id}`)")
+        self._clear_finished_jobs(layout.run_id)
+        made: list[dict[str, Any]] = []  # what this submission created, to take back on a refusal
+        try:
+            for obj in objects:
+                meta = obj["metadata"]
+                existed = obj["kind"] in KEPT_KINDS and \
+                    self.api.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]) is not None
+                self.api.apply(obj)
+                if not existed:
+                    made.append(obj)
+        except BaseException:  # nothing stays half applied: a quota or admission refusal mid-way
+            for obj in reversed(made):
+                meta = obj["metadata"]
+                self.api.delete(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+            raise
+        layout.write_jobs({"backend": self.name, "namespace": namespace, "submitted_at": time.time(),
                            "stages": {o["metadata"]["labels"][STAGE_LABEL]: {"job_id": o["metadata"]["name"]}
                                       for o in jobs}})
-        return (f"{len(jobs)} Job(s) in namespace {settings.namespace} "
-                f"(kubectl -n {settings.namespace} get jobs -l {RUN_LABEL}={layout.run_id})")
+        return (f"{len(jobs)} Job(s) in namespace {namespace} "
+                f"(kubectl -n {namespace} get jobs -l {RUN_LABEL}={layout.run_id})")
 
-    def _clear_finished_jobs(self, run_id: str, namespace: str) -> None:
+    def _run_jobs(self, run_id: str) -> list[dict[str, Any]]:
+        return self.api.list("batch/v1", "Job", self.k8s.namespace, f"{RUN_LABEL}={run_id}")
+
+    def _same_jobs_exist(self, run_id: str, jobs: list[dict[str, Any]]) -> bool:
+        """The run's Jobs, of the same fingerprints, exist and none failed: a second submit is a no-op."""
+        existing = {job["metadata"]["name"]: job for job in self._run_jobs(run_id)}
+        for job in jobs:
+            found = existing.get(job["metadata"]["name"])
+            if found is None or _failed(found):
+                return False
+            ours = job["metadata"]["annotations"][FINGERPRINT_ANNOTATION]
+            if found["metadata"].get("annotations", {}).get(FINGERPRINT_ANNOTATION) != ours:
+                return False
+        return bool(jobs)
+
+    def _clear_finished_jobs(self, run_id: str) -> None:
         """Jobs are immutable and a finished one never reruns: a resubmission deletes the run's
         finished Jobs first, and refuses while any still runs."""
-        existing = self.api.list("batch/v1", "Job", namespace, f"{RUN_LABEL}={run_id}")
+        namespace = self.k8s.namespace
+        existing = self._run_jobs(run_id)
         active = [job["metadata"]["name"] for job in existing if not _finished(job)]
         if active:
             raise BackendError(f"k8s: run {run_id} still has active Jobs ({', '.join(sorted(active))}): "
@@ -142,37 +170,35 @@ class K8sBackend(Backend):
                     raise BackendError(f"k8s: old Job {job['metadata']['name']} is still being deleted; retry")
                 time.sleep(self.poll_s)
 
-    # ---- status / logs / cancel --------------------------------------------------------------
-    def status(self, layout: RunLayout) -> list[StageStatus]:
-        run = layout.read_run()
-        namespace = self._namespace(layout, run)
+    # ---- status / logs / cancel -----------------------------------------------------------------
+    def _namespace(self, layout: RunLayout) -> str:
+        return layout.read_jobs().get("namespace") or self.k8s.namespace
+
+    def live_states(self, layout: RunLayout, record: RunRecord) -> dict[str, StageStatus]:
+        namespace = self._namespace(layout)
         selector = f"{RUN_LABEL}={layout.run_id}"
         jobs = {j["metadata"]["labels"].get(STAGE_LABEL): j
                 for j in self.api.list("batch/v1", "Job", namespace, selector)}
         pods: dict[str, list[dict[str, Any]]] = {}
         for pod in self.api.list("v1", "Pod", namespace, selector):
             pods.setdefault(pod["metadata"]["labels"].get(STAGE_LABEL), []).append(pod)
-        markers = marker_states(layout, {n: info["fingerprint"] for n, info in run["stages"].items()})
-        statuses = []
-        for name, info in run["stages"].items():
+        cancelled = set(layout.read_jobs().get("cancelled", []))
+        found = {}
+        for name, info in record.stages.items():
             job = jobs.get(name)
             state, note = job_state(job, pods.get(name, []))
-            if job is None and markers.get(name) is not None:
-                state, note = markers[name], ""
-            if state == StageState.FAILED and not note:
-                note = failure_note(layout, name)
+            if job is None and name in cancelled:
+                state, note = StageState.CANCELLED, "cancelled"
             status = (job or {}).get("status", {})
-            statuses.append(StageStatus(name, info["kind"], state, note,
-                                        (job or {}).get("metadata", {}).get("name", ""),
-                                        _timestamp(status.get("startTime")),
-                                        _timestamp(status.get("completionTime"))))
-        return statuses
+            found[name] = StageStatus(name, info.kind, state, note, (job or {}).get("metadata", {}).get("name", ""),
+                                      _timestamp(status.get("startTime")), _timestamp(status.get("completionTime")))
+        return found
 
-    def logs(self, layout: RunLayout, stage: str) -> str:
-        namespace = self._namespace(layout, layout.read_run())
+    def logs(self, layout: RunLayout, record: RunRecord, stage: str) -> str:
+        namespace = self._namespace(layout)
         pods = self.api.list("v1", "Pod", namespace, f"{RUN_LABEL}={layout.run_id},{STAGE_LABEL}={stage}")
         if not pods:
-            return super().logs(layout, stage)
+            return super().logs(layout, record, stage)
         pods.sort(key=lambda p: (p["metadata"].get("annotations", {}).get(
             "batch.kubernetes.io/job-completion-index", "0"), p["metadata"].get("creationTimestamp", "")))
         pod = pods[-1] if len(pods) > 1 and not _is_indexed(pods) else pods[0]
@@ -181,17 +207,17 @@ class K8sBackend(Backend):
         container = STAGE_CONTAINER if started else WAIT_CONTAINER
         return self.api.pod_log(namespace, pod["metadata"]["name"], container)
 
-    def cancel(self, layout: RunLayout) -> list[str]:
-        namespace = self._namespace(layout, layout.read_run())
+    def cancel(self, layout: RunLayout, record: RunRecord) -> list[str]:
+        namespace = self._namespace(layout)
         stopped = []
         for job in self.api.list("batch/v1", "Job", namespace, f"{RUN_LABEL}={layout.run_id}"):
             if not _finished(job):
                 self.api.delete("batch/v1", "Job", namespace, job["metadata"]["name"])
                 stopped.append(job["metadata"]["labels"].get(STAGE_LABEL, job["metadata"]["name"]))
+        if stopped:  # `status` says cancelled, not "no Job", until the run is submitted again
+            jobs = layout.read_jobs()
+            layout.write_jobs({**jobs, "cancelled": sorted(set(jobs.get("cancelled", [])) | set(stopped))})
         return stopped
-
-    def _namespace(self, layout: RunLayout, run: dict[str, Any]) -> str:
-        return layout.read_jobs().get("namespace") or settings_from_snapshot(run.get("config", {})).namespace
 
 
 def job_state(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> tuple[StageState, str]:
@@ -205,9 +231,17 @@ def job_state(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> tuple[S
     if failed:
         if failed.get("reason") == "PodFailurePolicy":
             return StageState.BLOCKED, "an upstream stage failed"
-        return StageState.FAILED, f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": ")
+        said = _termination_message(pods)  # the stage's own one line, from its marker
+        return StageState.FAILED, said or f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": ")
     if job.get("spec", {}).get("suspend"):
         return StageState.QUEUED, "suspended (waiting for queue admission)"
+    for pod in pods:
+        status = pod.get("status", {})
+        for container in status.get("initContainerStatuses", []) + status.get("containerStatuses", []):
+            waiting = container.get("state", {}).get("waiting", {})
+            if waiting.get("reason") in IMAGE_PULL_FAILURES:
+                return StageState.FAILED, (f"{waiting['reason']}: image {container.get('image', '')} cannot be "
+                                           f"pulled: {waiting.get('message', '')}".strip(": ")[:400])
     for pod in pods:
         for container in pod.get("status", {}).get("containerStatuses", []):
             if container.get("name") == STAGE_CONTAINER and "running" in container.get("state", {}):
@@ -217,6 +251,20 @@ def job_state(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> tuple[S
             if container.get("name") == WAIT_CONTAINER and "running" in container.get("state", {}):
                 return StageState.PENDING, "waiting for upstream stages"
     return StageState.QUEUED, ""
+
+
+def _termination_message(pods: list[dict[str, Any]]) -> str:
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True):
+        for container in pod.get("status", {}).get("containerStatuses", []):
+            message = container.get("state", {}).get("terminated", {}).get("message", "")
+            if container.get("name") == STAGE_CONTAINER and message.strip():
+                return message.strip().splitlines()[0]
+    return ""
+
+
+def _failed(job: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Failed" and c.get("status") == "True"
+               for c in job.get("status", {}).get("conditions", []))
 
 
 def _finished(job: dict[str, Any]) -> bool:

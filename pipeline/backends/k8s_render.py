@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from contract.markers import UPSTREAM_FAILED_EXIT
+from contract.spec import StageSpec, is_dns1123_label
 from pipeline.backends.k8s_commands import (
     ATTEMPT_ENV,
     SPECS_MOUNT,
@@ -25,7 +27,6 @@ from pipeline.backends.k8s_settings import K8sSettings
 from pipeline.errors import ConfigError
 from pipeline.graph import Graph, Stage
 from pipeline.resources import Resources
-from stages.contract import UPSTREAM_FAILED_EXIT, StageSpec, is_dns1123_label
 
 APP = "faster-qat"
 MANAGER = "faster-qat-pipeline"
@@ -70,6 +71,7 @@ def render_objects(
         return []
     run_id = next(iter(specs.values())).run_id
     check_names(graph, list(specs), run_id)
+    check_local_inputs(specs, settings)
     objects: list[dict[str, Any]] = []
     if settings.create_namespace:
         objects.append({"apiVersion": "v1", "kind": "Namespace",
@@ -103,6 +105,20 @@ def check_names(graph: Graph, stages: list[str], run_id: str) -> None:
         if nodes > 1 and not job[0].isalpha():
             raise ConfigError(f"k8s: multi-node stage '{name}' needs a Service named '{job}', which "
                               "must start with a letter: choose a run id that starts with one")
+
+
+def check_local_inputs(specs: dict[str, StageSpec], settings: K8sSettings) -> None:
+    """Pods see the artifact volume and the host mounts, not the submitter's disk: a stage reading
+    a local path elsewhere would fail on the cluster, so it is refused here, in one line."""
+    seen = [settings.artifacts.mount_path, *settings.host_mounts]
+    for name, spec in specs.items():
+        for found in spec.params.external_inputs():
+            inside = any(found.location == root or found.location.startswith(root + "/") for root in seen)
+            if found.is_local and not inside:
+                raise ConfigError(
+                    f"k8s: stage {name} reads params.{found.field} = {found.location} from this machine, which "
+                    "pods cannot see: put it on a shared filesystem and list it in k8s.host_mounts, copy it "
+                    "onto the artifact volume, or give a Hugging Face id")
 
 
 def deadlines_s(graph: Graph, slack_min: int) -> dict[str, int]:
@@ -186,11 +202,13 @@ def _job(stage: Stage, spec: StageSpec, fingerprints: dict[str, str],
     secret_env = [{"name": env_name, "valueFrom": {"secretKeyRef": {
         "name": ref.secret, "key": ref.key, **({"optional": True} if ref.optional else {})}}}
         for env_name, ref in sorted(settings.secrets.items())]
-    mounts = [{"name": "artifacts", "mountPath": mount}, {"name": "specs", "mountPath": SPECS_MOUNT, "readOnly": True}]
+    mounts = [{"name": "artifacts", "mountPath": mount}, {"name": "specs", "mountPath": SPECS_MOUNT, "readOnly": True},
+              *({"name": f"host-{index}", "mountPath": path, "readOnly": True}
+                for index, path in enumerate(settings.host_mounts))]
     container_security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     init_resources = {"cpu": settings.init_cpu, "memory": settings.init_memory}
     wait = {"name": WAIT_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
-            "command": ["sh", "-c", wait_script(stage.name, stage_dir, upstreams, settings.poll_seconds)],
+            "command": ["sh", "-c", wait_script(stage.name, stage_dir, spec.fingerprint, upstreams, settings.poll_seconds)],
             "env": [e for e in env if e["name"] in (ATTEMPT_ENV, "JOB_COMPLETION_INDEX")],
             "resources": {"requests": init_resources, "limits": init_resources},
             "securityContext": container_security, "volumeMounts": mounts}
@@ -214,6 +232,8 @@ def _job(stage: Stage, spec: StageSpec, fingerprints: dict[str, str],
             {"name": "specs", "configMap": {"name": specs_configmap_name(run_id)}},
             {"name": "shm", "emptyDir": {"medium": "Memory",
                                          "sizeLimit": quantity_mi(res.shm_gb, f"resources.{stage.kind}.shm_gb")}},
+            *({"name": f"host-{index}", "hostPath": {"path": path, "type": "Directory"}}
+              for index, path in enumerate(settings.host_mounts)),
         ],
     }
     if settings.service_account:
@@ -258,7 +278,8 @@ def _resources(kind: str, res: Resources, settings: K8sSettings) -> dict[str, An
     amounts: dict[str, Any] = {"cpu": str(res.cpus), "memory": quantity_mi(res.memory_gb, f"resources.{kind}.memory_gb")}
     if res.gpus_per_node:
         amounts[settings.gpu_resource] = str(res.gpus_per_node)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    requests = {**amounts, **({"cpu": settings.cpu_request} if settings.cpu_request else {})}
+    return {"requests": requests, "limits": dict(amounts)}
 
 
 class _Dumper(yaml.SafeDumper):

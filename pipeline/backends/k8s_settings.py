@@ -43,7 +43,7 @@ def check_subdomain(value: str) -> str:
 
 
 class SecretRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid")
 
     secret: str = Field(description="Name of the Secret in the run's namespace.")
     key: str = Field(description="Key inside the Secret.")
@@ -60,7 +60,7 @@ class SecretRef(BaseModel):
 
 
 class Toleration(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid")
 
     key: str = Field(description="Taint key, e.g. nvidia.com/gpu.")
     operator: Literal["Exists", "Equal"] = Field("Exists", description="Exists or Equal.")
@@ -71,7 +71,7 @@ class Toleration(BaseModel):
 
 
 class NodeRequirement(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid")
 
     key: str = Field(description="Node label key, e.g. nvidia.com/gpu.product.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field("In", description="Match.")
@@ -79,7 +79,7 @@ class NodeRequirement(BaseModel):
 
 
 class ArtifactVolume(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid")
 
     claim: str = Field("faster-qat-artifacts", description="PersistentVolumeClaim of the artifact root.")
     create: bool = Field(True, description="Render the claim (false: use an existing claim).")
@@ -104,16 +104,15 @@ class ArtifactVolume(BaseModel):
 class K8sSettings(BaseModel):
     """Where and how the study's Jobs run on Kubernetes (`--cluster k8s`)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid")
 
     namespace: str = Field("faster-qat", description="Namespace of every rendered object.")
     create_namespace: bool = Field(False, description="Render the Namespace object too.")
     artifacts: ArtifactVolume = Field(default_factory=ArtifactVolume, description="Artifact root PVC.")
     tracking_uri: str | None = Field(
         "http://mlflow.faster-qat.svc.cluster.local:5000",
-        description="MLflow as pods reach it (k8s/mlflow.yaml). The submitter creates the parent "
-        "run through MLFLOW_TRACKING_URI/tracking.uri (e.g. a port-forward to the same server). "
-        "null: no MLflow; stages keep their events on the volume.",
+        description="MLflow as pods reach it (k8s/mlflow.yaml); the stages make the experiment and "
+        "the parent run there. null: no MLflow; stages keep their events on the volume.",
     )
     service_account: str | None = Field(None, description="ServiceAccount of stage pods (default SA).")
     gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
@@ -141,6 +140,11 @@ class K8sSettings(BaseModel):
     )
     queue_name: str | None = Field(None, description="Kueue LocalQueue (gang admission); none: no Kueue.")
     poll_seconds: int = Field(15, ge=1, le=600, description="How often a waiting stage looks at upstream markers.")
+    cpu_request: str | None = Field(
+        None, description="CPU request of every stage container (a quantity, e.g. 100m); its limit stays "
+        "resources.<kind>.cpus. Pods wait for their upstreams scheduled, holding their requests: on a node "
+        "narrower than the DAG, a small request keeps waiting pods from starving running ones. "
+        "null: request resources.<kind>.cpus.")
     init_cpu: str = Field("250m", description="CPU of the waiting init container.")
     init_memory: str = Field("256Mi", description="Memory of the waiting init container.")
     master_port: int = Field(29500, ge=1, le=65535, description="torchrun rendezvous port (multi-node).")
@@ -149,9 +153,26 @@ class K8sSettings(BaseModel):
         description=f"Env var -> Secret key, only as secretKeyRef; env vars: {', '.join(SECRET_ENV)}.",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every object.")
+    host_mounts: list[str] = Field(
+        default_factory=list,
+        description="Node paths mounted read-only into stage pods at the same path (hostPath): a shared "
+        "filesystem every node has (/lustre/models), for local models, tokenizers, data and task "
+        "folders a study reads. A local input outside these is refused at render.",
+    )
+    attempt: str = Field(
+        "1", pattern=r"^[A-Za-z0-9._-]{1,63}$",
+        description="render only: the attempt token of the rendered Jobs (submit makes a fresh one). "
+        "Bump it to apply a rendered run again after a failure: a stage trusts an upstream's _FAILED "
+        "only from the same attempt.",
+    )
 
     _namespace = field_validator("namespace")(classmethod(lambda cls, v: _label(v)))
     _quantities = field_validator("init_cpu", "init_memory")(classmethod(lambda cls, v: check_quantity(v)))
+
+    @field_validator("cpu_request")
+    @classmethod
+    def _cpu_request(cls, value: str | None) -> str | None:
+        return None if value is None else check_quantity(value)
 
     @field_validator("secrets")
     @classmethod
@@ -170,6 +191,14 @@ class K8sSettings(BaseModel):
             if item and (len(item) > 63 or not re.match(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", item)):
                 raise ValueError(f"{key}: '{item}' is not a valid label value")
         return value
+
+    @field_validator("host_mounts")
+    @classmethod
+    def _absolute_mounts(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not path.startswith("/") or path.rstrip("/") == "":
+                raise ValueError(f"'{path}' must be an absolute path other than /")
+        return [path.rstrip("/") for path in paths]
 
     @field_validator("tracking_uri")
     @classmethod

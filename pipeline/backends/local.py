@@ -1,8 +1,9 @@
 """Local backend: stages as subprocesses on this machine, driven by LocalDriver.
 
-`run` drives in the foreground; `submit --cluster local` starts the same driver detached
-(its output in `<run>/driver.log`) and returns. Status, logs and cancel work from any shell:
-they read `<run>/jobs.json` and the markers.
+`run` drives in the foreground; `submit --cluster local` hands the prepared run and its lock to a
+detached driver (`python -m pipeline.backends.local_driver`, output in `<run>/driver.log`) and
+returns: the run is prepared once. Status, logs and cancel work from any shell: they read
+`<run>/jobs.json` and the markers.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.backends.base import Backend, StageState, StageStatus, failure_note
+from contract.spec import TrackingRef
+from pipeline.backends.base import Backend, StageState, StageStatus
+from pipeline.backends.local_driver import LOCK_FD_ENV, LocalDriver
+from pipeline.backends.local_settings import LocalSettings
 from pipeline.layout import RunLayout
 from pipeline.prepare import PreparedRun
-from stages.contract import read_marker
+from pipeline.run_record import RunRecord
 
 
 def visible_gpu_ids() -> list[int]:
@@ -35,59 +40,69 @@ def visible_gpu_ids() -> list[int]:
     return list(range(sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))))
 
 
-def default_max_parallel() -> int:
-    return max(1, min(4, (os.cpu_count() or 1)))
+def driver_for(layout: RunLayout, record: RunRecord,
+               on_change: Callable[[list[StageStatus]], None]) -> LocalDriver:
+    """The driver of a prepared run, with the launcher its runtime needs (checked first)."""
+    settings = LocalSettings.model_validate(record.settings)
+    launcher = None
+    if settings.runtime == "docker":
+        from pipeline.docker_runtime import DockerLauncher
+
+        launcher = DockerLauncher(settings.docker_network)
+        launcher.check(record)
+    return LocalDriver(layout, record, settings, visible_gpu_ids(), on_change=on_change, launcher=launcher)
 
 
 class LocalBackend(Backend):
     name = "local"
+    Settings = LocalSettings
 
-    def __init__(self, max_parallel: int | None = None, runtime: str = "process") -> None:
-        self.max_parallel = max_parallel or default_max_parallel()
-        self.runtime = runtime  # process | docker (pipeline/docker_runtime.py)
+    @classmethod
+    def settings_from(cls, config, options: dict) -> LocalSettings:
+        chosen = {key: value for key, value in options.items() if value is not None}
+        return LocalSettings(docker_network=config.images.network, timing=config.report.timing, **chosen)
 
-    def submit(self, prepared: PreparedRun) -> str:
-        """Start a detached driver for this run and return at once."""
+    def tracking(self, config, layout: RunLayout) -> TrackingRef | None:
+        from pipeline.tracking import study_tracking
+
+        # One process per stage attempt (the run lock), and the driver makes the parent run first.
+        return study_tracking(config, layout.root, layout.run_id, settle_s=0.0)
+
+    def apply(self, prepared: PreparedRun, lock_fd: int) -> str:
+        """Start a detached driver for the prepared run; it takes over the run lock."""
         layout = prepared.layout
         log_path = layout.run_dir / "driver.log"
-        # The detached driver re-reads the resolved config that prepare wrote: same stages,
-        # same fingerprints, nothing re-submitted that already succeeded.
-        command = [sys.executable, "-m", "pipeline", "run", "-c", str(layout.config_path),
-                   "--root", str(layout.root), "--run-id", layout.run_id,
-                   "--max-parallel", str(self.max_parallel), "--plain", "--runtime", self.runtime]
+        command = [sys.executable, "-m", "pipeline.backends.local_driver", str(layout.run_dir)]
         with log_path.open("ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True, pass_fds=(lock_fd,),
+                                       env={**os.environ, LOCK_FD_ENV: str(lock_fd)})
         return f"driver pid {process.pid}; log {log_path}"
 
-    def status(self, layout: RunLayout) -> list[StageStatus]:
-        run = layout.read_run()
-        jobs = layout.read_jobs().get("stages", {})
-        driver_alive = _alive(layout.read_jobs().get("driver_pid"))
-        statuses = []
-        for name, info in run["stages"].items():
-            job = jobs.get(name, {})
-            marker = read_marker(layout.stage_dir(name))
-            current = marker is not None and marker.fingerprint == info["fingerprint"]
-            if current and marker.state == "succeeded":
-                recorded = job.get("state")
-                state = StageState.CACHED if recorded == "cached" else StageState.SUCCEEDED
-            elif current:
-                state = StageState.FAILED
-            elif job.get("state") == "running" and driver_alive and _alive(_as_int(job.get("job_id"))):
+    def live_states(self, layout: RunLayout, record: RunRecord) -> dict[str, StageStatus]:
+        jobs = layout.read_jobs()
+        driver_alive = _alive(jobs.get("driver_pid"))
+        found = {}
+        for name, info in record.stages.items():
+            job = jobs.get("stages", {}).get(name, {})
+            recorded = job.get("state")
+            if recorded == "cached":
+                state = StageState.CACHED
+            elif recorded == "running" and driver_alive and _alive(_as_int(job.get("job_id"))):
                 state = StageState.RUNNING
-            elif job.get("state") in ("running", "interrupted"):
+            elif recorded in ("running", "interrupted"):
                 state = StageState.INTERRUPTED
-            elif job.get("state") == "blocked":
+            elif recorded == "blocked":
                 state = StageState.BLOCKED
+            elif recorded == "failed":
+                state = StageState.FAILED
             else:
                 state = StageState.PENDING
-            note = failure_note(layout, name) if state == StageState.FAILED else job.get("note", "")
-            statuses.append(StageStatus(name, info["kind"], state, note, job.get("job_id", ""),
-                                        job.get("started_at"), job.get("finished_at")))
-        return statuses
+            found[name] = StageStatus(name, info.kind, state, job.get("note", ""), job.get("job_id", ""),
+                                      job.get("started_at"), job.get("finished_at"))
+        return found
 
-    def cancel(self, layout: RunLayout) -> list[str]:
+    def cancel(self, layout: RunLayout, record: RunRecord) -> list[str]:
         jobs = layout.read_jobs()
         driver = jobs.get("driver_pid")
         running = [name for name, job in jobs.get("stages", {}).items() if job.get("state") == "running"]

@@ -6,12 +6,16 @@
   period; stopped stages leave no marker, so the next `run` resumes them.
 - Children die with the driver (PR_SET_PDEATHSIG), so a `kill -9` of the driver leaves no
   orphan writing into a stage dir that the next driver starts again.
+
+It works from what `prepare` wrote (run.json and the specs), so the same driver runs in the
+foreground (`run`) and detached (`submit --cluster local`: `python -m pipeline.backends.local_driver
+RUN_DIR`, holding the run lock it was handed).
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
-import fcntl
 import os
 import signal
 import subprocess
@@ -22,29 +26,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
-from pipeline.backends.base import StageState, StageStatus, failure_note
+from contract.launch import StageLaunch
+from contract.markers import mark_failed, read_marker
+from contract.tracking import close_parent_run, parent_run_id_of
+from pipeline.backends.base import StageState, StageStatus, failure_note, marker_state
+from pipeline.backends.local_settings import LocalSettings
+from pipeline.backends.local_timing import LocalTiming
 from pipeline.errors import BackendError
-from pipeline.graph import Stage
 from pipeline.layout import RunLayout
-from pipeline.prepare import PreparedRun
-from pipeline.stage_kinds import stage_module
-from stages.contract import mark_failed, read_marker
+from pipeline.run_record import RunRecord, StageRecord, read_record
 
 GRACE_S = 20.0
 _PR_SET_PDEATHSIG = 1
+LOCK_FD_ENV = "FASTER_QAT_RUN_LOCK_FD"
 
 
 class StageLauncher(Protocol):
-    def command(self, stage: Stage, spec_path: Path, gpus: list[int]) -> list[str]: ...
+    def command(self, name: str, stage: StageRecord, spec_path: Path, gpus: list[int]) -> list[str]: ...
 
 
-def stage_command(kind: str, spec_path: Path, processes: int, python: str = sys.executable) -> list[str]:
-    """The stage command every runtime runs (torchrun when a node has several processes)."""
-    module = stage_module(kind)
-    if processes > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={processes}", "-m", module, "--spec", str(spec_path)]
-    return [python, "-m", module, "--spec", str(spec_path)]
+def process_command(stage: StageRecord, spec_path: Path) -> list[str]:
+    """The stage as a process on this machine: the contract's launch command (torchrun when
+    the stage has several processes)."""
+    return StageLaunch(stage.kind, str(spec_path), processes_per_node=stage.resources.processes_per_node,
+                       python=sys.executable).argv()
 
 
 @dataclass
@@ -57,40 +62,46 @@ class _Running:
 
 @dataclass
 class LocalDriver:
-    prepared: PreparedRun
-    max_parallel: int
+    layout: RunLayout
+    record: RunRecord
+    settings: LocalSettings
     gpu_ids: list[int]
     on_change: Callable[[list[StageStatus]], None] = lambda statuses: None
     poll_s: float = 0.05
     # Makes a stage's command instead of running it as a plain subprocess (None: process runtime).
     launcher: StageLauncher | None = None
+    # Records where each stage ran; runs train stages alone with report.timing: isolated
+    # (None: as the run's settings say).
+    timing: LocalTiming | None = None
     _states: dict[str, StageStatus] = field(default_factory=dict, init=False)
     _running: dict[str, _Running] = field(default_factory=dict, init=False)
     _stopping: bool = field(default=False, init=False)
 
+    def __post_init__(self) -> None:
+        if self.timing is None:
+            self.timing = LocalTiming(self.layout.run_dir, isolated=self.settings.timing == "isolated")
+        self._timing = self.timing
+
     def run(self) -> dict[str, StageState]:
-        layout = self.prepared.layout
-        graph = self.prepared.graph
-        lock = _acquire_run_lock(layout)
+        """Drive the run to its end (the caller holds the run lock)."""
+        for name, stage in self.record.stages.items():
+            done = marker_state(self.layout, name, stage.fingerprint) == StageState.SUCCEEDED
+            self._states[name] = StageStatus(name, stage.kind, StageState.CACHED if done else StageState.PENDING)
+        self._open_tracking()
+        self._record_jobs()
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for stage in graph:
-                state = StageState.CACHED if stage.name in self.prepared.cached else StageState.PENDING
-                self._states[stage.name] = StageStatus(stage.name, stage.kind, state)
-            self._record_jobs()
-            previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                self._loop()
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-                self._stop_children()
-                self._record_jobs()
+            self._loop()
         finally:
-            lock.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._stop_children()
+            self._record_jobs()
+            self._close_tracking()
         return {name: status.state for name, status in self._states.items()}
 
     def statuses(self) -> list[StageStatus]:
-        return [self._states[name] for name in self.prepared.graph.names]
+        return [self._states[name] for name in self.record.stages]
 
     def _loop(self) -> None:
         self.on_change(self.statuses())
@@ -108,22 +119,24 @@ class LocalDriver:
 
     def _ready(self) -> list[str]:
         ready = []
-        for stage in self.prepared.graph:
-            status = self._states[stage.name]
-            if status.state != StageState.PENDING:
+        for name, stage in self.record.stages.items():
+            if self._states[name].state != StageState.PENDING:
                 continue
-            upstream_states = [self._states[up].state for up in stage.dependencies]
-            if all(s in (StageState.SUCCEEDED, StageState.CACHED) for s in upstream_states):
-                ready.append(stage.name)
+            if all(self._states[up].state in (StageState.SUCCEEDED, StageState.CACHED) for up in stage.dependencies):
+                ready.append(name)
         return ready
 
     def _launch_ready(self) -> bool:
         launched = False
-        for name in self._ready():
-            if len(self._running) >= self.max_parallel:
+        ready = self._ready()
+        timed_waiting = any(self._timing.is_timed(self.record.stages[name].kind) for name in ready)
+        for name in ready:
+            if len(self._running) >= self.settings.max_parallel:
                 break
-            stage = self.prepared.graph[name]
-            gpus = self._free_gpus(stage.resources.gpus_per_node)
+            running_kinds = [self.record.stages[other].kind for other in self._running]
+            if not self._timing.may_start(self.record.stages[name].kind, running_kinds, timed_waiting):
+                continue  # report.timing: isolated
+            gpus = self._free_gpus(self.record.stages[name].resources.gpus_per_node)
             if gpus is None:
                 continue  # waits for GPUs; later stages that need fewer may still start
             self._start(name, gpus)
@@ -143,18 +156,18 @@ class LocalDriver:
         return free[:wanted] if len(free) >= wanted else None
 
     def _start(self, name: str, gpus: list[int]) -> None:
-        layout = self.prepared.layout
-        stage = self.prepared.graph[name]
-        spec_path = layout.spec_path(name)
+        stage = self.record.stages[name]
+        spec_path = self.layout.spec_path(name)
         if self.launcher is not None:  # e.g. --runtime docker: a child that runs the container
-            command = self.launcher.command(stage, spec_path, gpus)
+            command = self.launcher.command(name, stage, spec_path, gpus)
         else:
-            command = stage_command(stage.kind, spec_path, stage.resources.processes_per_node)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PIPELINE_JOB_ID": f"local-{os.getpid()}-{name}"}
+            command = process_command(stage, spec_path)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_JOB_ID": f"local-{os.getpid()}-{name}"}
+        env.pop(LOCK_FD_ENV, None)
         # A stage sees only the GPUs it was given; a CPU stage sees none.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
-        log = layout.log_path(name).open("ab")
+        env.update(self._timing.started(name, stage.kind, gpus))  # what ran where, for step times
+        log = self.layout.log_path(name).open("ab")
         log.write(f"=== {time.strftime('%F %T')} {' '.join(command)}\n".encode())
         log.flush()
         process = subprocess.Popen(
@@ -174,44 +187,64 @@ class LocalDriver:
                 continue
             running.log.close()
             del self._running[name]
+            self._timing.ended(name)
             changed = True
             status = self._states[name]
             status.finished_at = time.time()
-            marker = read_marker(self.prepared.layout.stage_dir(name))
-            fingerprint = self.prepared.fingerprints[name]
-            if marker and marker.fingerprint == fingerprint and marker.state == "succeeded":
+            fingerprint = self.record.stages[name].fingerprint
+            marker = read_marker(self.layout.stage_dir(name))
+            if marker_state(self.layout, name, fingerprint) == StageState.SUCCEEDED:
                 status.state, status.note = StageState.SUCCEEDED, f"{status.finished_at - running.started_at:.1f}s"
             elif self._stopping and not marker:
                 status.state, status.note = StageState.INTERRUPTED, "stopped; next run resumes"
             else:
                 if not marker or marker.fingerprint != fingerprint:
-                    mark_failed(self.prepared.layout.stage_dir(name), fingerprint,
+                    mark_failed(self.layout.stage_dir(name), fingerprint,
                                 f"{name}: exited with code {code} without writing a marker", code or 1)
                 status.state = StageState.FAILED
-                status.note = failure_note(self.prepared.layout, name)
+                status.note = failure_note(self.layout, name)
             self._sync_tracking(name)
         return changed
 
     def _block_dependents_of_failures(self) -> bool:
         changed = False
-        for name, status in self._states.items():
-            if status.state != StageState.FAILED:
-                continue
-            for down in self.prepared.graph.downstream(name):
-                if self._states[down].state == StageState.PENDING:
-                    self._states[down].state = StageState.BLOCKED
-                    self._states[down].note = f"upstream {name} failed"
-                    changed = True
+        for name, stage in self.record.stages.items():
+            status = self._states[name]
+            failed = [up for up in stage.dependencies if self._states[up].state in (StageState.FAILED, StageState.BLOCKED)]
+            if status.state == StageState.PENDING and failed:
+                status.state, status.note = StageState.BLOCKED, f"upstream {failed[0]} failed"
+                changed = True
         return changed
+
+    def _open_tracking(self) -> None:
+        """The parent run is made here, before any stage starts, so stages never race for it."""
+        ref = self.record.tracking
+        if ref is None:
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+
+            parent_run_id_of(MlflowClient(tracking_uri=ref.tracking_uri), ref)
+        except Exception as error:  # the stages buffer their events; `sync` delivers them later
+            print(f"warning: MLflow at {ref.tracking_uri}: {type(error).__name__}: {str(error)[:200]}; "
+                  "stages buffer their events (`python -m pipeline sync` later)", file=sys.stderr)
+
+    def _close_tracking(self) -> None:
+        if self.record.tracking is None:
+            return
+        states = {status.state for status in self._states.values()}
+        status = ("KILLED" if StageState.INTERRUPTED in states else
+                  "FAILED" if states & {StageState.FAILED, StageState.BLOCKED} else "FINISHED")
+        close_parent_run(self.record.tracking, status)
 
     def _sync_tracking(self, name: str) -> None:
         """The driver is the one writer left once the stage is gone: deliver what it buffered."""
-        if self.prepared.tracking is None:
+        if self.record.tracking is None:
             return
-        from stages.tracking import sync_stage_events
+        from contract.tracking import sync_stage_events
 
         try:
-            sync_stage_events(self.prepared.layout.stage_dir(name), self.prepared.tracking)
+            sync_stage_events(self.layout.stage_dir(name), self.record.tracking)
         except Exception as error:
             print(f"warning: {name}: MLflow sync deferred ({type(error).__name__}); "
                   "run `python -m pipeline sync` later", file=sys.stderr)
@@ -234,7 +267,7 @@ class LocalDriver:
         self._reap()
 
     def _record_jobs(self) -> None:
-        self.prepared.layout.write_jobs({
+        self.layout.write_jobs({
             "cluster": "local",
             "driver_pid": os.getpid(),
             "updated_at": time.time(),
@@ -258,30 +291,22 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-class _RunLock:
-    def __init__(self, handle: IO[str]) -> None:
-        self._handle = handle
+def main(argv: list[str] | None = None) -> int:
+    """The detached driver of `submit --cluster local`: drives a prepared run, holding the run
+    lock its submitter passed down (fd in FASTER_QAT_RUN_LOCK_FD)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.backends.local_driver")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    layout = RunLayout(args.run_dir.parent, args.run_dir.name)
+    record = read_record(layout)
+    from pipeline.backends.local import driver_for
 
-    def close(self) -> None:
-        self._handle.close()
+    driver = driver_for(layout, record, on_change=lambda statuses: None)
+    states = driver.run()
+    failed = [name for name, state in states.items() if state in (StageState.FAILED, StageState.BLOCKED)]
+    print(" ".join(f"{name}={state.value}" for name, state in states.items()), flush=True)
+    return 1 if failed else 0
 
 
-def _acquire_run_lock(layout: RunLayout) -> _RunLock:
-    path = Path(layout.run_dir) / ".driver.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise BackendError(
-            f"run '{layout.run_id}' is already being run by {owner}; wait for it or "
-            f"`python -m pipeline cancel {layout.run_id}`"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}")
-    handle.flush()
-    return _RunLock(handle)
+if __name__ == "__main__":
+    sys.exit(main())

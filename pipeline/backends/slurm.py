@@ -3,8 +3,9 @@
 - `submit` writes one batch script per stage to `<run>/slurm/` and sbatches them in
   topological order; cached stages are not submitted and impose no dependency. If Slurm
   rejects a job, the ones queued before it are cancelled: nothing is left half submitted.
-- `render` writes the same scripts plus `submit.sh` to a folder, for reading or submitting
-  by hand (it prepares the run's spec files, which the scripts point at).
+- `render` writes the same scripts plus `submit.sh` and `run.json` to a folder, for reading or
+  submitting by hand; pure: each script carries its stage's spec and writes it when it starts,
+  and `submit.sh` puts run.json and jobs.json into the run dir.
 - `status` polls every job of the run in one `squeue` call (and one `sacct` call for jobs
   squeue no longer knows); markers decide succeeded/failed. A job pending with reason
   DependencyNeverSatisfied (an upstream failed or was cancelled) is reported blocked.
@@ -19,19 +20,18 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.backends.base import Backend, StageState, StageStatus, failure_note
+from contract.files import write_atomic
+from pipeline.backends.base import Backend, StageState, StageStatus
 from pipeline.backends.slurm_script import batch_script, submit_script
 from pipeline.backends.slurm_settings import SlurmSettings
 from pipeline.errors import BackendError
-from pipeline.graph import Graph, Stage
+from pipeline.graph import Stage
 from pipeline.layout import RunLayout
-from pipeline.prepare import PreparedRun
-from stages.contract import read_marker
-
-if TYPE_CHECKING:
-    from pipeline.loader import LoadedConfig
+from pipeline.plan import RunPlan
+from pipeline.prepare import PreparedRun, run_record
+from pipeline.run_record import RunRecord, write_record
 
 SCRIPTS_DIR = "slurm"
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -39,7 +39,6 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING"}
 _QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "PREEMPTED"}
 _NEVER = ("DependencyNeverSatisfied",)
-_DEAD = {StageState.FAILED, StageState.BLOCKED, StageState.CANCELLED, StageState.INTERRUPTED}
 
 
 @dataclass(frozen=True)
@@ -111,14 +110,23 @@ def _timestamp(text: str) -> float | None:
 
 class SlurmBackend(Backend):
     name = "slurm"
+    Settings = SlurmSettings
+    renderable = True
 
-    def submit(self, prepared: PreparedRun) -> str:
+    def pulls_images(self) -> bool:
+        return self.settings.container is not None  # type: ignore[attr-defined]
+
+    def render(self, plan: RunPlan, layout: RunLayout, output_dir: Path) -> list[Path]:
+        """`<stage>.sbatch` for every stage, `submit.sh` and `run.json`; submits nothing."""
+        return write_rendered(plan, plan.names, self.settings, layout, output_dir, record=None)
+
+    def apply(self, prepared: PreparedRun, lock_fd: int) -> str:
         layout = prepared.layout
-        settings = settings_of(layout.read_run().get("config", {}))
+        settings = self.settings
         run_command([settings.sbatch, "--version"], "submit")  # a missing sbatch fails before anything
         self._refuse_live_jobs(layout)
-        scripts = write_scripts(prepared.graph, prepared.to_run, layout, settings,
-                                layout.run_dir / SCRIPTS_DIR)
+        folder = layout.run_dir / SCRIPTS_DIR
+        write_rendered(prepared.plan, prepared.to_run, settings, layout, folder, prepared.record)
         stages: dict[str, Any] = {name: {"state": "cached"} for name in prepared.cached}
         job_ids: dict[str, str] = {}
         try:
@@ -127,77 +135,55 @@ class SlurmBackend(Backend):
                 argv = [settings.sbatch, "--parsable"]
                 if upstream:
                     argv.append("--dependency=afterok:" + ":".join(job_ids[up] for up in upstream))
-                process = run_command([*argv, str(scripts[name])], f"submit {name}")
+                script = folder / f"{name}.sbatch"
+                process = run_command([*argv, str(script)], f"submit {name}")
                 if process.returncode != 0:
                     undone = f"; cancelled the {len(job_ids)} job(s) queued before it" if job_ids else ""
                     raise BackendError(f"sbatch rejected stage {name}: {slurm_error(process)}{undone}")
                 job_ids[name] = process.stdout.strip().split(";")[0]
                 # Recorded as it goes, so even a killed submit leaves ids `cancel` can find.
-                stages[name] = {"job_id": job_ids[name], "script": str(scripts[name])}
+                stages[name] = {"job_id": job_ids[name], "script": str(script)}
                 layout.write_jobs({"backend": self.name, "submitted_at": time.time(), "stages": stages})
         except BaseException:  # rejected, or interrupted: nothing stays half submitted
             _scancel(list(job_ids.values()))
             layout.jobs_file.unlink(missing_ok=True)
             raise
         first, last = job_ids[prepared.to_run[0]], job_ids[prepared.to_run[-1]]
-        return f"slurm jobs {first}..{last}; scripts in {layout.run_dir / SCRIPTS_DIR}"
+        return f"slurm jobs {first}..{last}; scripts in {folder}"
 
-    def render(self, graph: Graph, layout: RunLayout, image_refs: dict[str, str],
-               loaded_config: LoadedConfig, output_dir: Path) -> list[Path]:
-        """Write `<stage>.sbatch` for every stage to run and `submit.sh`; submits nothing."""
-        from pipeline.prepare import prepare_run
-        from pipeline.tracking import open_parent_run, resolve_tracking_uri
-
-        config = loaded_config.config
-        layout = RunLayout(layout.root.resolve(), layout.run_id)
-        settings = getattr(config, "slurm", None) or SlurmSettings()
-        uri = resolve_tracking_uri(layout.root, config.tracking.uri)
-        experiment = config.tracking.experiment or config.study
-        prepared = prepare_run(graph, layout, image_refs, self.name,
-                               lambda lay: open_parent_run(lay, uri, experiment),
-                               config.model_dump(mode="json"))
-        return render_prepared(prepared, settings, output_dir)
-
-    def status(self, layout: RunLayout) -> list[StageStatus]:
-        run = layout.read_run()
+    def live_states(self, layout: RunLayout, record: RunRecord) -> dict[str, StageStatus]:
         jobs = layout.read_jobs().get("stages", {})
         live = queue_states([job["job_id"] for job in jobs.values() if job.get("job_id")])
-        statuses: dict[str, StageStatus] = {}
-        for name in run_order(run):
-            info = run["stages"][name]
+        found: dict[str, StageStatus] = {}
+        for name, info in record.stages.items():
             job = jobs.get(name, {})
             job_id = job.get("job_id", "")
-            state, note = _stage_state(layout, name, info["fingerprint"], job, live.get(job_id))
-            # Slurm flags only direct dependents of a failed job; theirs wait "for Dependency"
-            # forever, so a stage below a stage that will never succeed is blocked too.
-            stuck = [up for up in sorted(set(info["upstream"].values())) if statuses[up].state in _DEAD]
-            if state == StageState.PENDING and stuck:
-                state, note = StageState.BLOCKED, f"upstream {stuck[0]} will not succeed"
             job_state = live.get(job_id)
+            state, note = _job_state(job, job_state)
             started = job_state.started_at if job_state and state != StageState.QUEUED else None
             ended = job_state.ended_at if job_state and state.finished else None
             if started and ended and ended <= started:  # a pending job cancelled: it never ran
                 started = ended = None
-            statuses[name] = StageStatus(name, info["kind"], state, note, job_id, started, ended)
-        return list(statuses.values())
+            found[name] = StageStatus(name, info.kind, state, note, job_id, started, ended)
+        return found
 
-    def cancel(self, layout: RunLayout) -> list[str]:
+    def cancel(self, layout: RunLayout, record: RunRecord) -> list[str]:
         """scancel every job of the run that Slurm still holds (blocked ones included)."""
         # A stage whose marker is written is done even while its job is still exiting.
-        open_stages = [status for status in self.status(layout) if status.job_id
+        open_stages = [status for status in self.status(layout, record) if status.job_id
                        and status.state in (StageState.RUNNING, StageState.QUEUED,
                                             StageState.PENDING, StageState.BLOCKED)]
         live = queue_states([status.job_id for status in open_stages])
         stopped = [status.name for status in open_stages
                    if status.job_id in live and live[status.job_id].state in _RUNNING | _QUEUED]
         _scancel([status.job_id for status in open_stages if status.name in stopped])
-        record = layout.read_jobs()
+        jobs = layout.read_jobs()
         for name in stopped:  # so status tells "cancelled by you" from "blocked by Slurm"
-            record["stages"][name]["state"] = "cancelled"
-        layout.write_jobs(record)
+            jobs["stages"][name]["state"] = "cancelled"
+        layout.write_jobs(jobs)
         return stopped
 
-    def logs(self, layout: RunLayout, stage: str) -> str:
+    def logs(self, layout: RunLayout, record: RunRecord, stage: str) -> str:
         path = layout.log_path(stage)
         if path.exists():
             return path.read_text(errors="replace")
@@ -216,43 +202,29 @@ class SlurmBackend(Backend):
                                f"`python -m pipeline cancel {layout.run_id}` first")
 
 
-def render_prepared(prepared: PreparedRun, settings: SlurmSettings, output_dir: Path) -> list[Path]:
-    """The batch script of every stage to run, and `submit.sh` that queues them in order."""
-    graph, layout = prepared.graph, prepared.layout
-    output_dir = output_dir.resolve()
-    scripts = write_scripts(graph, prepared.to_run, layout, settings, output_dir)
-    order = [(name, scripts[name], [up for up in graph[name].dependencies if up in scripts])
-             for name in prepared.to_run]
-    submit = output_dir / "submit.sh"
-    submit.write_text(submit_script(stages=order, jobs_file=layout.jobs_file, sbatch=settings.sbatch))
-    submit.chmod(0o755)
-    return [*scripts.values(), submit]
-
-
-def run_order(run: dict[str, Any]) -> list[str]:
-    """The run's stages in topological order (run.json keeps them sorted by name)."""
-    stages = [Stage(name, info["kind"], upstream=info["upstream"]) for name, info in run["stages"].items()]
-    return Graph(stages).names
-
-
-def settings_of(config_snapshot: dict[str, Any]) -> SlurmSettings:
-    return SlurmSettings.model_validate(config_snapshot.get("slurm") or {})
-
-
-def write_scripts(graph: Graph, names: list[str], layout: RunLayout, settings: SlurmSettings,
-                  folder: Path) -> dict[str, Path]:
-    """Write `<stage>.sbatch` for each named stage; the run's spec files must exist."""
-    run = layout.read_run()
+def write_rendered(plan: RunPlan, names: list[str], settings: SlurmSettings, layout: RunLayout,
+                   folder: Path, record: RunRecord | None) -> list[Path]:
+    """The batch script of each named stage (carrying its spec), `submit.sh` that queues them in
+    order and `run.json` (`record`, or one without timestamps: rendering is deterministic)."""
+    folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    scripts = {}
+    scripts = []
     for name in names:
         path = folder / f"{name}.sbatch"
-        path.write_text(stage_script(graph[name], layout, settings, run["stages"][name]["image"]))
-        scripts[name] = path
-    return scripts
+        write_atomic(path, stage_script(plan.graph[name], layout, settings, plan.image_refs[plan.graph[name].image],
+                                        plan.specs[name].to_json()))
+        scripts.append(path)
+    order = [(name, f"{name}.sbatch", [up for up in plan.graph[name].dependencies if up in names])
+             for name in names]
+    submit = folder / "submit.sh"
+    write_atomic(submit, submit_script(stages=order, run_dir=layout.run_dir, sbatch=settings.sbatch))
+    submit.chmod(0o755)
+    run_json = folder / "run.json"
+    write_record(run_json, record or run_record(plan, "slurm", settings.model_dump(mode="json"), created_at=None))
+    return [*scripts, submit, run_json]
 
 
-def stage_script(stage: Stage, layout: RunLayout, settings: SlurmSettings, image_ref: str) -> str:
+def stage_script(stage: Stage, layout: RunLayout, settings: SlurmSettings, image_ref: str, spec_json: str) -> str:
     placement = settings.placement(stage.kind)
     resources = stage.resources
     container = settings.container
@@ -281,16 +253,14 @@ def stage_script(stage: Stage, layout: RunLayout, settings: SlurmSettings, image
         env=settings.env,
         requeue=settings.requeue,
         signal_before_s=settings.signal_before_s,
+        spec_json=spec_json,
     )
 
 
-def _stage_state(layout: RunLayout, name: str, fingerprint: str, job: dict[str, Any],
-                 live: JobState | None) -> tuple[StageState, str]:
-    marker = read_marker(layout.stage_dir(name))
-    if marker is not None and marker.fingerprint == fingerprint:
-        if marker.state == "succeeded":
-            return (StageState.CACHED if job.get("state") == "cached" else StageState.SUCCEEDED), ""
-        return StageState.FAILED, failure_note(layout, name)
+def _job_state(job: dict[str, Any], live: JobState | None) -> tuple[StageState, str]:
+    """A stage's state from Slurm's record of its job (its marker, if any, is read by the base)."""
+    if job.get("state") == "cached":
+        return StageState.CACHED, ""
     if not job.get("job_id"):
         return StageState.PENDING, "not submitted"
     if live is None:

@@ -14,34 +14,18 @@ and stops, then requeues the job unless the stage already wrote a marker.
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.contract import FAILED_MARKER, SUCCESS_MARKER
+from contract.launch import Rendezvous, StageLaunch
+from contract.markers import FAILED_MARKER, SUCCESS_MARKER
+from pipeline.backends.job_shell import place_spec
 
 NCCL_ENV = {"NCCL_DEBUG": "WARN", "NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off
 RDZV_PORT_BASE = 20000
-# torchrun forwards these to its workers (SIGUSR1 = checkpoint, then stop).
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-
-
-def stage_command(
-    *, kind: str, spec_path: Path, python: str = "python", nodes: int = 1, processes_per_node: int = 1,
-    shutdown_timeout_s: int = 100,
-) -> str:
-    """The command every backend runs for a stage, with torchrun for multi-process stages."""
-    module = ["-m", f"stages.{kind}", "--spec", str(spec_path)]
-    if nodes == 1 and processes_per_node == 1:
-        return shlex.join([python, *module])
-    launcher = [
-        python, "-m", "torch.distributed.run",
-        f"--nnodes={nodes}", f"--nproc-per-node={processes_per_node}",
-        "--rdzv-backend=c10d", "--rdzv-id=$SLURM_JOB_ID", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT",
-        f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={shutdown_timeout_s}",
-    ]
-    # $SLURM_JOB_ID/$MASTER_* stay unquoted for the shell of the batch script to expand.
-    return " ".join(_quote_keeping_vars(part) for part in [*launcher, *module])
+SPEC_HEREDOC = "FASTER_QAT_SPEC_EOF"
 
 
 def enroot_image_ref(ref: str) -> str:
@@ -80,8 +64,11 @@ def batch_script(
     env: dict[str, str] | None = None,
     requeue: bool = True,
     signal_before_s: int = 120,
+    spec_json: str | None = None,
 ) -> str:
-    """One stage's batch script. Container mode when `container_image` is set, else bare metal."""
+    """One stage's batch script. Container mode when `container_image` is set, else bare metal.
+    With `spec_json` the script carries the stage's spec and writes it to `spec_path` first, so
+    the rendered files alone run the stage (nothing is prepared on the cluster beforehand)."""
     directives = [
         f"--job-name={job_name}",
         f"--output={log_path}",
@@ -117,9 +104,9 @@ def batch_script(
             setup.append(f"source {shlex.quote(str(Path(venv) / 'bin' / 'activate'))}")
         if workdir:
             setup.append(f"cd {shlex.quote(workdir)}")
-    command = stage_command(kind=kind, spec_path=spec_path, python=python, nodes=nodes,
-                            processes_per_node=max(1, gpus_per_node),
-                            shutdown_timeout_s=max(10, signal_before_s - 20))
+    launch = StageLaunch(kind, str(spec_path), nodes=nodes, processes_per_node=max(1, gpus_per_node),
+                         python=python, shutdown_timeout_s=max(10, signal_before_s - 20))
+    command = launch.shell(Rendezvous(endpoint="$MASTER_ADDR:$MASTER_PORT", run_id="$SLURM_JOB_ID"))
     exports = {"PYTHONUNBUFFERED": "1", **NCCL_ENV, **(env or {})}
     markers = " || ".join(f"-e {shlex.quote(str(stage_dir / m))}" for m in (SUCCESS_MARKER, FAILED_MARKER))
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives), "",
@@ -132,6 +119,10 @@ def batch_script(
              'echo "== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST '
              'at $(date -Is)"',
              ""]
+    if spec_json is not None:
+        fingerprint = json.loads(spec_json)["fingerprint"]
+        heredoc = f"cat > \"$TMP_SPEC\" <<'{SPEC_HEREDOC}'\n{spec_json.rstrip()}\n{SPEC_HEREDOC}"
+        lines += [*place_spec(str(stage_dir), fingerprint, heredoc, "$SLURM_JOB_ID"), ""]
     lines += _signal_handling(srun, command, markers, requeue)
     return "\n".join(lines) + "\n"
 
@@ -159,14 +150,18 @@ def _signal_handling(srun: list[str], command: str, markers: str, requeue: bool)
     ]
 
 
-def submit_script(*, stages: Sequence[tuple[str, Path, Sequence[str]]], jobs_file: Path,
+def submit_script(*, stages: Sequence[tuple[str, str, Sequence[str]]], run_dir: Path,
                   sbatch: str = "sbatch") -> str:
-    """`submit.sh`: sbatch each (stage, script, upstream stages) in order, wiring afterok
-    dependencies from the job ids it gets; cancels what it queued if one is rejected; writes
-    the run's jobs.json so `python -m pipeline status/logs/cancel` work afterwards."""
+    """`submit.sh`: sbatch each (stage, script file name beside submit.sh, upstream stages) in
+    order, wiring afterok dependencies from the job ids it gets; cancels what it queued if one is
+    rejected; puts the run's record (run.json beside it) and jobs.json in the run dir, so
+    `python -m pipeline status/logs/cancel` work afterwards."""
+    q = shlex.quote
     variables = {name: f"JOB_{index}" for index, (name, _, _) in enumerate(stages)}
     lines = ["#!/bin/bash", "# Queue the run's stages in order; written by pipeline/backends/slurm_script.py",
-             "set -euo pipefail", "submitted=()",
+             "set -euo pipefail", 'HERE="$(cd "$(dirname "$0")" && pwd)"', f"RUN_DIR={q(str(run_dir))}",
+             'mkdir -p "$RUN_DIR" && cp "$HERE/run.json" "$RUN_DIR/.run.json.$$" && mv -f "$RUN_DIR/.run.json.$$" "$RUN_DIR/run.json"',
+             "submitted=()",
              'rollback() { [[ ${#submitted[@]} -gt 0 ]] && scancel "${submitted[@]}"; '
              'echo "submit.sh: a job was rejected; cancelled ${#submitted[@]} queued job(s)" >&2; }',
              "trap rollback ERR", ""]
@@ -175,15 +170,12 @@ def submit_script(*, stages: Sequence[tuple[str, Path, Sequence[str]]], jobs_fil
         if upstream:
             dependency = " --dependency=afterok:" + ":".join(f"${variables[u]}" for u in upstream)
         var = variables[name]
-        lines += [f"{var}=$({shlex.quote(sbatch)} --parsable{dependency} {shlex.quote(str(script))})",
+        lines += [f'mkdir -p "$RUN_DIR"/{q(name)}',  # Slurm opens the stage's log there
+                  f'{var}=$({q(sbatch)} --parsable{dependency} "$HERE"/{q(script)})',
                   f"{var}=${{{var}%%;*}}",  # --parsable prints `id[;cluster]`
                   f'submitted+=("${var}"); echo "{name}: job ${var}"']
-    entries = ", ".join(f'"{name}": {{"job_id": "${variables[name]}", "script": "{script}"}}'
+    entries = ", ".join(f'"{name}": {{"job_id": "${variables[name]}", "script": "$HERE/{script}"}}'
                         for name, script, _ in stages)
-    lines += ["", "trap - ERR", f"cat > {shlex.quote(str(jobs_file))} <<EOF",
+    lines += ["", "trap - ERR", 'cat > "$RUN_DIR/jobs.json" <<EOF',
               f'{{"backend": "slurm", "stages": {{{entries}}}}}', "EOF"]
     return "\n".join(lines) + "\n"
-
-
-def _quote_keeping_vars(part: str) -> str:
-    return f'"{part}"' if "$" in part else shlex.quote(part)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.stage_kinds import STAGE_KINDS
+from contract.kinds import STAGE_KINDS
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "slurm"
 

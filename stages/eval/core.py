@@ -3,40 +3,51 @@
 Inputs: `data` (preprocess output; the `val` split), `model` (an export, ptq or train dir;
 absent for eval-base, which loads params.model). See deployed.py for what "deployed" means.
 val_loss = sum of next-token cross entropy over label tokens / label tokens (the first
-`max_batches` micro-batches of val, in order). Output dir: `eval.json` (the summary) and,
-with lm_eval_tasks, `lm_eval.json` (lm-eval's results).
-Summary: val_loss, val_tokens, acc_<task> per task, precision (what ran), activation_scaling,
-packer (of the evaluated weights), recipe.
+`max_batches` micro-batches of val, in order). Output dir: `eval.json` (the summary),
+`val_sequences.json` (each sequence's loss sum and label tokens: the report's bootstrap samples
+them) and, with lm_eval_tasks, `lm_eval.json` (lm-eval's results).
+Summary: val_loss, val_tokens, val_sequences, acc_<task> and questions_<task> (its n) per task,
+precision (what ran), activation_scaling, packer (of the evaluated weights), recipe.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from stages.contract import write_json_atomic
-from stages.eval.deployed import Deployment, fake_quant_deployment, load_unified, pack_in_memory, torchao_deployment
-from stages.eval.params import EvalStageParams
-from stages.hf_model import DTYPES, load_causal_lm, load_tokenizer, read_precision, resolve_model_source
-from stages.export.unified import TORCHAO_FORMATS, deployed_format
-from stages.precision.recipe import Recipe
-from stages.runtime import StageContext, StageInputError, parse_params
+from contract.files import write_json_atomic
+from contract.formats import deployed_format
+from contract.params.eval import EvalStageParams
+from contract.recipe import Recipe
+from stages.device import resolve_device
+from stages.eval.deployed import (
+    Deployment,
+    fake_quant_deployment,
+    load_unified,
+    pack_in_memory,
+    torchao_deployment,
+)
+from stages.hf_model import (
+    DTYPES,
+    load_causal_lm,
+    load_tokenizer,
+    read_precision,
+    resolve_model_source,
+)
+from stages.runtime import StageContext, StageInputError
+from stages.versions import package_versions
 
 EXPORT_FILE = "export.json"
-
-
+SEQUENCES_FILE = "val_sequences.json"  # SequenceLosses: what the report's intervals resample
 
 
 def _check_recipe(params: EvalStageParams, recorded: dict[str, Any] | None, where: Path) -> Recipe:
-    from stages.precision import load_recipe
-
-    try:
-        asked = load_recipe(params.recipe)
-    except ValueError as error:
-        raise StageInputError(f"params.recipe: {error}") from None
+    asked = params.recipe
     if recorded is None:
         return asked
     recipe = Recipe.model_validate(recorded)
@@ -79,37 +90,60 @@ def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.de
     if params.precision != "deployed" or recipe.inference_format == "bf16":
         return Deployment(model, "bf16", "none", None), recipe, tokenizer
     fmt = recipe.inference_format
-    if fmt in TORCHAO_FORMATS:
+    if deployed_format(fmt).checkpoint == "torchao":
         return torchao_deployment(model, recipe), recipe, tokenizer
     return pack_in_memory(model, recipe, fmt, Path(path)), recipe, tokenizer
 
 
+@dataclass(frozen=True)
+class SequenceLosses:
+    """Per validation sequence (row of the val split, in order): the summed next-token cross
+    entropy in nats and the label tokens it covers. The report bootstraps over these."""
+
+    rows: list[int]
+    loss_sums: list[float]
+    tokens: list[int]
+
+    @property
+    def val_loss(self) -> float:
+        return sum(self.loss_sums) / max(sum(self.tokens), 1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"unit": "nats", "rows": self.rows, "loss_sum": self.loss_sums, "tokens": self.tokens}
+
+
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, data_dir: Path, micro_batch: int, max_batches: int | None, device: torch.device) -> tuple[float, int]:
-    from stages.train.batches import TokenSplit, validation_batches
-    from stages.train.losses import cross_entropy_sum
+def validation_losses(model: torch.nn.Module, data_dir: Path, micro_batch: int, max_batches: int | None, device: torch.device) -> SequenceLosses:
+    from stages.batches import IGNORE_INDEX, TokenSplit, validation_batches
+    from stages.losses import shifted
 
     split = TokenSplit(data_dir, "val")
-    total, tokens = 0.0, 0
+    rows: list[int] = []
+    loss_sums: list[float] = []
+    tokens: list[int] = []
     for batch in validation_batches(split, micro_batch, 0, 1, max_batches):
         batch = batch.to(device)
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-        total += float(cross_entropy_sum(logits, batch.labels).double())
-        tokens += batch.label_tokens
-    return total / max(tokens, 1), tokens
+        logits, labels = shifted(logits, batch.labels)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+        rows.extend(range(len(rows), len(rows) + labels.shape[0]))  # validation_batches reads rows in order
+        loss_sums.extend(per_token.double().sum(dim=1).tolist())
+        tokens.extend((labels != IGNORE_INDEX).sum(dim=1).tolist())
+    return SequenceLosses(rows, loss_sums, tokens)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from stages.ptq.core import resolve_device
-
-    params = parse_params(EvalStageParams, ctx.params)
+    params = ctx.params_as(EvalStageParams)
     device = resolve_device(params.device)
     deployment, recipe, tokenizer = load_deployment(ctx, params, device)
-    val_loss, val_tokens = validation_loss(deployment.model, ctx.input_dir("data"), params.micro_batch, params.max_batches, device)
+    losses = validation_losses(deployment.model, ctx.input_dir("data"), params.micro_batch, params.max_batches, device)
+    write_json_atomic(ctx.output_dir / SEQUENCES_FILE, losses.to_json(), sort_keys=False)
     summary: dict[str, Any] = {
-        "val_loss": val_loss, "val_tokens": val_tokens, "precision": deployment.precision,
+        "val_loss": losses.val_loss, "val_tokens": sum(losses.tokens), "val_sequences": len(losses.rows),
+        "precision": deployment.precision,
         "activation_scaling": deployment.activation_scaling, "packer": deployment.packer or "none",
-        "recipe": recipe.name,
+        "recipe": recipe.name, "versions": package_versions(),
     }
     if params.lm_eval_tasks:
         from stages.eval.harness import run_lm_eval
@@ -118,6 +152,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         write_json_atomic(ctx.output_dir / "lm_eval.json", results)
         for task, metrics in results.items():
             summary[f"acc_{task}"] = metrics["acc"]
+            summary[f"questions_{task}"] = metrics["n"]
     write_json_atomic(ctx.output_dir / "eval.json", summary)
     ctx.tracker.set_tags({"precision": deployment.precision, "packer": deployment.packer or "none", "recipe": recipe.name})
     return summary

@@ -30,30 +30,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.export.packing import UNPACKERS, input_amax_from_scale
-from stages.export.torchao_export import activation_scaling
-from stages.export.unified import pack_device, pack_linear
-from stages.precision.recipe import OperandSpec, Recipe
+from contract.formats import INFERENCE_FORMATS
+from contract.recipe import OperandSpec, Recipe
+from stages.deployment.packing import UNPACKERS, input_amax_from_scale
+from stages.deployment.torchao import activation_scaling
+from stages.deployment.unified import pack_device, pack_linear
 
-QUANT_ALGO_FORMAT = {"NVFP4": "nvfp4", "FP8": "fp8", "MXFP8": "mxfp8"}
+QUANT_ALGO_FORMAT = {fmt.quant_algo: name for name, fmt in INFERENCE_FORMATS.items() if fmt.quant_algo}
 
 
 def quantize_activation(x: torch.Tensor, spec: OperandSpec, amax: torch.Tensor | None) -> torch.Tensor:
     """Quantize-dequantize an fp32 activation as the deployed GEMM reads it."""
-    from stages.precision.fp8 import FP8_DTYPES, fake_quantize_fp8
-    from stages.precision.mx import ELEM_DTYPES, fake_quantize_mxfp8
+    from stages.precision.formats import fake_quantizer
     from stages.precision.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
-    fmt = spec.format
-    if fmt == "bf16":
-        return x
-    if fmt in FP8_DTYPES:
-        return fake_quantize_fp8(x, fmt, amax)
-    if fmt in ELEM_DTYPES:
-        return fake_quantize_mxfp8(x, fmt, spec.scale_rounding)
-    if fmt == "nvfp4":
+    if spec.format == "nvfp4":  # the deployed GEMM scales from the calibrated amax, not the tensor's own
         return dequantize_nvfp4(quantize_nvfp4(x, global_amax=amax), torch.float32)
-    raise ValueError(f"activation format {fmt} has no deployed form here")
+    try:
+        return fake_quantizer(spec.format)(x, spec, amax)
+    except ValueError:
+        raise ValueError(f"activation format {spec.format} has no deployed form here") from None
 
 
 class DeployedLinear(nn.Module):
@@ -99,9 +95,9 @@ def deploy_packed(model: nn.Module, recipe: Recipe, tensors: dict[str, dict[str,
 
 
 def pack_in_memory(model: nn.Module, recipe: Recipe, fmt: str, model_dir: Path) -> Deployment:
-    from stages.export.sources import linear_amax
+    from stages.deployment.amax import linear_amax
     from stages.hf_model import quantizer_state
-    from stages.precision.emulated import linear_names
+    from stages.precision.surgery import linear_names
 
     amax = linear_amax(model, linear_names(model, recipe), quantizer_state(model_dir), fmt)
     device = pack_device()  # where an export on this machine packs, so both deploy the same bytes

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.eval.params import EvalStageParams
+from contract.params.eval import EvalStageParams
 from stages.runtime import StageInputError
 
 
 def run_lm_eval(model: nn.Module, tokenizer: Any, params: EvalStageParams, device: torch.device) -> dict[str, dict[str, float]]:
-    """{task: {"acc": ..., "acc_stderr": ...}} for each of params.lm_eval_tasks."""
+    """{task: {"acc": ..., "acc_stderr": ..., "n": questions scored}} for each of params.lm_eval_tasks."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -41,5 +41,6 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, params: EvalStageParams, devic
     results: dict[str, dict[str, float]] = {}
     for task in params.lm_eval_tasks:
         metrics = out["results"][task]
-        results[task] = {"acc": float(metrics["acc,none"]), "acc_stderr": float(metrics.get("acc_stderr,none") or 0.0)}
+        results[task] = {"acc": float(metrics["acc,none"]), "acc_stderr": float(metrics.get("acc_stderr,none") or 0.0),
+                         "n": int(out["n-samples"][task]["effective"])}
     return results

@@ -29,14 +29,23 @@ from typing import Any
 
 import torch
 
-from stages.contract import write_json_atomic
-from stages.export.params import ExportParams
-from stages.export.sources import linear_amax
-from stages.export.torchao_export import activation_scaling as torchao_activation_scaling, write_torchao_checkpoint
-from stages.export.unified import TORCHAO_FORMATS, deployed_format, write_unified_checkpoint
-from stages.hf_model import load_causal_lm, load_tokenizer, model_dir_of, quantizer_state, read_precision
+from contract.files import write_json_atomic
+from contract.formats import INFERENCE_FORMATS, deployed_format
+from contract.params.export import ExportParams
+from stages.deployment.amax import linear_amax
+from stages.deployment.torchao import activation_scaling as torchao_activation_scaling
+from stages.deployment.torchao import write_torchao_checkpoint
+from stages.deployment.unified import write_unified_checkpoint
+from stages.device import resolve_device
+from stages.hf_model import (
+    load_causal_lm,
+    load_tokenizer,
+    model_dir_of,
+    quantizer_state,
+    read_precision,
+)
 from stages.precision.errors import PrecisionUnavailable
-from stages.runtime import StageContext, StageInputError, parse_params
+from stages.runtime import StageContext, StageInputError
 
 EXPORT_FILE = "export.json"
 BF16_DIR = "bf16"
@@ -57,10 +66,10 @@ def choose_packer(requested: str, model_dir: Path) -> str:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from stages.precision.emulated import linear_names
-    from stages.precision.recipe import Recipe
+    from contract.recipe import Recipe
+    from stages.precision.surgery import linear_names
 
-    params = parse_params(ExportParams, ctx.params)
+    params = ctx.params_as(ExportParams)
     model_dir = model_dir_of(ctx.input_dir("model"))
     precision = read_precision(model_dir)
     if precision is None:
@@ -74,12 +83,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         model.save_pretrained(ctx.output_dir / BF16_DIR, safe_serialization=True)
         tokenizer.save_pretrained(ctx.output_dir / BF16_DIR)
         checkpoints["bf16"] = BF16_DIR
-    fmt = deployed_format(recipe.inference_format) if params.quantized_checkpoint else None
+    deployed = deployed_format(recipe.inference_format) if params.quantized_checkpoint else None
+    fmt = deployed.name if deployed else None
     skipped = None
     packer = None
     activation_scaling = None
     calibrated_here = False
-    if fmt in TORCHAO_FORMATS:
+    if deployed is not None and deployed.checkpoint == "torchao":
         try:
             write_torchao_checkpoint(model_dir, model, tokenizer, ctx.output_dir / QUANTIZED_DIR, recipe)
         except PrecisionUnavailable as error:
@@ -102,7 +112,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         else:
             names = linear_names(model, recipe)
             state = quantizer_state(model_dir)
-            calibrated_here = fmt != "mxfp8" and "data" in ctx.spec.inputs and not _has_input_amax(state, names)
+            calibrated_here = INFERENCE_FORMATS[fmt].static_input_scale and "data" in ctx.spec.inputs and not _has_input_amax(state, names)
             if calibrated_here:
                 state = {**state, **_calibrate_inputs(model, names, ctx.input_dir("data"), params.calib_samples)}
             amax = linear_amax(model, names, state, fmt)
@@ -129,10 +139,10 @@ def _has_input_amax(state: dict[str, torch.Tensor], names: list[str]) -> bool:
 
 def _calibrate_inputs(model: torch.nn.Module, names: list[str], data_dir: Path, samples: int) -> dict[str, torch.Tensor]:
     """ModelOpt `max` calibration of the activations on the first `samples` training rows."""
-    from stages.ptq.core import calibration_loop, record_amax_emulated
-    from stages.train.batches import TokenSplit
+    from stages.batches import TokenSplit
+    from stages.calibration import calibration_loop, record_amax_emulated
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     model.to(device)
     amax = record_amax_emulated(model, names, calibration_loop(TokenSplit(data_dir, "train"), samples, 4, device))
     model.to("cpu")

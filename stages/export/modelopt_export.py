@@ -12,7 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.hf_model import MODELOPT_STATE_FILE, load_causal_lm, modelopt_state, quantizer_state
+from stages.hf_model import (
+    MODELOPT_STATE_FILE,
+    load_causal_lm,
+    modelopt_state,
+    quantizer_state,
+)
 
 
 def modelopt_unavailable(model_dir: Path) -> str | None:

@@ -1,7 +1,7 @@
 """Precision recipes, exact quantizers and model converters.
 
 `from stages.precision import load_recipe, prepare_model, PrecisionUnavailable, fake_quantize`.
-The control plane imports `stages.precision.recipe` (torch-free), which runs this file too:
+The control plane imports `contract.recipe` (torch-free), which runs this file too:
 so everything that needs torch is imported lazily, on first attribute access (PEP 562).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.precision.recipe import Recipe, RecipeError, builtin_recipe_names, load_recipe
+from contract.recipe import Recipe, RecipeError, builtin_recipe_names, load_recipe
 from stages.precision.errors import PrecisionUnavailable
 
 _LAZY = {

@@ -9,8 +9,10 @@ import sys
 
 import torch
 
-from stages.precision.recipe import RecipeError, builtin_recipe_names, load_recipe
+from contract.recipe import RecipeError, builtin_recipe_names, load_recipe
+from stages.device import resolve_device
 from stages.precision.support import support_matrix
+from stages.runtime import StageInputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", action="store_true", help="the matrix as JSON: recipe -> backend -> null or why not")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device: cuda asked for, but no CUDA device is visible here", file=sys.stderr)
+    try:
+        device = resolve_device(args.device, "--device")
+    except StageInputError as error:
+        print(error, file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          args.device if args.device != "auto" else "cpu")
     try:
         recipes = [load_recipe(name) for name in args.recipes or builtin_recipe_names()]
     except RecipeError as error:

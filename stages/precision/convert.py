@@ -6,18 +6,17 @@ raises PrecisionUnavailable (one line, naming what to choose instead).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, get_args
-
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torch import nn
 
+from contract.recipe import GEMM_OPERANDS, PrecisionBackend, Recipe
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import GEMM_OPERANDS, PrecisionBackend, Recipe
 
 if TYPE_CHECKING:
     from stages.precision.modelopt_backend import SavedQuantizers
@@ -48,6 +47,7 @@ class PreparedModel:
     _state: Callable[[], dict[str, Any]] = field(default=dict, repr=False)
     _load_state: Callable[[dict[str, Any]], None] = field(default=lambda state: None, repr=False)
     converted: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # backend-specific, added to describe()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Wrap forward + backward in it; a no-op except for backend te (te.autocast)."""
@@ -66,9 +66,17 @@ class PreparedModel:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_state(state)
 
+    def modelopt_state(self) -> dict[str, Any]:
+        """Backend modelopt: `mto.modelopt_state` of the model (its quantizer modules and config),
+        what ModelOpt's restore and export read."""
+        import modelopt.torch.opt as mto
+
+        return mto.modelopt_state(self.model)
+
     def describe(self) -> dict[str, str]:
         """Tags for MLflow: what ran, so nobody has to guess."""
         tags = {
+            **self.tags,
             "recipe": self.recipe.name,
             "backend": self.backend,
             "inference_format": self.recipe.inference_format,
@@ -91,19 +99,23 @@ class PreparedModel:
 
 def prepare_model(
     model: nn.Module, recipe: Recipe, backend: str, calibrate: Calibrate | None = None,
-    saved_quantizers: SavedQuantizers | None = None,
+    saved_quantizers: SavedQuantizers | None = None, for_compile: bool = False,
 ) -> PreparedModel:
     """Converts `model` in place (apply FSDP2 fully_shard after this) and returns it wrapped.
 
     `calibrate`: the forward loop backend modelopt calibrates with; `saved_quantizers`: a
-    ModelOpt run's quantizers of this recipe, which backend modelopt restores instead."""
+    ModelOpt run's quantizers of this recipe, which backend modelopt restores instead.
+    `for_compile`: the model will be torch.compiled; backend modelopt then computes its quantized
+    linears with ModelOpt's quantizers through this project's ops (modelopt_compiled.py says why),
+    and tags the run `modelopt_path` either way."""
     if backend not in BACKENDS:
         raise PrecisionUnavailable(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
     before = {name for name, m in model.named_modules() if type(m) is nn.Linear}
     if backend == "emulated":
         from stages.precision import emulated
 
-        layers = emulated.convert_emulated(model, recipe)
+        # All-bf16 GEMMs are nn.Linear exactly: left as they are, they compile with their neighbours.
+        layers = [] if recipe.is_high_precision else emulated.convert_emulated(model, recipe)
         prepared = PreparedModel(
             model, recipe, backend,
             _on_step=lambda step: emulated.step_emulated(layers, recipe, step),
@@ -122,7 +134,7 @@ def prepare_model(
     elif backend == "modelopt":
         from stages.precision.modelopt_backend import convert_modelopt
 
-        model = convert_modelopt(model, recipe, calibrate, saved_quantizers)
+        model = convert_modelopt(model, recipe, calibrate, saved_quantizers, own_fake_quant=for_compile)
         prepared = PreparedModel(model, recipe, backend)
         # ModelOpt swaps every nn.Linear (lm_head too) and disables the quantizers it must skip.
         prepared.converted = sorted(
@@ -130,6 +142,21 @@ def prepare_model(
             for name, module in model.named_modules()
             if getattr(getattr(module, "weight_quantizer", None), "is_enabled", False)
         )
+        if for_compile:
+            from stages.precision.modelopt_compiled import (
+                COMPILED_PATH,
+                PATH_TAG,
+                convert_for_compile,
+                step_compiled,
+            )
+
+            compiled = convert_for_compile(model)
+            prepared._on_step = lambda step: step_compiled(compiled)
+            prepared.tags[PATH_TAG] = COMPILED_PATH
+        else:
+            from stages.precision.modelopt_compiled import EAGER_PATH, PATH_TAG
+
+            prepared.tags[PATH_TAG] = EAGER_PATH
         return prepared
     else:
         from stages.precision.torchao_backend import convert_torchao, set_fake_quant
@@ -160,7 +187,7 @@ def convert_for_export(prepared: PreparedModel) -> nn.Module:
         return convert_for_export_torchao(model, prepared.recipe)
     if backend == "modelopt":
         return model
-    from stages.precision.emulated import replace_module
+    from stages.precision.surgery import replace_module
 
     for name in prepared.converted:
         layer = model.get_submodule(name)

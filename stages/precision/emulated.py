@@ -11,7 +11,6 @@ forward x_q and W_q, and the quantizer itself passes gradients straight through.
 
 from __future__ import annotations
 
-import fnmatch
 import zlib
 from typing import Any
 
@@ -20,14 +19,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from stages.precision.compat import emulated_refusal
+from contract.compat import emulated_refusal
+from contract.recipe import OperandSpec, Recipe
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.fp8 import FP8_DTYPES, fake_quantize_fp8
-from stages.precision.kernels.dispatch import fake_quantize_cuda, fused_pair_supported, fused_rows_and_cols
+from stages.precision.formats import FORMATS, fake_quantizer
+from stages.precision.kernels.dispatch import (
+    fake_quantize_cuda,
+    fused_pair_supported,
+    fused_rows_and_cols,
+)
 from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
-from stages.precision.mx import ELEM_DTYPES, fake_quantize_mxfp8
-from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4, hadamard_16
-from stages.precision.recipe import OperandSpec, Recipe
+from stages.precision.nvfp4 import apply_hadamard, hadamard_16
+from stages.precision.surgery import linear_names, replace_module
 
 
 class OperandQuantizer:
@@ -48,20 +51,16 @@ class OperandQuantizer:
         fmt = self.spec.format
         if fmt == "bf16":
             return x
-        amax = self._delayed_amax(x) if fmt in FP8_DTYPES and self.spec.scaling == "delayed" else None
+        delayed = FORMATS[fmt].describes.family == "fp8" and self.spec.scaling == "delayed"
+        amax = self._delayed_amax(x) if delayed else None
         if x.is_cuda:  # Triton kernels, bit-exact with the reference below (None: no kernel for the spec)
             out = fake_quantize_cuda(x, self.spec, amax)
             if out is not None:
                 return out
-        if fmt in FP8_DTYPES:
-            return fake_quantize_fp8(x, fmt, amax)
-        if fmt in ELEM_DTYPES:
-            return fake_quantize_mxfp8(x, fmt, self.spec.scale_rounding)
-        if fmt == "nvfp4":
-            return fake_quantize_nvfp4(
-                x, self.spec.block_2d, self.spec.stochastic_rounding, arithmetic=self.spec.nvfp4_arithmetic
-            )
-        raise PrecisionUnavailable(f"format {fmt}: backend emulated does not run it; choose backend torchao")
+        try:
+            return fake_quantizer(fmt)(x, self.spec, amax)
+        except ValueError as error:
+            raise PrecisionUnavailable(f"backend emulated: {error}") from None
 
     def _delayed_amax(self, x: torch.Tensor) -> torch.Tensor:
         amax_now = x.detach().abs().max().to(torch.float32)
@@ -219,28 +218,6 @@ class QuantizedLinear(OpaqueLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}"
-
-
-def stays_high_precision(name: str, patterns: list[str]) -> bool:
-    """A pattern matches the module's qualified name or any module above it."""
-    parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes for pattern in patterns)
-
-
-def linear_names(model: nn.Module, recipe: Recipe) -> list[str]:
-    """Qualified names of the nn.Linear modules a recipe converts."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not stays_high_precision(name, recipe.high_precision)
-    ]
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def convert_emulated(model: nn.Module, recipe: Recipe) -> list[QuantizedLinear]:

@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.precision.emulated import linear_names, replace_module
-from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
-from stages.precision.compat import scaled_mm_refusal
+from contract.compat import scaled_mm_refusal
+from contract.recipe import Recipe
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.fp8 import FP8_DTYPES
-from stages.precision.recipe import Recipe
-
+from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
+from stages.precision.surgery import linear_names, replace_module
 
 
 def check_recipe(recipe: Recipe) -> tuple[torch.dtype, torch.dtype, torch.dtype]:

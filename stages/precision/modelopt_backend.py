@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.precision.compat import modelopt_preset, modelopt_refusal
+from contract.compat import modelopt_preset, modelopt_refusal
+from contract.recipe import Recipe
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import Recipe
-
 
 
 @dataclass(frozen=True)
@@ -63,10 +62,11 @@ def restore_quantizers(model: nn.Module, saved: SavedQuantizers) -> nn.Module:
 
 def convert_modelopt(
     model: nn.Module, recipe: Recipe, calibrate: Callable[[nn.Module], None] | None,
-    saved: SavedQuantizers | None = None,
+    saved: SavedQuantizers | None = None, own_fake_quant: bool = False,
 ) -> nn.Module:
     """`mtq.quantize` with `calibrate` as its forward loop, or, given `saved` (a ModelOpt run of
-    this recipe), those quantizers restored with their calibrated amax."""
+    this recipe), those quantizers restored with their calibrated amax. `own_fake_quant`: ModelOpt's
+    fake quant will not run after a restore (modelopt_compiled computes it), so no CUDA is needed."""
     preset = modelopt_preset_name(recipe)
     try:
         import modelopt.torch.quantization as mtq
@@ -80,7 +80,7 @@ def convert_modelopt(
             "(prepare_model(..., calibrate=fn)); choose backend emulated for none"
         )
     device = next(model.parameters()).device
-    if preset == "NVFP4_DEFAULT_CFG" and device.type != "cuda":
+    if preset == "NVFP4_DEFAULT_CFG" and device.type != "cuda" and not (saved is not None and own_fake_quant):
         # ModelOpt's dynamic NVFP4 block quantizer asserts "amax must be a CUDA tensor".
         raise PrecisionUnavailable(
             f"recipe {recipe.name}: backend modelopt runs NVFP4 fake quant only on CUDA "

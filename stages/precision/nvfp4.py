@@ -128,16 +128,18 @@ def fake_quantize_nvfp4(
     stochastic_rounding: bool = False,
     generator: torch.Generator | None = None,
     arithmetic: str = "torchao",
+    global_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize in x's dtype (torchao: a NaN anywhere makes all NaN, the global amax
-    is NaN). `arithmetic="modelopt"`: ModelOpt's fake quant (1-D blocks, round to nearest even)."""
+    is NaN). `arithmetic="modelopt"`: ModelOpt's fake quant (1-D blocks, round to nearest even).
+    `global_amax`: scale from this amax rather than x's own (a calibrated, static amax)."""
     if arithmetic == "modelopt":
         if block_2d or stochastic_rounding:
             raise ValueError("NVFP4 arithmetic 'modelopt' has 1-D blocks and round to nearest even only")
-        return _fake_quantize_nvfp4_modelopt(x)
+        return _fake_quantize_nvfp4_modelopt(x, global_amax)
     if arithmetic != "torchao":
         raise ValueError(f"NVFP4 arithmetic '{arithmetic}' is not one of {', '.join(ARITHMETICS)}")
-    q = quantize_nvfp4(x, None, block_2d, stochastic_rounding, generator)
+    q = quantize_nvfp4(x, global_amax, block_2d, stochastic_rounding, generator)
     return dequantize_nvfp4(q, x.dtype)
 
 
@@ -150,11 +152,11 @@ def modelopt_global_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(g > 0, g, torch.full_like(g, MODELOPT_MIN_GLOBAL_SCALE))
 
 
-def _fake_quantize_nvfp4_modelopt(x: torch.Tensor) -> torch.Tensor:
+def _fake_quantize_nvfp4_modelopt(x: torch.Tensor, global_amax: torch.Tensor | None = None) -> torch.Tensor:
     """modelopt fp4_fake_quant_block with IEEE divisions (its Triton kernel's are approximate,
     which can differ only where a quotient lies within 2 ulp of a rounding threshold)."""
     blocks, k = to_blocks(x, NVFP4_BLOCK)
-    g = modelopt_global_scale(x.detach().abs().max())
+    g = modelopt_global_scale(x.detach().abs().max() if global_amax is None else global_amax.to(x.device))
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = torch.clamp(block_amax / (g * F4_MAX), max=E4M3_MAX).to(torch.float8_e4m3fn)
     scale = block_scale.to(torch.float32) * g

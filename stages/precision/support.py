@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from contract.recipe import Recipe
 from stages.precision.convert import BACKENDS, prepare_model
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import Recipe
 
 WIDTH = 256  # divisible by every block and group size the built-ins use
 

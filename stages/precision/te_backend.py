@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.precision.emulated import linear_names, replace_module
-from stages.precision.compat import te_refusal
+from contract.compat import te_refusal
+from contract.recipe import GEMM_OPERANDS, PER_TENSOR_FORMATS, OperandSpec, Recipe
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import GEMM_OPERANDS, PER_TENSOR_FORMATS, OperandSpec, Recipe
+from stages.precision.surgery import linear_names, replace_module
 
 _SUPPORT_CHECKS = {  # format family -> (TE checker name, what it needs)
     "fp8": ("check_fp8_support", "FP8 (Hopper or newer)"),
@@ -166,7 +166,9 @@ def te_quantizer(spec: OperandSpec, recipe: Recipe) -> Any:
                 f"recipe {recipe.name}: backend te runs delayed scaling only as the plain HYBRID "
                 "DelayedScaling recipe on every operand; choose backend emulated"
             )
-        from transformer_engine.pytorch.tensor.float8_tensor import Float8CurrentScalingQuantizer
+        from transformer_engine.pytorch.tensor.float8_tensor import (
+            Float8CurrentScalingQuantizer,
+        )
 
         dtype = DType.kFloat8E4M3 if fmt == "fp8_e4m3" else DType.kFloat8E5M2
         return Float8CurrentScalingQuantizer(

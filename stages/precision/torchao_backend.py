@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.precision.compat import torchao_refusal
-from stages.precision.emulated import stays_high_precision
+from contract.compat import torchao_refusal
+from contract.recipe import OperandSpec, Recipe
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import OperandSpec, Recipe
+from stages.precision.surgery import stays_high_precision
 
 _INT_DTYPES = {"int4": torch.int4, "int8": torch.int8}
 

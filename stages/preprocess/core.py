@@ -19,7 +19,8 @@ import datasets
 import numpy as np
 from transformers import AutoTokenizer
 
-from stages.contract import write_json_atomic
+from contract.files import write_json_atomic
+from contract.params.preprocess import PreprocessParams
 from stages.preprocess.chat import (
     DROPPED_TOO_LONG,
     ENCODED_FEATURES,
@@ -30,9 +31,8 @@ from stages.preprocess.chat import (
     tokenizer_hash,
 )
 from stages.preprocess.packing import TokenTable, plan_rows, write_rows
-from stages.preprocess.params import PreprocessParams
 from stages.preprocess.source import SourceRows, load_source
-from stages.runtime import StageContext, StageInputError, parse_params
+from stages.runtime import StageContext, StageInputError
 
 DATA_MANIFEST = "data_manifest.json"
 SPLITS = ("train", "val")
@@ -40,7 +40,7 @@ CACHE_DIR = ".preprocess-cache"  # intermediate files, removed when the stage en
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = parse_params(PreprocessParams, ctx.params)
+    params = ctx.params_as(PreprocessParams)
     manifest = preprocess(params, ctx.output_dir, ctx.log)
     # The runtime logs the numeric summary as metrics; the file keeps the strings too.
     ctx.tracker.set_tags({"tokenizer_hash": manifest["tokenizer_hash"]})

@@ -12,8 +12,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from contract.params.preprocess import PreprocessParams
 from stages.preprocess.json_rows import BadRows, read_json_rows
-from stages.preprocess.params import PreprocessParams
 from stages.preprocess.rows import ChatColumns
 from stages.runtime import StageInputError
 

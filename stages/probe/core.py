@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages.contract import write_atomic
-from stages.probe.params import ProbeParams
-from stages.runtime import StageContext, StageInputError, parse_params
+from contract.files import write_atomic
+from contract.params.probe import ProbeParams
+from stages.runtime import StageContext, StageInputError
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = parse_params(ProbeParams, ctx.params)
+    params = ctx.params_as(ProbeParams)
     started = time.monotonic()
     deadline = started + params.sleep_s
     next_metric, step = started + params.metric_every_s, 0

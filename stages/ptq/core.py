@@ -15,63 +15,25 @@ Calibration data: the first `calib_samples` rows of the train split, in order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from stages.contract import write_json_atomic
+from contract.files import write_json_atomic
+from contract.params.ptq import PtqStageParams
+from stages.batches import TokenSplit
+from stages.calibration import calibration_loop, record_amax_emulated
+from stages.device import resolve_device
 from stages.hf_model import (
-    MODELOPT_STATE_FILE, PRECISION_FILE, QUANTIZER_STATE_FILE, load_causal_lm, load_tokenizer, resolve_model_source,
+    MODELOPT_STATE_FILE,
+    PRECISION_FILE,
+    QUANTIZER_STATE_FILE,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_source,
 )
-from stages.ptq.params import PtqStageParams
-from stages.runtime import StageContext, StageInputError, parse_params
-from stages.train.batches import TokenSplit
-
-
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise StageInputError("params.device: cuda requested but no CUDA device is visible; choose cpu or auto")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def calibration_loop(split: TokenSplit, samples: int, batch: int, device: torch.device) -> Callable[[nn.Module], None]:
-    rows = list(range(min(samples, len(split))))
-
-    def forward_loop(model: nn.Module) -> None:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch):
-                b = split.rows(rows[start : start + batch]).to(device)
-                model(input_ids=b.input_ids, position_ids=b.position_ids, use_cache=False)
-
-    return forward_loop
-
-
-def record_amax_emulated(model: nn.Module, names: list[str], loop: Callable[[nn.Module], None]) -> dict[str, dict[str, torch.Tensor]]:
-    """amax per linear: max |input| seen over the loop, max |weight| (ModelOpt `max` calibration)."""
-    amax: dict[str, dict[str, torch.Tensor]] = {}
-    hooks = []
-    for name in names:
-        module = model.get_submodule(name)
-        amax[name] = {"weight": module.weight.detach().abs().max().float()}
-
-        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
-            seen = args[0].detach().abs().max().float()
-            previous = amax[name].get("input")
-            amax[name]["input"] = seen if previous is None else torch.maximum(previous, seen)
-
-        hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        loop(model)
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return amax
+from stages.runtime import StageContext, StageInputError
 
 
 def record_amax_modelopt(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -84,14 +46,11 @@ def record_amax_modelopt(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
-    from stages.precision.emulated import linear_names
+    from stages.precision import PrecisionUnavailable, prepare_model
+    from stages.precision.surgery import linear_names
 
-    params = parse_params(PtqStageParams, ctx.params)
-    try:
-        recipe = load_recipe(params.recipe)
-    except ValueError as error:
-        raise StageInputError(f"params.recipe: {error}") from None
+    params = ctx.params_as(PtqStageParams)
+    recipe = params.recipe
     if not (recipe.fprop.input.quantized or recipe.fprop.weight.quantized):
         raise StageInputError(f"params.recipe: {recipe.name} quantizes no forward GEMM operand; PTQ needs a quantized recipe")
     if params.backend not in ("emulated", "modelopt"):
@@ -128,7 +87,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tokens = int(sum(split.rows([i]).input_ids.numel() for i in range(samples)))
     precision = {
         "recipe": recipe.model_dump(mode="json"),
-        "recipe_source": params.recipe,
         "backend": params.backend,
         "method": "ptq",
         "dtype": params.dtype,

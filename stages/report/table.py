@@ -1,187 +1,204 @@
-"""The study table: one row per run, from the train and eval stages' manifests on disk.
+"""The study table as text: markdown (the report, the parent run's description) and CSV.
 
-Rows come from the stage folders (the source of truth, readable during an MLflow outage);
-the same numbers are in MLflow, where the report is also logged to the parent run.
+Each estimate is written with its interval and sample size, and with as many digits as its
+interval needs to show differences (two significant digits of the interval's half-width);
+val loss keeps five decimals, as the seed's table. A difference whose interval contains none is
+marked "within noise"; a step-time ratio from a run that shared its device is marked "not
+comparable".
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass
 
-from stages.contract import MANIFEST_FILE
-from stages.precision.recipe import RecipeError, load_recipe
-from stages.runtime import StageInputError
+from stages.report.rows import Study, StudyRow
 
-METRICS_FILE = "metrics.jsonl"
-ACCURACY_PREFIX = "acc_"  # the eval stage's summary key of each lm-eval task's accuracy
+LOSS_DECIMALS = 5
+WITHIN_NOISE = "within noise"
+NOT_COMPARABLE = "not comparable"
 
 
-@dataclass
-class StudyRow:
-    run: str
-    phase: str  # "base", "ptq", "trained"
-    backend: str = ""
-    recipe: str = ""
-    inference_format: str = ""
-    step_time_s: float | None = None
-    step_time_vs_baseline: float | None = None
-    val_loss: float | None = None
-    val_loss_vs_baseline: float | None = None
-    train_val_loss: float | None = None
-    tokens_per_s: float | None = None
-    accuracy: dict[str, float] = field(default_factory=dict)
+@dataclass(frozen=True)
+class Column:
+    header: str
+    cells: list[str]
 
 
-COLUMNS = (
-    ("run", "run"),
-    ("phase", "phase"),
-    ("backend", "backend"),
-    ("recipe", "recipe"),
-    ("inference_format", "inference"),
-    ("step_time_s", "step time (s)"),
-    ("step_time_vs_baseline", "step time vs baseline"),
-    ("val_loss", "val loss (deployed)"),
-    ("val_loss_vs_baseline", "val loss vs baseline"),
-    ("train_val_loss", "val loss (training)"),
-    ("tokens_per_s", "tokens/s"),
-)
+def decimals_for(low: float | None, high: float | None, at_least: int = 0, at_most: int = 6) -> int:
+    """Decimals that show two significant digits of an interval's half-width."""
+    if low is None or high is None or not math.isfinite(high - low):
+        return at_least
+    half = (high - low) / 2
+    if half <= 1e-9 * max(1.0, abs(low + high) / 2):  # no spread (float noise only)
+        return at_least
+    return max(at_least, min(at_most, 1 - math.floor(math.log10(half))))
 
 
-def read_summary(stage_dir: Path) -> dict[str, Any]:
-    """The summary a stage's manifest holds; an upstream whose manifest is missing or not one
-    is named in one line (the report reads what other stages wrote: it trusts no shape)."""
-    path = stage_dir / MANIFEST_FILE
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))["summary"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise StageInputError(f"inputs: {path}: not a stage manifest ({type(error).__name__}: "
-                              f"{str(error)[:120]})") from None
-    if not isinstance(summary, dict):
-        raise StageInputError(f"inputs: {path}: its summary is not a mapping")
-    return summary
+def _num(value: float, decimals: int, sign: bool = False) -> str:
+    text = f"{value:+.{decimals}f}" if sign else f"{value:.{decimals}f}"
+    return text.replace("-", "\u2212")  # a real minus sign: as wide as the plus
 
 
-def read_step_metrics(train_dir: Path) -> list[dict[str, Any]]:
-    path = train_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    try:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"line {number} is not an object")
-                rows.append(row)
-    except (OSError, ValueError) as error:
-        raise StageInputError(f"inputs: {path}: not step metrics ({str(error)[:120]})") from None
-    return rows
-
-
-def _number(value: Any) -> float | None:
-    """A metric as a float; anything else (a string, a bool, a list) as missing."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def mean_step_time(rows: list[dict[str, Any]], skip_first: int) -> float | None:
-    times = [time for row in rows if (time := _number(row.get("step_time_s"))) is not None]
-    kept = times[skip_first:] or times
-    return sum(kept) / len(kept) if kept else None
-
-
-def _inference_format(recipe: str) -> str:
-    try:
-        return load_recipe(recipe).inference_format
-    except RecipeError:
+def _interval(low: float | None, high: float | None, decimals: int, sign: bool = False) -> str:
+    if low is None or high is None:
         return ""
+    return f" [{_num(low, decimals, sign)}, {_num(high, decimals, sign)}]"
 
 
-def build_rows(inputs: dict[str, Path], tags: dict[str, dict[str, str]], baseline: str,
-               skip_first_steps: int) -> list[StudyRow]:
-    """`inputs`: role (= upstream stage name) -> stage dir; `tags`: stage name -> its tags."""
-    rows: dict[tuple[str, str], StudyRow] = {}
-
-    def row_for(run: str, phase: str, stage_tags: dict[str, str]) -> StudyRow:
-        key = (run, phase)
-        if key not in rows:
-            recipe = stage_tags.get("recipe", "")
-            rows[key] = StudyRow(run=run, phase=phase, backend=stage_tags.get("backend", ""),
-                                 recipe=recipe, inference_format=_inference_format(recipe))
-        return rows[key]
-
-    for role, stage_dir in sorted(inputs.items()):
-        stage_tags = tags.get(role, {})
-        run = stage_tags.get("run", role)
-        summary = read_summary(stage_dir)
-        if role.startswith("train-"):
-            row = row_for(run, "trained", stage_tags)
-            row.step_time_s = mean_step_time(read_step_metrics(stage_dir), skip_first_steps)
-            if row.step_time_s is None:
-                row.step_time_s = _number(summary.get("mean_step_time_s"))
-            row.tokens_per_s = _number(summary.get("tokens_per_s"))
-            row.train_val_loss = _number(summary.get("val_loss"))
-            row.backend = str(summary.get("backend", row.backend))
-        elif role.startswith("eval-"):
-            phase = "base" if role == "eval-base" else "ptq" if stage_tags.get("phase") == "ptq" else "trained"
-            row = row_for(run, phase, stage_tags)
-            row.val_loss = _number(summary.get("val_loss"))
-            # What eval deployed (e.g. int4-fake-quant where torchao had no int4 kernels), not only what the recipe says.
-            row.inference_format = str(summary.get("precision") or row.inference_format)
-            row.accuracy = {k.removeprefix(ACCURACY_PREFIX): v for k, v in summary.items()
-                            if k.startswith(ACCURACY_PREFIX) and isinstance(v, (int, float))}
-    ordered = sorted(rows.values(), key=lambda r: ({"base": 0, "ptq": 1, "trained": 2}[r.phase], r.run))
-    reference = rows.get((baseline, "trained"))
-    for row in ordered:
-        if reference is None:
-            break
-        row.step_time_vs_baseline = _ratio(row.step_time_s, reference.step_time_s)
-        row.val_loss_vs_baseline = _ratio(row.val_loss, reference.val_loss)
-    return ordered
-
-
-def _ratio(value: float | None, reference: float | None) -> float | None:
-    if value is None or not reference or math.isnan(reference):
-        return None
-    return value / reference
-
-
-def _cell(value: Any) -> str:
-    if value is None:
+def step_time_cell(row: StudyRow) -> str:
+    if row.step_time_s is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
+    d = decimals_for(row.step_time_low, row.step_time_high, at_least=2)
+    return f"{_num(row.step_time_s, d)}{_interval(row.step_time_low, row.step_time_high, d)} (n={row.step_time_steps})"
+
+
+def step_ratio_cell(row: StudyRow, baseline: str) -> str:
+    if row.step_time_vs_baseline is None:
+        return "-"
+    if row.run == baseline and row.phase == "trained":
+        return "1 (baseline)"
+    d = decimals_for(row.step_time_vs_baseline_low, row.step_time_vs_baseline_high, at_least=2)
+    text = f"{_num(row.step_time_vs_baseline, d)}x{_interval(row.step_time_vs_baseline_low, row.step_time_vs_baseline_high, d)}"
+    if row.step_time_vs_baseline_low is not None and row.step_time_vs_baseline_low <= 1.0 <= row.step_time_vs_baseline_high:
+        text += f" {WITHIN_NOISE}"
+    if not row.step_time_comparable:
+        text += f", {NOT_COMPARABLE}"
+    return text
+
+
+def timing_cell(row: StudyRow) -> str:
+    if not row.timing:
+        return "-"
+    return row.timing if row.timing == "exclusive" else f"{row.timing}: {row.timing_note}"
+
+
+def val_loss_cell(row: StudyRow, with_n: bool) -> str:
+    if row.val_loss is None:
+        return "-"
+    d = decimals_for(row.val_loss_low, row.val_loss_high)
+    text = f"{row.val_loss:.{LOSS_DECIMALS}f}{_interval(row.val_loss_low, row.val_loss_high, d)}"
+    if with_n:
+        text += f" ({_sample_size(row)})"
+    return text
+
+
+def pct_cell(pct: float | None, low: float | None, high: float | None) -> str:
+    if pct is None:
+        return "-"
+    d = decimals_for(low, high, at_least=1)
+    text = f"{_num(pct, d, sign=True)}{_interval(low, high, d, sign=True)}"
+    if low is not None and low <= 0.0 <= high:
+        text += f" {WITHIN_NOISE}"
+    return text
+
+
+def val_diff_cell(row: StudyRow, baseline: str) -> str:
+    if row.run == baseline and row.phase == "trained" and row.val_loss is not None:
+        return "0 (baseline)"
+    return pct_cell(row.val_loss_vs_baseline_pct, row.val_loss_vs_baseline_pct_low, row.val_loss_vs_baseline_pct_high)
+
+
+def accuracy_cell(row: StudyRow, task: str) -> str:
+    accuracy = row.accuracy.get(task)
+    if accuracy is None:
+        return "-"
+    if accuracy.n is None:
+        return f"{accuracy.value:.3f} (n unknown)"
+    return f"{accuracy.value:.3f}{_interval(accuracy.low, accuracy.high, 3)} ({accuracy.correct}/{accuracy.n})"
+
+
+def _sample_size(row: StudyRow) -> str:
+    if row.val_sequences is None:
+        return f"{row.val_tokens} tokens"
+    return f"{row.val_tokens} tokens, {row.val_sequences} seqs"
 
 
 def accuracy_tasks(rows: list[StudyRow]) -> list[str]:
     return sorted({task for row in rows for task in row.accuracy})
 
 
-def to_markdown(rows: list[StudyRow], title: str, notes: list[str]) -> str:
-    tasks = accuracy_tasks(rows)
-    header = [label for _, label in COLUMNS] + [f"acc {task}" for task in tasks]
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [_cell(getattr(row, name)) for name, _ in COLUMNS]
-        cells += [_cell(row.accuracy.get(task)) for task in tasks]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + [f"- {note}" for note in notes]
+def columns(study: Study) -> list[Column]:
+    """The table's columns, headers carrying units, levels and sample sizes shared by all rows."""
+    rows, base, level = study.rows, study.baseline, f"{round(study.level * 100)}% CI"
+    sizes = {_sample_size(row) for row in rows if row.val_loss is not None}
+    loss_n = f"; {sizes.pop()}" if len(sizes) == 1 else ""
+    cols = [
+        Column("run", [row.run for row in rows]),
+        Column("phase", [row.phase for row in rows]),
+        Column("recipe", [row.recipe or "-" for row in rows]),
+        Column("backend", [row.backend or "-" for row in rows]),
+        Column("inference", [row.inference_format or "-" for row in rows]),
+        Column(f"step time, s: mean [{level}] (n steps)", [step_time_cell(row) for row in rows]),
+        Column(f"step time vs {base} [{level}]", [step_ratio_cell(row, base) for row in rows]),
+        Column("device during timed steps", [timing_cell(row) for row in rows]),
+        Column(f"val loss deployed, nats/token [{level}{loss_n}]", [val_loss_cell(row, not loss_n) for row in rows]),
+        Column(f"val loss vs {base}, % [{level}, paired]", [val_diff_cell(row, base) for row in rows]),
+    ]
+    for task in accuracy_tasks(rows):
+        cols.append(Column(f"acc {task} [{level} Wilson] (correct/n)", [accuracy_cell(row, task) for row in rows]))
+    return cols
+
+
+def notes(study: Study) -> list[str]:
+    level = f"{round(study.level * 100)}%"
+    return [
+        (f"val loss: mean next-token cross entropy (nats/token) of the exported model in its inference "
+         f"format on the held-out split; {level} interval: percentile bootstrap over validation sequences"),
+        (f"val loss vs {study.baseline}: 100 x (val loss / {study.baseline}'s - 1), the interval a paired "
+         f"bootstrap over the same sequences; '{WITHIN_NOISE}': the interval contains no difference"),
+        (f"step time: mean seconds per optimizer step after the warm-up steps, {level} bootstrap interval "
+         f"over steps; the ratio to {study.baseline} resamples both runs' steps"),
+        (f"'{NOT_COMPARABLE}': this run or {study.baseline} shared its GPU or CPU cores with another stage "
+         "during its timed steps (or nobody recorded it); set `report.timing: isolated` to run train stages alone"),
+        ("'exclusive': no other stage of the study ran on the run's GPUs or CPU cores during its timed steps, by "
+         "the local driver's record or the scheduler's allocation; processes outside the pipeline are not recorded"),
+        f"accuracy: lm-eval multiple choice, {level} Wilson interval, correct/n questions",
+        "val loss in training precision (the last validation of each run) is in report.csv and the loss curves",
+        *study.notes,
+    ]
+
+
+def differences_markdown(study: Study) -> list[str]:
+    if not study.differences:
+        return []
+    lines = ["", "Paired differences in val loss (deployed), same validation sequences:", ""]
+    for diff in study.differences:
+        lines.append(f"- {diff.label}, %: {pct_cell(diff.pct, diff.low, diff.high)}")
+    return lines
+
+
+def to_markdown(study: Study, title: str, description: str = "") -> str:
+    cols = columns(study)
+    lines = [f"# {title}", ""]
+    if description:
+        lines += [description, ""]
+    lines += ["| " + " | ".join(col.header for col in cols) + " |", "|" + "---|" * len(cols)]
+    for i in range(len(study.rows)):
+        lines.append("| " + " | ".join(col.cells[i] for col in cols) + " |")
+    lines += differences_markdown(study)
+    lines += [""] + [f"- {note}" for note in notes(study)]
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[StudyRow]) -> str:
-    tasks = accuracy_tasks(rows)
+CSV_FIELDS = [name for name in StudyRow.__dataclass_fields__ if name != "accuracy"]
+
+
+def to_csv(study: Study) -> str:
+    """Every field at full precision, one row per (run, phase)."""
+    tasks = accuracy_tasks(study.rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([name for name, _ in COLUMNS] + [f"accuracy_{task}" for task in tasks])
-    for row in rows:
+    writer.writerow(CSV_FIELDS + [f"accuracy_{task}{suffix}" for task in tasks
+                                  for suffix in ("", "_low", "_high", "_n")])
+    for row in study.rows:
         values = asdict(row)
-        writer.writerow([values[name] if values[name] is not None else "" for name, _ in COLUMNS]
-                        + [row.accuracy.get(task, "") for task in tasks])
+        cells = ["" if values[name] is None else values[name] for name in CSV_FIELDS]
+        for task in tasks:
+            accuracy = row.accuracy.get(task)
+            found = (accuracy.value, accuracy.low, accuracy.high, accuracy.n) if accuracy else (None,) * 4
+            cells += ["" if value is None else value for value in found]
+        writer.writerow(cells)
     return buffer.getvalue()

@@ -11,35 +11,61 @@ import gc
 import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from contract.device_sharing import record_sharing, steps_window
+from contract.params.train import TrainStageParams
+from contract.recipe import Recipe
+from stages.batches import StepPlan, TokenSplit, TrainOrder
 from stages.hf_model import (
-    DTYPES, MODELOPT_STATE_FILE, load_causal_lm, load_tokenizer, modelopt_state, quantizer_state, read_precision,
+    DTYPES,
+    MODELOPT_STATE_FILE,
+    load_causal_lm,
+    load_tokenizer,
+    modelopt_state,
+    quantizer_state,
+    read_precision,
     resolve_model_source,
 )
 from stages.precision.modelopt_backend import SavedQuantizers
-from stages.precision.recipe import Recipe
-from stages.runtime import StageContext, StageInputError, parse_params
+from stages.runtime import StageContext, StageInputError
 from stages.train import checkpoint as ckpt
-from stages.train.batches import StepPlan, TokenSplit, TrainOrder
-from stages.train.distributed import World, barrier, decoder_layers, init_world, shard, any_rank
-from stages.train.loop import Session, StepResult, calibration_loop, train_step, validate
-from stages.train.metrics import MetricsFile, Progress, mfu, peak_flops, trainable_flop_params
+from stages.train.distributed import (
+    World,
+    any_rank,
+    barrier,
+    decoder_layers,
+    init_world,
+    shard,
+)
+from stages.train.loop import (
+    Session,
+    StepResult,
+    calibration_loop,
+    train_step,
+    validate,
+)
+from stages.train.metrics import (
+    MetricsFile,
+    Progress,
+    mfu,
+    peak_flops,
+    trainable_flop_params,
+)
 from stages.train.model_io import save_final
-from stages.train.params import TrainParams
 from stages.train.schedule import build_scheduler
+from stages.versions import package_versions
 
 # Steps left out of the mean step time: the first ones pay for warm-up (allocator, compile).
 WARMUP_STEPS_EXCLUDED = 2
 
 
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
-    params = parse_params(TrainParams, ctx.params)
+    params = ctx.params_as(TrainStageParams)
     ctx.defer_signals = True  # finish the step, checkpoint, then stop (Slurm preemption)
     world = init_world(params.device, need_group=_compute_dtype(params) is not None)
     try:
@@ -54,42 +80,91 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
-def _compute_dtype(params: TrainParams) -> torch.dtype | None:
+def _compute_dtype(params: TrainStageParams) -> torch.dtype | None:
     """The FSDP2 compute dtype, when it differs from the master weights' dtype."""
     if params.compute_dtype is None or params.compute_dtype == params.dtype:
         return None
     return DTYPES[params.compute_dtype]
 
 
-def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, Any]:
-    from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
+@dataclass(frozen=True)
+class TrainData:
+    """The step plan and the data it reads: the preprocess splits and the seeded row order."""
 
-    _seed_everything(params.seed, world.device)
+    plan: StepPlan
+    train: TokenSplit
+    val: TokenSplit
+    order: TrainOrder
+
+
+@dataclass(frozen=True)
+class Training:
+    """What build_training made: the session the loop steps, and what the final save records."""
+
+    session: Session
+    recipe: Recipe
+    start: int  # steps already done (a resumed run)
+    describe: dict[str, str]  # the MLflow tags of the precision recipe as it ran
+
+
+def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[str, Any]:
+    seed_everything(params.seed, world.device)
+    data = load_data(ctx, params, world)
+    source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
+    tokenizer = load_tokenizer(source, "params.model")
+    model = load_causal_lm(source, params.dtype, "params.model").to(world.device)
+    training = build_training(ctx, params, world, data, model, source)
+    metrics_file = MetricsFile(ctx.output_dir, training.start) if world.is_main else None
+    summary = train_loop(ctx, training.session, training.start, metrics_file)
+    if metrics_file is not None:
+        summary["device_sharing"] = _device_sharing(ctx.spec.stage, metrics_file, world)
+        summary["versions"] = package_versions()
+
+    model, prepared, recipe = training.session.model, training.session.prepared, training.recipe
+    precision = {
+        "recipe": recipe.model_dump(mode="json"),
+        "backend": prepared.backend,
+        "method": params.method,
+        "dtype": params.dtype,
+        "describe": training.describe,
+    }
+    extra = {MODELOPT_STATE_FILE: prepared.modelopt_state()} if prepared.backend == "modelopt" and world.is_main else {}
+    save_final(model, tokenizer, ctx.output_dir, world, precision, extra)
+    barrier(world)
+    return {**summary, "backend": prepared.backend, "recipe": recipe.name, "world_size": world.world_size}
+
+
+def load_data(ctx: StageContext, params: TrainStageParams, world: World) -> TrainData:
     plan = StepPlan(params.global_batch, params.micro_batch, world.world_size)
     plan.check()
     data_dir = ctx.input_dir("data")
     train_split, val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
-    order = TrainOrder(len(train_split), params.seed)
+    return TrainData(plan, train_split, val_split, TrainOrder(len(train_split), params.seed))
 
-    source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
-    tokenizer = load_tokenizer(source, "params.model")
-    model = load_causal_lm(source, params.dtype, "params.model").to(world.device)
+
+def build_training(
+    ctx: StageContext, params: TrainStageParams, world: World, data: TrainData, model: torch.nn.Module, source: str
+) -> Training:
+    """Everything between the loaded model and the first step: the precision recipe, activation
+    checkpointing, compile, FSDP2, AdamW and its schedule, a resume from the newest checkpoint,
+    and the run's tags. `source` is where the model came from (a ModelOpt run's quantizers)."""
+    from stages.precision import PrecisionUnavailable, prepare_model
+
     decoder_layers(model)  # fail early on an unsupported architecture
     teacher = _load_teacher(ctx, params, source, world) if params.method == "qad" else None
 
-    try:
-        recipe = load_recipe(params.recipe)
-    except ValueError as error:  # RecipeError: already one line naming the recipe
-        raise StageInputError(f"params.recipe: {error}") from None
+    recipe = params.recipe
     saved = _saved_modelopt_quantizers(source, recipe) if params.backend == "modelopt" else None
     calibrate = (
-        calibration_loop(train_split, order, params.micro_batch, params.calib_batches, world.device)
+        calibration_loop(data.train, data.order, params.micro_batch, params.calib_batches, world.device)
         if params.calib_batches and saved is None
         else None
     )
     try:
         # Before FSDP2: the recipe swaps linears, and fully_shard must see the final modules.
-        prepared = prepare_model(model, recipe, params.backend, calibrate=calibrate, saved_quantizers=saved)
+        prepared = prepare_model(
+            model, recipe, params.backend, calibrate=calibrate, saved_quantizers=saved, for_compile=params.compile
+        )
     except PrecisionUnavailable as error:
         raise StageInputError(f"params.backend: {error}") from None
     if saved is not None:
@@ -108,6 +183,9 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
         betas=params.betas,
         eps=params.eps,
         weight_decay=params.weight_decay,
+        # One kernel for the whole update on a GPU (for-each: several passes over the weights, the
+        # gradients and both moments, and a copy of the second moment).
+        fused=world.device.type == "cuda",
     )
     scheduler = build_scheduler(
         optimizer,
@@ -117,7 +195,8 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
         steps=params.steps,
         schedule=params.schedule,
     )
-    session = Session(params, world, model, prepared, optimizer, scheduler, train_split, val_split, order, plan, teacher)
+    session = Session(params, world, model, prepared, optimizer, scheduler, data.train, data.val, data.order,
+                      data.plan, teacher)
 
     start = 0
     resumed = ckpt.resume_newest(ctx.output_dir, model, optimizer, world, ctx.log)
@@ -137,21 +216,7 @@ def _train(ctx: StageContext, params: TrainParams, world: World) -> dict[str, An
          "world_size": str(world.world_size), "device": world.device.type,
          "compute_dtype": params.compute_dtype or params.dtype}
     )
-    metrics_file = MetricsFile(ctx.output_dir, start) if world.is_main else None
-    summary = _loop(ctx, session, start, metrics_file)
-
-    precision = {
-        "recipe": recipe.model_dump(mode="json"),
-        "recipe_source": params.recipe,
-        "backend": prepared.backend,
-        "method": params.method,
-        "dtype": params.dtype,
-        "describe": describe,
-    }
-    extra = _modelopt_state(model) if prepared.backend == "modelopt" and world.is_main else {}
-    save_final(model, tokenizer, ctx.output_dir, world, precision, extra)
-    barrier(world)
-    return {**summary, "backend": prepared.backend, "recipe": recipe.name, "world_size": world.world_size}
+    return Training(session, recipe, start, describe)
 
 
 @contextlib.contextmanager
@@ -173,7 +238,7 @@ def collect_garbage_between_steps(every: int) -> Iterator[Callable[[int], None]]
         gc.enable()
 
 
-def _loop(ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile | None) -> dict[str, Any]:
+def train_loop(ctx: StageContext, s: Session, start: int, metrics_file: MetricsFile | None) -> dict[str, Any]:
     with collect_garbage_between_steps(s.params.gc_every) as collect:
         return _steps(ctx, s, start, metrics_file, collect)
 
@@ -196,6 +261,7 @@ def _steps(
         if world.device.type == "cuda":
             torch.cuda.synchronize(world.device)
         elapsed = time.perf_counter() - began
+        ended_at = time.time()  # wall clock: what the device-sharing record is compared with
         step_times.append(elapsed)
         done = step + 1
         collect(done)  # after the step's timing: a collection pauses no GPU work here
@@ -217,7 +283,7 @@ def _steps(
             progress.note(f"step {done}: val_loss {val_loss:.4f}")
         ctx.tracker.log_metrics(row, step=done)
         if metrics_file is not None:
-            metrics_file.append({"step": done, **row})
+            metrics_file.append({"step": done, **row, "ended_at": ended_at})
         progress.update(done, last.loss, row["tokens_per_s"])
         stop = any_rank(ctx.interrupted, world)
         if (p.checkpoint_every and done % p.checkpoint_every == 0) or (stop and done < p.steps):
@@ -256,7 +322,7 @@ def _save(ctx: StageContext, s: Session, step: int) -> None:
     )
 
 
-def _load_teacher(ctx: StageContext, params: TrainParams, student_source: str, world: World) -> torch.nn.Module:
+def _load_teacher(ctx: StageContext, params: TrainStageParams, student_source: str, world: World) -> torch.nn.Module:
     """The full-precision teacher: eval mode, no grad, same dtype as the student was loaded in."""
     source = resolve_model_source(
         ctx.spec.inputs.get("teacher"), params.qad.teacher_model or student_source, "params.qad.teacher_model",
@@ -279,10 +345,10 @@ def _saved_modelopt_quantizers(source: str, recipe: Recipe) -> SavedQuantizers |
     return None if state is None else SavedQuantizers(state, quantizer_state(model_dir))
 
 
-def _modelopt_state(model: torch.nn.Module) -> dict[str, Any]:
-    import modelopt.torch.opt as mto
-
-    return {MODELOPT_STATE_FILE: mto.modelopt_state(model)}
+def _device_sharing(stage: str, metrics_file: MetricsFile, world: World) -> dict[str, Any] | None:
+    """What else ran on this stage's GPUs or CPU cores while its steps ran (contract/device_sharing.py)."""
+    window = steps_window(metrics_file.rows())
+    return None if window is None else record_sharing(stage, window, world.device.type == "cuda")
 
 
 def _last_logged_loss(metrics_file: MetricsFile | None) -> float | None:
@@ -290,7 +356,7 @@ def _last_logged_loss(metrics_file: MetricsFile | None) -> float | None:
     return rows[-1]["loss"] if rows else None
 
 
-def _seed_everything(seed: int, device: torch.device) -> None:
+def seed_everything(seed: int, device: torch.device) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     if device.type == "cpu":

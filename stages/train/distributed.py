@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from stages.device import resolve_device
 from stages.runtime import StageInputError
 
 
@@ -35,9 +36,7 @@ class World:
 def init_world(device_choice: str, need_group: bool = False) -> World:
     """Pick the device and, under torchrun, join the process group. `need_group` makes a
     one-rank group when running alone (FSDP2 mixed precision needs one)."""
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise StageInputError("params.device: cuda requested but no CUDA device; choose cpu or auto")
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device_choice).type == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if use_cuda:

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from stages.train.batches import Batch, StepPlan, TokenSplit, TrainOrder, validation_batches
+from contract.params.train import TrainStageParams
+from stages.batches import (
+    Batch,
+    StepBatches,
+    StepPlan,
+    TokenSplit,
+    TrainOrder,
+    validation_batches,
+)
+from stages.losses import cross_entropy_sum, kl_sum
 from stages.train.distributed import World, all_reduce_sum
-from stages.train.losses import cross_entropy_sum, kl_sum
-from stages.train.params import TrainParams
 
 
 @dataclass
 class Session:
     """Everything a step needs; built once by core.py."""
 
-    params: TrainParams
+    params: TrainStageParams
     world: World
     model: nn.Module
     prepared: Any  # stages.precision PreparedModel: .autocast(), .on_step(step)
@@ -30,6 +37,10 @@ class Session:
     order: TrainOrder
     plan: StepPlan
     teacher: nn.Module | None = None
+    batches: StepBatches = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batches = StepBatches(self.train, self.order, self.plan, self.world.rank, self.world.device.type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -44,15 +55,17 @@ class StepResult:
 
 
 def train_step(session: Session, step: int) -> StepResult:
-    """Optimizer step `step` (0-based): accumulate over this rank's micro-batches, clip, step."""
+    """Optimizer step `step` (0-based): accumulate over this rank's micro-batches, clip, step.
+
+    One host-device sync, at the end (the loss and the gradient norm are read once the optimizer
+    step is queued); the next step's rows are read on the host while the GPU runs the backward."""
     s, world, device = session, session.world, session.world.device
-    batches = [s.train.rows(rows).to(device) for rows in s.order.micro_batches(step, s.plan, world.rank)]
-    counts = torch.tensor(
-        [sum(b.label_tokens for b in batches), sum(b.input_ids.numel() for b in batches)],
-        dtype=torch.int64,
-        device=device,
-    )
-    label_tokens, tokens = (int(v) for v in all_reduce_sum(counts, world).tolist())
+    host_batches = s.batches.take(step)
+    label_tokens, tokens = sum(b.label_tokens for b in host_batches), sum(b.input_ids.numel() for b in host_batches)
+    if world.distributed:  # counted on the host from the host rows; summed over ranks
+        counts = torch.tensor([label_tokens, tokens], dtype=torch.int64, device=device)
+        label_tokens, tokens = (int(v) for v in all_reduce_sum(counts, world).tolist())
+    batches = [b.to(device) for b in host_batches]
     # FSDP2 averages gradients over ranks; x world_size turns that into the sum over the global batch.
     scale = world.world_size / max(label_tokens, 1)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [ce, kd]
@@ -71,13 +84,16 @@ def train_step(session: Session, step: int) -> StepResult:
                 sums[1] += kd.detach().double()
             (objective * scale).backward()
         sums[0] += ce.detach().double()
+    if step + 1 < s.params.steps:
+        s.batches.prefetch(step + 1)
     grad_norm = _clip(s.model, s.params.grad_clip)
     lr = s.optimizer.param_groups[0]["lr"]
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.prepared.on_step(step + 1)  # steps done: QAT delay, delayed-scaling amax roll
-    ce_loss, kd_loss = (all_reduce_sum(sums, world) / max(label_tokens, 1)).tolist()
+    means = all_reduce_sum(sums, world) / max(label_tokens, 1)
+    ce_loss, kd_loss, grad_norm = torch.cat([means, grad_norm.reshape(1).to(means)]).tolist()
     if s.teacher is None:
         return StepResult(ce_loss, ce_loss, None, grad_norm, lr, tokens, label_tokens)
     loss = kd_weight * kd_loss + (1 - kd_weight) * ce_loss
@@ -122,11 +138,12 @@ def _teacher_logits(teacher: nn.Module, batch: Batch) -> torch.Tensor:
         return _logits(teacher, batch)
 
 
-def _clip(model: nn.Module, max_norm: float | None) -> float:
-    """Clip the global gradient norm (DTensor-aware under FSDP2); returns the norm before clipping."""
+def _clip(model: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip the global gradient norm (DTensor-aware under FSDP2); returns the norm before clipping,
+    as a tensor on the device (read with the step's loss: no sync of its own)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 

@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
 
-from stages.contract import write_json_atomic
+from contract.files import write_json_atomic
 from stages.hf_model import MODEL_DIR, PRECISION_FILE, QUANTIZER_STATE_FILE
 from stages.train.distributed import World
 

@@ -9,22 +9,30 @@ from pathlib import Path
 
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1600,1000", "--virtual-time-budget=20000"]
+         "--virtual-time-budget=20000"]
 
 
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def render(url: str, screenshot: Path) -> str:
-    """Save a screenshot of `url` and return its DOM after scripts ran."""
+def render(url: str, screenshot: Path, window: tuple[int, int] = (1600, 1000), wait_for: str | None = None,
+           attempts: int = 3) -> str:
+    """Save a screenshot of `url` and return its DOM after scripts ran. Long tables render only
+    the rows and columns in view: a larger `window` shows more of them. With `wait_for`, the page
+    is loaded again (up to `attempts` times) until its DOM holds that text: a server's first
+    answer for a page's large scripts can outlast the browser's time budget."""
     binary = chromium()
     assert binary, "chromium is not installed (apt-get install chromium)"
-    with tempfile.TemporaryDirectory() as profile:
-        common = [binary, *FLAGS, f"--user-data-dir={profile}"]
-        subprocess.run([*common, f"--screenshot={screenshot}", url], check=True,
-                       capture_output=True, timeout=180)
-    with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run([binary, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-                             check=True, capture_output=True, text=True, timeout=180)
-    return dom.stdout
+    flags = [*FLAGS, f"--window-size={window[0]},{window[1]}"]
+    for _ in range(attempts):
+        with tempfile.TemporaryDirectory() as profile:
+            common = [binary, *flags, f"--user-data-dir={profile}"]
+            subprocess.run([*common, f"--screenshot={screenshot}", url], check=True,
+                           capture_output=True, timeout=180)
+        with tempfile.TemporaryDirectory() as profile:
+            dom = subprocess.run([binary, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
+                                 check=True, capture_output=True, text=True, timeout=180).stdout
+        if wait_for is None or wait_for in dom:
+            break
+    return dom

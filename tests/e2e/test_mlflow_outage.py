@@ -3,7 +3,6 @@ buffer what they log, and `python -m pipeline sync` delivers it: nothing lost, n
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -11,10 +10,16 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from contract.tracking import (
+    experiment_id_of,
+    parent_run_id_of,
+    pending_event_count,
+    read_events,
+    sync_stage_events,
+)
 from pipeline.cli import main
 from pipeline.layout import RunLayout
-from stages.contract import TrackingRef
-from stages.tracking import pending_event_count, read_events, sync_stage_events
+from pipeline.run_record import read_record
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("source", "a", "b", "c", "d", "join")
@@ -40,16 +45,15 @@ def test_tracking_server_outage_mid_run_then_sync(tmp_path, mlflow_server):
     assert pending["join"] > 0 and pending["a"] > 0, pending
 
     server.start()
-    ref = TrackingRef(**json.loads(layout.run_file.read_text())["tracking"])
+    ref = read_record(layout).tracking
     for name in STAGES:  # each buffered event is sent exactly once
         assert sync_stage_events(layout.stage_dir(name), ref) == pending[name]
     assert main(["sync", "probe", "--root", str(root)]) == 0
     assert all(sync_stage_events(layout.stage_dir(name), ref) == 0 for name in STAGES)
 
     client = MlflowClient(tracking_uri=server.uri)
-    run = json.loads(layout.run_file.read_text())["tracking"]
-    nested = client.search_runs([run["experiment_id"]],
-                                filter_string=f"tags.mlflow.parentRunId = '{run['parent_run_id']}'")
+    parent = parent_run_id_of(client, ref)
+    nested = client.search_runs([experiment_id_of(client, ref)], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.data.tags["stage"] for r in nested) == sorted(STAGES)
     for mlflow_run in nested:
         stage = mlflow_run.data.tags["stage"]

@@ -8,12 +8,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contract.params import ProbeParams
+from contract.spec import TrackingRef
 from pipeline.backends.local_driver import LocalDriver
+from pipeline.backends.local_settings import LocalSettings
 from pipeline.graph import Graph, Stage
 from pipeline.layout import RunLayout
+from pipeline.plan import RunPlan, plan_graph
 from pipeline.prepare import PreparedRun, prepare_run
+from pipeline.runlock import acquire_run_lock
 
 IMAGES = {"cpu": "faster-qat-cpu:dev"}
+RUN_ID = "probe"
 
 
 def fan_out_graph(sleep_s: float = 0.0, fail: str | None = None, payloads: dict | None = None,
@@ -21,9 +27,9 @@ def fan_out_graph(sleep_s: float = 0.0, fail: str | None = None, payloads: dict 
     """source -> {a, b, c, d} -> join."""
     payloads = payloads or {}
 
-    def params(name: str) -> dict:
-        return {"sleep_s": sleep_s, "fail": name == fail, "payload": payloads.get(name, name),
-                "metric_every_s": metric_every_s}
+    def params(name: str) -> ProbeParams:
+        return ProbeParams(sleep_s=sleep_s, fail=name == fail, payload=payloads.get(name, name),
+                           metric_every_s=metric_every_s)
 
     stages = [Stage("source", "probe", params("source"))]
     for name in ("a", "b", "c", "d"):
@@ -32,13 +38,26 @@ def fan_out_graph(sleep_s: float = 0.0, fail: str | None = None, payloads: dict 
     return Graph(stages)
 
 
-def prepare(graph: Graph, root: Path, open_tracking=None) -> PreparedRun:
-    return prepare_run(graph, RunLayout(root, "probe"), IMAGES, "local", open_tracking, {})
+def tracking_to(uri: str, experiment: str = "probe-study", settle_s: float = 0.0) -> TrackingRef:
+    return TrackingRef(tracking_uri=uri, experiment=experiment, run_key=RUN_ID, settle_s=settle_s)
 
 
-def drive(graph: Graph, root: Path, max_parallel: int = 4, open_tracking=None) -> dict[str, str]:
-    prepared = prepare(graph, root, open_tracking)
-    states = LocalDriver(prepared, max_parallel, []).run()
+def plan(graph: Graph, root: Path, tracking: TrackingRef | None = None, cluster: str = "local",
+         stage_root: Path | None = None) -> RunPlan:
+    return plan_graph(graph, RUN_ID, stage_root or Path(root).resolve(), IMAGES, tracking, cluster)
+
+
+def prepare(graph: Graph, root: Path, tracking: TrackingRef | None = None,
+            max_parallel: int = 4) -> PreparedRun:
+    settings = LocalSettings(max_parallel=max_parallel).model_dump()
+    return prepare_run(plan(graph, root, tracking), RunLayout(Path(root).resolve(), RUN_ID), "local", settings, None)
+
+
+def drive(graph: Graph, root: Path, max_parallel: int = 4, tracking: TrackingRef | None = None) -> dict[str, str]:
+    """As `python -m pipeline run` does: the run lock first, then prepare, then the driver."""
+    with acquire_run_lock(RunLayout(Path(root).resolve(), RUN_ID), "probe_dag"):
+        prepared = prepare(graph, root, tracking, max_parallel)
+        states = LocalDriver(prepared.layout, prepared.record, LocalSettings(max_parallel=max_parallel), []).run()
     return {name: state.value for name, state in states.items()}
 
 
@@ -51,13 +70,9 @@ def main() -> None:
     parser.add_argument("--metric-every", type=float, default=0.0)
     parser.add_argument("--tracking-uri", default=None, help="report to this MLflow")
     args = parser.parse_args()
-    open_tracking = None
-    if args.tracking_uri:
-        from pipeline.tracking import open_parent_run
-
-        open_tracking = lambda layout: open_parent_run(layout, args.tracking_uri, "probe-study")  # noqa: E731
+    tracking = tracking_to(args.tracking_uri) if args.tracking_uri else None
     graph = fan_out_graph(args.sleep, args.fail, metric_every_s=args.metric_every)
-    states = drive(graph, args.root, args.max_parallel, open_tracking)
+    states = drive(graph, args.root, args.max_parallel, tracking)
     print(" ".join(f"{name}={state}" for name, state in states.items()), flush=True)
 
 

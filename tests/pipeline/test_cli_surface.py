@@ -17,6 +17,7 @@ SURFACE = {
     "cancel": (["run_id"], ["--help", "--root"]),
     "report": (["run_id"], ["--help", "--root"]),
     "sync": (["run_id"], ["--help", "--root"]),
+    "verify": (["run_id"], ["--help", "--root"]),
     "logs": (["run_id", "stage"], ["--help", "--root", "--tail"]),
     "images": (["images_command"], ["--help"]),
     "config": ([], ["--config", "--help", "--set"]),
@@ -40,5 +41,5 @@ def test_only_implemented_clusters_are_offered():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     submit = next(a for a in commands.choices["submit"]._actions if "--cluster" in a.option_strings)
     render = next(a for a in commands.choices["render"]._actions if "--cluster" in a.option_strings)
-    assert sorted(submit.choices) == ["k8s", "local", "slurm"]
-    assert sorted(render.choices) == ["k8s", "slurm"]
+    assert sorted(submit.choices) == ["k8s", "local", "nemo-run", "slurm"]
+    assert sorted(render.choices) == ["k8s", "nemo-run", "slurm"]

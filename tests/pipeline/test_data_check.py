@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from contract.params.preprocess import PreprocessParams
 from pipeline.cli import main
 from pipeline.data_check import check_data_source
 from pipeline.errors import ConfigError
-from stages.preprocess.params import PreprocessParams
 
 GOOD = {"input": "What is 2 + 2?", "output": "4", "license": "cc-by-4.0"}
 

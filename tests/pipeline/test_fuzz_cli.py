@@ -14,7 +14,15 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.cli import build_parser
-from tests.fuzz import ARGV_TEXT, SPECIAL_TEXT, TIME_LIMIT, assert_clean_ending, examples, run_cli, tree
+from tests.fuzz import (
+    ARGV_TEXT,
+    SPECIAL_TEXT,
+    TIME_LIMIT,
+    assert_clean_ending,
+    examples,
+    run_cli,
+    tree,
+)
 
 STARTS_WORK = {"run", "submit", "render", "images"}  # with a valid config these would do real work
 

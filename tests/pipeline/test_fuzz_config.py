@@ -12,13 +12,22 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contract.params import ExportParams, TrainParams
 from pipeline.config import StudyConfig
 from pipeline.resources import Resources
-from stages.export.params import ExportParams
-from stages.train.params import TrainParams
 from tests.fuzz import (
-    ARGV_TEXT, SPECIAL_TEXT, TEXT, TIME_LIMIT, VALUES, assert_clean_ending, deep, examples, run_cli, schema_paths,
-    surrogate_safe, tree, values_for,
+    ARGV_TEXT,
+    SPECIAL_TEXT,
+    TEXT,
+    TIME_LIMIT,
+    assert_clean_ending,
+    deep,
+    examples,
+    run_cli,
+    schema_paths,
+    surrogate_safe,
+    tree,
+    values_for,
 )
 
 BASE: dict[str, Any] = {
@@ -164,7 +173,7 @@ def test_set_pairs_at_every_path_end_valid_or_in_one_line(workdir: Path, sets: l
 
 
 FREE_TEXT_FIELDS = ["description", "data.system_prompt", "data.input_column", "tracking.experiment",
-                    "report.baseline_run", "eval.lm_eval_tasks", "runs.bf16.train.recipe", "model", "--run-id"]
+                    "report.baseline_run", "eval.lm_eval_tasks", "runs.bf16.recipe", "model", "--run-id"]
 
 
 @TIME_LIMIT

@@ -10,10 +10,18 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import ImagesConfig
 from pipeline.docker_runtime import DockerLauncher, container_name
-from pipeline.graph import Stage
-from pipeline.image_lock import ImageRef, ImageRefError, LockEntry, LockFile, pin_refs, read_lock, write_lock
+from pipeline.image_lock import (
+    ImageRef,
+    ImageRefError,
+    LockEntry,
+    LockFile,
+    pin_refs,
+    read_lock,
+    write_lock,
+)
 from pipeline.images import build_context, code_labels
 from pipeline.resources import Resources
+from pipeline.run_record import StageRecord
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -89,22 +97,24 @@ def test_a_named_lock_file_must_exist(tmp_path, capsys):
 def test_the_build_context_holds_the_image_folder_and_the_data_plane_only():
     with tarfile.open(fileobj=build_context("cpu")) as tar:
         names = tar.getnames()
-    assert "images/cpu/Dockerfile" in names and "stages/runtime.py" in names
+    assert "images/cpu/Dockerfile" in names and "stages/runtime.py" in names and "contract/spec.py" in names
     assert not any(n.startswith(("pipeline/", "tests/", "images/train", ".git")) or "__pycache__" in n for n in names)
     assert {"org.faster-qat.code.probe", "org.faster-qat.code.train"} <= set(code_labels())
 
 
 def test_the_docker_launcher_wraps_the_stage_command_in_the_container_runner():
-    stage = Stage("train-fp8", "train", {}, {}, Resources(gpus_per_node=2, shm_gb=8), "train")
+    stage = StageRecord(kind="train", fingerprint="f", image=f"faster-qat-train@{DIGEST}",
+                        resources=Resources(gpus_per_node=2, shm_gb=8))
     spec = Path("/data/runs/study/train-fp8/spec.json")
-    command = DockerLauncher({"train": f"faster-qat-train@{DIGEST}"}, network="host").command(stage, spec, [2, 3])
+    command = DockerLauncher(network="host").command("train-fp8", stage, spec, [2, 3])
     split = command.index("--")
     assert command[1:3] == ["-m", "pipeline.docker_stage"]
     options = dict(zip(command[3:split:2], command[4:split:2]))
     assert options == {"--image": f"faster-qat-train@{DIGEST}", "--spec": str(spec), "--root": "/data/runs",
                        "--name": container_name(Path("/data/runs"), "study", "train-fp8"), "--network": "host", "--shm-gb": "8.0", "--gpus": "2,3"}
-    assert command[split + 1:] == ["python", "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc-per-node=2", "-m", "stages.train", "--spec", str(spec)]
+    assert command[split + 1:] == ["python", "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+                                   "--standalone", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                                   "--shutdown-timeout=100", "-m", "stages.train", "--spec", str(spec)]
 
 
 def _pins(path: Path) -> dict[str, str]:

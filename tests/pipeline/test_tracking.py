@@ -1,5 +1,6 @@
-"""MLflow tracking of a pipeline run: parent run, nested stage runs, concurrent sqlite writers,
-and buffering when the tracking server is unreachable."""
+"""MLflow tracking of a pipeline run: the parent run and nested stage runs made where the study
+runs (found or made by key, never twice), concurrent sqlite writers, and buffering when the
+tracking server is unreachable."""
 
 from __future__ import annotations
 
@@ -8,29 +9,38 @@ import socket
 
 from mlflow.tracking import MlflowClient
 
+from contract.tracking import (
+    RUN_KEY_TAG,
+    StageTracker,
+    experiment_id_of,
+    parent_run_id_of,
+    pending_event_count,
+    stage_run_id,
+    sync_stage_events,
+)
 from pipeline.layout import RunLayout
+from pipeline.run_record import read_record
 from pipeline.sync import sync_run
-from pipeline.tracking import open_parent_run
-from stages.contract import TrackingRef
-from stages.tracking import pending_event_count, stage_run_id, sync_stage_events
-from tests.pipeline.probe_dag import drive, fan_out_graph
+from tests.pipeline.probe_dag import drive, fan_out_graph, tracking_to
 
 
 def sqlite_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def nested_runs(client: MlflowClient, ref) -> list:
+    experiment = client.get_experiment_by_name(ref.experiment).experiment_id
+    parent = parent_run_id_of(client, ref)
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
 def test_four_stages_log_at_once_to_the_embedded_store_without_lock_errors(tmp_path):
-    uri = sqlite_uri(tmp_path)
-    states = drive(fan_out_graph(sleep_s=0.5), tmp_path, max_parallel=4,
-                   open_tracking=lambda layout: open_parent_run(layout, uri, "probe-study"))
+    ref = tracking_to(sqlite_uri(tmp_path))
+    states = drive(fan_out_graph(sleep_s=0.5), tmp_path, max_parallel=4, tracking=ref)
     assert set(states.values()) == {"succeeded"}
     layout = RunLayout(tmp_path, "probe")
-    ref = TrackingRef(**layout.read_run()["tracking"])
-    client = MlflowClient(tracking_uri=uri)
-    nested = client.search_runs([ref.experiment_id],
-                                filter_string=f"tags.mlflow.parentRunId = '{ref.parent_run_id}'")
-    by_stage = {run.data.tags["stage"]: run for run in nested}
+    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    by_stage = {run.data.tags["stage"]: run for run in nested_runs(client, ref)}
     assert sorted(by_stage) == ["a", "b", "c", "d", "join", "source"]
     for name, run in by_stage.items():
         assert run.info.status == "FINISHED"
@@ -44,16 +54,21 @@ def test_four_stages_log_at_once_to_the_embedded_store_without_lock_errors(tmp_p
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "stage.log" in artifacts
     assert by_stage["join"].data.metrics["chars"] == len("sourceasourcebsourcecsourcedjoin")
-    assert client.get_run(ref.parent_run_id).info.run_name == "probe"
+    parent = client.get_run(parent_run_id_of(client, ref))
+    assert parent.info.run_name == "probe" and parent.info.status == "FINISHED"
 
 
 def test_a_rerun_of_the_same_run_id_reuses_the_parent_run(tmp_path):
-    uri = sqlite_uri(tmp_path)
-    opener = lambda layout: open_parent_run(layout, uri, "probe-study")  # noqa: E731
-    drive(fan_out_graph(), tmp_path, open_tracking=opener)
-    first = RunLayout(tmp_path, "probe").read_run()["tracking"]["parent_run_id"]
-    drive(fan_out_graph(payloads={"a": "A"}), tmp_path, open_tracking=opener)
-    assert RunLayout(tmp_path, "probe").read_run()["tracking"]["parent_run_id"] == first
+    ref = tracking_to(sqlite_uri(tmp_path))
+    drive(fan_out_graph(), tmp_path, tracking=ref)
+    drive(fan_out_graph(payloads={"a": "A"}), tmp_path, tracking=ref)
+    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    experiment = client.get_experiment_by_name(ref.experiment).experiment_id
+    parents = client.search_runs([experiment], filter_string=f"tags.`{RUN_KEY_TAG}` = 'probe'")
+    assert len(parents) == 1
+    # The rerun made new nested runs for the stages it ran (a and join) beside the first six.
+    assert sorted(r.data.tags["stage"] for r in nested_runs(client, ref)) == sorted(
+        ["source", "a", "b", "c", "d", "join", "a", "join"])
 
 
 def _closed_port() -> int:
@@ -63,26 +78,23 @@ def _closed_port() -> int:
 
 
 def test_stages_keep_working_when_mlflow_is_unreachable_and_sync_is_idempotent(tmp_path):
-    uri = sqlite_uri(tmp_path)
-    good = open_parent_run(RunLayout(tmp_path, "probe"), uri, "probe-study")
+    good = tracking_to(sqlite_uri(tmp_path))
     dead = good.model_copy(update={"tracking_uri": f"http://127.0.0.1:{_closed_port()}"})
-    states = drive(fan_out_graph(), tmp_path, open_tracking=lambda layout: dead)
+    states = drive(fan_out_graph(), tmp_path, tracking=dead)
     assert set(states.values()) == {"succeeded"}
     layout = RunLayout(tmp_path, "probe")
     pending = {name: pending_event_count(layout.stage_dir(name)) for name in ("source", "join")}
     assert all(count > 0 for count in pending.values())
     # The server comes back (here: the same store through its sqlite URI).
-    run = layout.read_run()
-    run["tracking"] = good.model_dump()
-    layout.write_run(run)
-    assert sync_run(layout) == 0
+    record = read_record(layout)
+    layout.run_file.write_text(record.model_copy(update={"tracking": good}).model_dump_json())
+    assert sync_run(layout, read_record(layout)) == 0
     for name in ("source", "a", "b", "c", "d", "join"):
         stage_dir = layout.stage_dir(name)
         assert pending_event_count(stage_dir) == 0
         assert sync_stage_events(stage_dir, good) == 0  # nothing left: sends nothing twice
-    client = MlflowClient(tracking_uri=uri)
-    nested = client.search_runs([good.experiment_id],
-                                filter_string=f"tags.mlflow.parentRunId = '{good.parent_run_id}'")
+    client = MlflowClient(tracking_uri=good.tracking_uri)
+    nested = nested_runs(client, good)
     assert len(nested) == 6
     join = next(r for r in nested if r.data.tags["stage"] == "join")
     events = [json.loads(line) for line in
@@ -92,3 +104,27 @@ def test_stages_keep_working_when_mlflow_is_unreachable_and_sync_is_idempotent(t
     # The stage's own value and the summary's; MLflow stores a (value, step, time) once.
     assert len(history) == len({(e["ts"], e["metrics"]["chars"]) for e in logged}) >= 1
     assert events[0]["type"] == "create_run" and events[-1] == {"type": "end", "status": "FINISHED"}
+
+
+def test_the_report_logs_to_other_stage_runs_and_tags_the_study_experiment(tmp_path):
+    ref = tracking_to(sqlite_uri(tmp_path))
+    drive(fan_out_graph(), tmp_path, tracking=ref)
+    layout = RunLayout(tmp_path, "probe")
+    client = MlflowClient(tracking_uri=ref.tracking_uri)
+    experiment = experiment_id_of(client, ref)
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    summary = StageTracker(layout.stage_dir("summary"), ref, "summary")
+    summary.start({"stage": "summary"})
+    assert summary.mlflow_ids() == (experiment, parent_run_id_of(client, ref))
+    summary.set_experiment_tags({"mlflow.sharedViewState.abc": '{"name": "compare"}'})
+    summary.log_stage_metrics("a", {"study.val_loss_deployed": 6.5})
+    summary.log_stage_metrics("late", {"study.val_loss_deployed": 7.5})  # that stage has no run yet
+
+    assert client.get_experiment(experiment).tags["mlflow.sharedViewState.abc"] == '{"name": "compare"}'
+    assert client.get_run(stage_run_id(layout.stage_dir("a"))).data.metrics["study.val_loss_deployed"] == 6.5
+    assert pending_event_count(layout.stage_dir("summary")) == 1  # waits, in order, for its target
+    late = StageTracker(layout.stage_dir("late"), ref, "late")
+    late.start({"stage": "late"})
+    assert sync_stage_events(layout.stage_dir("summary"), ref) == 1
+    assert client.get_run(stage_run_id(layout.stage_dir("late"))).data.metrics["study.val_loss_deployed"] == 7.5

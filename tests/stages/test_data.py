@@ -8,9 +8,9 @@ import datasets
 import pytest
 import torch
 
+from stages.batches import StepPlan, TrainOrder
 from stages.data import global_order, load_split, read_data_manifest
 from stages.runtime import StageInputError
-from stages.train.batches import StepPlan, TrainOrder
 
 
 def test_the_epoch_order_is_a_seeded_permutation():

@@ -12,8 +12,8 @@ import weakref
 
 import torch
 
+from contract.recipe import OperandSpec
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.recipe import OperandSpec
 
 _MX = {"mxfp8": torch.float8_e4m3fn, "mxfp8_e5m2": torch.float8_e5m2}
 _FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -67,6 +67,9 @@ TILE_CANDIDATES: dict[str, list[Tile]] = {
 }
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
+
+
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x
@@ -221,8 +224,12 @@ def _block(
         if row == jit.NVFP4:
             g = torch.empty((), dtype=torch.float32, device=x.device)
     tile = TILES[_block_family(x2, row, col)]
+    grid = _grid(r, k, tile)
+    # Row-major data with block scales: consecutive programs along K (the kernel's K_FASTEST), where
+    # the grid's second dimension (at most 65535) holds the row tiles.
+    k_fastest = row_q and not _is_transposed(x2) and grid[0] <= _MAX_GRID_Y
     _BLOCK(
-        _grid(r, k, tile), x2, bits,
+        grid[::-1] if k_fastest else grid, x2, bits,
         dummy if row_out is None else row_out, dummy if col_out is None else col_out,
         dummy if data is None else data, dummy if scales is None else scales, dummy if g is None else g,
         r, k, *x2.stride(), *(row_out.stride() if row_out is not None else (0, 0)),
@@ -230,7 +237,7 @@ def _block(
         *(scales.stride() if scales is not None else (0, 0)),
         n_scale_cols,
         ROW=row, COL=col, FLOOR=floor, WRITE_ROW_FAKE=row_out is not None, WRITE_ROW_Q=row_q,
-        COLUMN_MAJOR=_is_transposed(x2), BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
+        COLUMN_MAJOR=_is_transposed(x2), K_FASTEST=k_fastest, BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
     )
     lead = x.shape[:-1]
     return _BlockOut(
@@ -268,9 +275,10 @@ def nvfp4(x: torch.Tensor, global_amax: torch.Tensor | None = None) -> Nvfp4Quan
     return Nvfp4Quantized(out.data, out.scales, out.global_decode)
 
 
-def fake_nvfp4(x: torch.Tensor, arithmetic: str = "torchao") -> torch.Tensor:
-    """nvfp4.fake_quantize_nvfp4 in one amax pass plus one fused quantize-dequantize pass."""
-    return _block(x, _nvfp4_code(arithmetic)).row_fake
+def fake_nvfp4(x: torch.Tensor, arithmetic: str = "torchao", global_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """nvfp4.fake_quantize_nvfp4 in one amax pass plus one fused quantize-dequantize pass; given
+    `global_amax` (a calibrated amax, as ModelOpt's static quantizers hold), the one pass alone."""
+    return _block(x, _nvfp4_code(arithmetic), global_amax=global_amax).row_fake
 
 
 def _nvfp4_code(arithmetic: str) -> int:

@@ -255,15 +255,26 @@ def _block_kernel(
     x_ptr, amax_ptr, row_fake_ptr, col_fake_ptr, data_ptr, scale_ptr, g_ptr,
     R, K, sxr, sxk, sfr, sfk, scr, sck, sdr, sdk, ssr, ssk, n_scale_cols,
     ROW: tl.constexpr, COL: tl.constexpr, FLOOR: tl.constexpr,
-    WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, COLUMN_MAJOR: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    WRITE_ROW_FAKE: tl.constexpr, WRITE_ROW_Q: tl.constexpr, COLUMN_MAJOR: tl.constexpr, K_FASTEST: tl.constexpr,
+    BR: tl.constexpr, BK: tl.constexpr,
 ):
     """One read of a [BR, BK] tile of x; up to two quantizations of it:
     ROW (MX_E4M3 / MX_E5M2 / NVFP4 / NVFP4_MODELOPT) in blocks along K, writing the dequantized
     tile and/or the quantized data (fp8 data or uint8 E2M1 codes, strided [R, K]) with its
     block scales (strided; and NVFP4's global decode scale g);
-    COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR a multiple of 32), writing the dequantized tile."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
+    COL (MX_E4M3 / MX_E5M2) in 32-blocks along R (BR a multiple of 32), writing the dequantized tile.
+
+    K_FASTEST: the grid is (K tiles, R tiles), so programs launched one after another cover one
+    band of rows along K rather than one column of tiles down R: each row's block scales (a few
+    bytes per program) are then written whole while they sit in L2, not in partial 32-byte sectors
+    that reach DRAM apart (row-major MXFP8 data and scales of a 151936x4096 tensor on an H200:
+    0.661 ms with R fastest, 0.444 ms with K fastest, the column-wise kernel's 0.431 ms)."""
+    if K_FASTEST:
+        pid_r, pid_k = tl.program_id(1), tl.program_id(0)
+    else:
+        pid_r, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)[:, None]
+    cols = pid_k * BK + tl.arange(0, BK)[None, :]
     mask = (rows < R) & (cols < K)
     x_ptrs = x_ptr + rows * sxr + cols * sxk
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -286,7 +297,7 @@ def _block_kernel(
         if WRITE_ROW_Q:
             data2 = tl.reshape(data, (BR, BK))
             data_offsets = rows * sdr + cols * sdk
-            scols = tl.program_id(1) * nblk + tl.arange(0, nblk)[None, :]
+            scols = pid_k * nblk + tl.arange(0, nblk)[None, :]
             smask = (rows < R) & (scols < n_scale_cols)
             scale_offsets = rows * ssr + scols * ssk
             if COLUMN_MAJOR:
@@ -297,7 +308,7 @@ def _block_kernel(
             tl.store(data_ptr + data_offsets, data2.to(data_ptr.dtype.element_ty), mask=mask)
             scale2 = tl.reshape(scale, (BR, nblk))
             tl.store(scale_ptr + scale_offsets, scale2.to(scale_ptr.dtype.element_ty), mask=smask)
-            if ROW == 3 and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            if ROW == 3 and (pid_r == 0) & (pid_k == 0):
                 tl.store(g_ptr, _global_decode(amax_ptr))
     if COL != 0:
         if ROW != 0:

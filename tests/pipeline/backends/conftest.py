@@ -29,3 +29,25 @@ def slurm_cluster() -> str:
         if line.startswith("export SLURM_CONF="):
             os.environ["SLURM_CONF"] = line.removeprefix("export SLURM_CONF=")
     return "debug"
+
+
+@pytest.fixture(scope="session")
+def nemorun_home(tmp_path_factory) -> Path:
+    """NeMo-Run's own records (NEMORUN_HOME: experiments, its job index) in a session folder, set
+    before anything imports nemo_run (it reads the variable once). In CI the extra must be there."""
+    import importlib.util
+
+    if importlib.util.find_spec("nemo_run") is None:
+        reason = "the nemo-run extra is not installed (pip install -e '.[nemo]')"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run the NeMo-Run tests")
+        pytest.skip(reason)
+    home = tmp_path_factory.mktemp("nemorun-home")
+    os.environ["NEMORUN_HOME"] = str(home)
+    return home
+
+
+# The real dev Kubernetes cluster, its registry and the cpu image pushed there (test_k8s_cluster).
+from tests.k8s.dev_cluster import k8s_cluster, k8s_namespace  # noqa: E402,F401
+from tests.k8s.stage_images import cluster_cpu_image, cluster_train_image  # noqa: E402,F401
+from tests.pipeline.images.conftest import docker_client  # noqa: E402,F401

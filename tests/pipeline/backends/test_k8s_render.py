@@ -19,9 +19,10 @@ import yaml
 
 from pipeline.backends.k8s import K8sBackend
 from pipeline.backends.k8s_render import to_yaml
+from pipeline.backends.k8s_settings import K8sSettings
 from pipeline.layout import RunLayout
 from pipeline.loader import load_config
-from pipeline.study import build_study_graph, image_refs
+from pipeline.plan import plan_run
 
 REPO = Path(__file__).resolve().parents[3]
 GOLDEN = Path(__file__).with_name("golden")
@@ -30,11 +31,11 @@ ATTEMPT = "golden-attempt"
 
 
 def render(tmp_path: Path, profile: str, *overrides: str) -> list[dict]:
-    loaded = load_config(profile, ["k8s.tracking_uri=null", *overrides])
-    graph = build_study_graph(loaded.config)
+    loaded = load_config(profile, ["k8s.tracking_uri=null", f"k8s.host_mounts=[{REPO}/fixtures]", *overrides])
+    backend = K8sBackend(loaded.config.k8s or K8sSettings(), api=object())  # type: ignore[arg-type]
     layout = RunLayout(tmp_path / "runs", loaded.config.study)
-    return K8sBackend(api=object()).prepare_objects(  # type: ignore[arg-type]
-        graph, layout, image_refs(loaded.config), loaded.config, attempt=ATTEMPT)
+    plan = plan_run(loaded.config, layout.run_id, backend.stage_root(layout), None, "k8s")
+    return backend.objects(plan, plan.names, ATTEMPT)
 
 
 def normalised(objects: list[dict], tmp_path: Path) -> str:
@@ -88,7 +89,7 @@ def test_gpu_stage_asks_for_gpus_shm_b200_nodes_and_a_deadline_covering_its_upst
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-B200"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "65536Mi"}} in pod["volumes"]
-    assert "--standalone --nproc-per-node=8 -m stages.train" in main["command"][2]
+    assert "--nnodes=1 --nproc-per-node=8 --standalone" in main["command"][2]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in main["env"]
     assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     # preprocess (120 min) then train (720 min), each with 60 min of queue slack
@@ -100,6 +101,15 @@ def test_gpu_stage_asks_for_gpus_shm_b200_nodes_and_a_deadline_covering_its_upst
     assert rule == {"action": "FailJob", "onExitCodes": {"containerName": "wait-upstream",
                                                          "operator": "In", "values": [42]}}
     assert "wait_for preprocess /artifacts/qwen3-8b-b200/preprocess" in pod["initContainers"][0]["command"][2]
+    validate_all(objects)
+
+
+def test_a_cpu_request_lets_waiting_pods_hold_little_while_limits_stay(tmp_path):
+    objects = render(tmp_path, "qwen3-8b-b200", "k8s.cpu_request=500m")
+    train = next(o for o in objects if o["metadata"]["name"] == "qwen3-8b-b200-train-fp8")
+    resources = train["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "500m", "memory": "1048576Mi", "nvidia.com/gpu": "8"}
+    assert resources["limits"] == {"cpu": "64", "memory": "1048576Mi", "nvidia.com/gpu": "8"}
     validate_all(objects)
 
 
@@ -132,7 +142,7 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run([sys.executable, "-m", "pipeline", "render", "--cluster", "k8s",
                            "--root", str(tmp_path / "runs"), "-o", str(tmp_path / "out"),
-                           "--set", "k8s.tracking_uri=null", *args],
+                           "--set", "k8s.tracking_uri=null", "--set", f"k8s.host_mounts=[{REPO}/fixtures]", *args],
                           capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
 
 
@@ -143,9 +153,9 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--set", "images.strict=true"], "refs.cpu: 'faster-qat-cpu:dev' has no @sha256: digest"),
     (["--set", "k8s.secrets={HF_TOKN: {secret: hf, key: token}}"], "unknown secret env 'HF_TOKN'"),
     (["--set", "k8s.secrets={HF_TOKEN: {secret: hf, key: 'a b'}}"], "is not a valid Secret key"),
-    (["--set", "k8s.tracking_uri=http://mlflow.study.svc:5000", "--set", "tracking.uri=sqlite:///x.db"],
-     "the parent MLflow run would live in sqlite:///x.db, which pods cannot reach"),
     (["--set", "k8s.tracking_uri=/tmp/mlruns"], "pods need an MLflow server URI"),
+    (["--set", "k8s.host_mounts=[]"], "k8s: stage preprocess reads params.source = "),
+    (["--set", "k8s.host_mounts=[relative/dir]"], "k8s.host_mounts: 'relative/dir' must be an absolute path"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     result = cli(tmp_path, "-c", "smoke", *args)
@@ -160,3 +170,47 @@ def test_render_cli_writes_one_file_of_objects(tmp_path):
     docs = list(yaml.safe_load_all((tmp_path / "out" / "s1.yaml").read_text()))
     assert [d["kind"] for d in docs[:2]] == ["PersistentVolumeClaim", "ConfigMap"]
     assert sum(d["kind"] == "Job" for d in docs) == 28
+
+
+def test_the_study_scale_profile_names_its_unpinned_images_and_renders_digests_once_locked(tmp_path):
+    unlocked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", "images.lock_file=null")
+    assert unlocked.returncode == 0, unlocked.stderr
+    assert unlocked.stderr.strip() == (
+        "warning: image(s) cpu (faster-qat-cpu:dev), train (faster-qat-train:dev) not pinned by digest: "
+        "`python -m pipeline images build|push|lock` fills images/lock.yaml (images.strict: true refuses "
+        "unpinned images)")
+    digests = {name: f"registry.example/faster-qat/{name}:dev@sha256:{digit * 64}"
+               for name, digit in (("cpu", "1"), ("train", "2"))}
+    lock = tmp_path / "lock.yaml"
+    lock.write_text(yaml.safe_dump({"images": {name: {"ref": ref, "pinned_by": "registry-digest"}
+                                                for name, ref in digests.items()}}))
+    locked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", f"images.lock_file={lock}",
+                 "--set", "images.refs={cpu: registry.example/faster-qat/cpu:dev, "
+                 "train: registry.example/faster-qat/train:dev}")
+    assert locked.returncode == 0 and locked.stderr == "", locked.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "out" / "qwen3-8b-b200.yaml").read_text()))
+    images = {c["image"] for d in docs if d["kind"] == "Job"
+              for c in d["spec"]["template"]["spec"]["initContainers"] + d["spec"]["template"]["spec"]["containers"]}
+    assert images == set(digests.values())
+
+
+def test_render_is_pure_and_deterministic_without_mlflow_or_cluster(tmp_path):
+    """No MLFLOW_TRACKING_URI, no server, no kubeconfig: render exits 0, writes -o DIR only, and
+    the same config renders the same bytes twice (tracking: the in-cluster default URI)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "KUBECONFIG")}
+    env["KUBECONFIG"] = str(tmp_path / "no-such-kubeconfig")
+    outputs = []
+    for attempt in ("first", "second"):
+        result = subprocess.run([sys.executable, "-m", "pipeline", "render", "--cluster", "k8s", "-c", "smoke",
+                                 "--root", str(tmp_path / "runs"), "-o", str(tmp_path / attempt),
+                                 "--set", f"k8s.host_mounts=[{REPO}/fixtures]"],
+                                capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append((tmp_path / attempt / "smoke.yaml").read_bytes())
+    assert outputs[0] == outputs[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]  # no runs/, no mlflow.db
+    spec = json.loads(next(d for d in yaml.safe_load_all(outputs[0]) if d["kind"] == "ConfigMap")
+                      ["data"]["train-bf16.json"])
+    assert spec["tracking"]["tracking_uri"] == "http://mlflow.faster-qat.svc.cluster.local:5000"
+    assert spec["tracking"]["run_key"] == "smoke" and "parent_run_id" not in spec["tracking"]
+    assert spec["params"]["recipe"]["name"] == "bf16"  # the recipe by value: a pod needs no file

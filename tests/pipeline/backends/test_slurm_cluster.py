@@ -6,18 +6,26 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pipeline.backends.base import StageState
-from pipeline.backends.slurm import SlurmBackend, queue_states, render_prepared, settings_of
+from contract.params import ProbeParams
+from pipeline.backends.base import StageState, StageStatus
+from pipeline.backends.slurm import (
+    SlurmBackend,
+    queue_states,
+)
+from pipeline.backends.slurm_settings import SlurmSettings
 from pipeline.errors import BackendError
 from pipeline.graph import Graph, Stage
 from pipeline.layout import RunLayout
-from pipeline.prepare import PreparedRun, prepare_run
+from pipeline.plan import RunPlan
+from pipeline.prepare import cached_stages
 from pipeline.resources import Resources
-from tests.pipeline.probe_dag import IMAGES, drive, fan_out_graph
+from pipeline.run_record import read_record
+from tests.pipeline.probe_dag import RUN_ID, drive, fan_out_graph, plan
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
@@ -28,28 +36,68 @@ def cancel_leftovers(tmp_path):
     """A test that fails midway leaves no job in the test cluster's queue."""
     yield
     for jobs_file in tmp_path.rglob("jobs.json"):
-        SlurmBackend().cancel(RunLayout(jobs_file.parent.parent, jobs_file.parent.name))
+        layout = RunLayout(jobs_file.parent.parent, jobs_file.parent.name)
+        if layout.run_file.exists() and read_record(layout).cluster == "slurm":
+            cancel(layout)
 
 
-def prepare(graph: Graph, root: Path, **slurm: object) -> PreparedRun:
-    settings = {"python": sys.executable, "partition": "debug", "account": "studies", **slurm}
-    return prepare_run(graph, RunLayout(root, "probe"), IMAGES, "slurm", None, {"slurm": settings})
+@dataclass
+class Submission:
+    """A planned probe run and the Slurm backend that submits it (as `python -m pipeline submit`)."""
+
+    plan: RunPlan
+    layout: RunLayout
+    backend: SlurmBackend
+
+    def submit(self) -> str:
+        return self.backend.submit(self.plan, self.layout, None)
+
+    @property
+    def to_run(self) -> list[str]:
+        cached, _ = cached_stages(self.plan, self.layout)
+        return [name for name in self.plan.names if name not in cached]
+
+
+def prepare(graph: Graph, root: Path, **slurm: object) -> Submission:
+    settings = SlurmSettings.model_validate({"python": sys.executable, "partition": "debug",
+                                             "account": "studies", **slurm})
+    return Submission(plan(graph, root, cluster="slurm"), RunLayout(root.resolve(), RUN_ID), SlurmBackend(settings))
+
+
+def _backend(layout: RunLayout):
+    record = read_record(layout)
+    return SlurmBackend.for_record(record), record
+
+
+def status(layout: RunLayout) -> list[StageStatus]:
+    backend, record = _backend(layout)
+    return backend.status(layout, record)
+
+
+def cancel(layout: RunLayout) -> list[str]:
+    backend, record = _backend(layout)
+    return backend.cancel(layout, record)
+
+
+def logs(layout: RunLayout, stage: str) -> str:
+    backend, record = _backend(layout)
+    return backend.logs(layout, record, stage)
 
 
 def wait_finished(layout: RunLayout, timeout_s: float = 60) -> dict[str, StageState]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        statuses = SlurmBackend().status(layout)
+        statuses = status(layout)
         if all(status.state.finished for status in statuses):
             return {status.name: status.state for status in statuses}
         time.sleep(0.3)
-    raise AssertionError(f"not finished in {timeout_s} s: {SlurmBackend().status(layout)}")
+    raise AssertionError(f"not finished in {timeout_s} s: {status(layout)}")
 
 
 def wait_state(layout: RunLayout, stage: str, state: StageState, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if {s.name: s.state for s in SlurmBackend().status(layout)}[stage] == state:
+        if {s.name: s.state for s in status(layout)}[stage] == state:
             return
         time.sleep(0.2)
     raise AssertionError(f"{stage} never became {state.value}")
@@ -68,15 +116,15 @@ def test_probe_dag_on_slurm_ends_like_a_local_run(slurm_cluster, tmp_path):
     local_states = drive(graph, tmp_path / "local")
     prepared = prepare(graph, tmp_path / "slurm")
 
-    described = SlurmBackend().submit(prepared)
+    described = prepared.submit()
 
-    assert described.startswith("slurm jobs ")
+    assert described.startswith("probe: submitted 6 stage(s): slurm jobs ")
     states = wait_finished(prepared.layout)
     assert {name: state.value for name, state in states.items()} == local_states
     assert set(local_states.values()) == {"succeeded"}
     assert outputs(tmp_path / "slurm", graph.names) == outputs(tmp_path / "local", graph.names)
     assert outputs(tmp_path / "slurm", ["join"])["join"] == "sourceasourcebsourcecsourced!"
-    assert "join: succeeded" in SlurmBackend().logs(prepared.layout, "join")
+    assert "join: succeeded" in logs(prepared.layout, "join")
 
     # Submitting again finds every stage cached: nothing is queued, status says cached.
     again = prepare(graph, tmp_path / "slurm")
@@ -90,7 +138,7 @@ def test_cached_stages_are_not_submitted_and_impose_no_dependency(slurm_cluster,
     prepared = prepare(graph, tmp_path)
     assert prepared.to_run == ["join"]
 
-    SlurmBackend().submit(prepared)
+    prepared.submit()
 
     states = wait_finished(prepared.layout)
     assert states["join"] == StageState.SUCCEEDED
@@ -105,28 +153,28 @@ def test_a_failing_stage_blocks_its_dependents_and_cancel_clears_them(slurm_clus
     local_states = drive(graph, tmp_path / "local")
     prepared = prepare(graph, tmp_path / "slurm")
 
-    SlurmBackend().submit(prepared)
+    prepared.submit()
     states = wait_finished(prepared.layout)
 
     assert {name: state.value for name, state in states.items()} == local_states
     assert states["b"] == StageState.FAILED and states["join"] == StageState.BLOCKED
-    statuses = {s.name: s for s in SlurmBackend().status(prepared.layout)}
+    statuses = {s.name: s for s in status(prepared.layout)}
     assert "probe asked to fail" in statuses["b"].note
     # Without kill_invalid_depend the blocked job stays in the queue until the run is cancelled.
     join_job = job_ids(prepared.layout)["join"]
     assert queue_states([join_job])[join_job].reason == "DependencyNeverSatisfied"
 
-    assert SlurmBackend().cancel(prepared.layout) == ["join"]
+    assert cancel(prepared.layout) == ["join"]
 
     assert queue_states([join_job])[join_job].state == "CANCELLED"
-    statuses = {s.name: s for s in SlurmBackend().status(prepared.layout)}
+    statuses = {s.name: s for s in status(prepared.layout)}
     assert statuses["join"].state == StageState.CANCELLED
     assert statuses["a"].state == StageState.SUCCEEDED
 
 
 def test_scancel_mid_run_reports_cancelled_and_dependents_blocked(slurm_cluster, tmp_path):
     prepared = prepare(fan_out_graph(sleep_s=30), tmp_path)
-    SlurmBackend().submit(prepared)
+    prepared.submit()
     wait_state(prepared.layout, "source", StageState.RUNNING)
 
     subprocess.run(["scancel", job_ids(prepared.layout)["source"]], check=True)
@@ -135,13 +183,13 @@ def test_scancel_mid_run_reports_cancelled_and_dependents_blocked(slurm_cluster,
     assert states["source"] == StageState.CANCELLED
     assert {states[name] for name in ("a", "b", "c", "d", "join")} == {StageState.BLOCKED}
     assert not (tmp_path / "probe" / "source" / "_SUCCESS").exists()
-    assert sorted(SlurmBackend().cancel(prepared.layout)) == ["a", "b", "c", "d", "join"]
+    assert sorted(cancel(prepared.layout)) == ["a", "b", "c", "d", "join"]
 
 
 def test_sigusr1_checkpoints_requeues_and_the_stage_resumes(slurm_cluster, tmp_path):
-    graph = Graph([Stage("slow", "probe", {"sleep_s": 4, "payload": "done"})])
+    graph = Graph([Stage("slow", "probe", ProbeParams(sleep_s=4, payload="done"))])
     prepared = prepare(graph, tmp_path)
-    SlurmBackend().submit(prepared)
+    prepared.submit()
     wait_state(prepared.layout, "slow", StageState.RUNNING)
     job = job_ids(prepared.layout)["slow"]
     time.sleep(1.0)  # let the stage install its signal handlers
@@ -156,7 +204,7 @@ def test_sigusr1_checkpoints_requeues_and_the_stage_resumes(slurm_cluster, tmp_p
 
     states = wait_finished(prepared.layout)
     assert states["slow"] == StageState.SUCCEEDED
-    log = SlurmBackend().logs(prepared.layout, "slow")
+    log = logs(prepared.layout, "slow")
     assert "SIGUSR1: asking the stage to checkpoint" in log
     assert "interrupted; outputs kept for resume" in log
     assert f"requeueing job {job}" in log
@@ -167,16 +215,16 @@ def test_sigusr1_checkpoints_requeues_and_the_stage_resumes(slurm_cluster, tmp_p
 def test_a_rejected_third_job_cancels_the_two_queued_before_it(slurm_cluster, tmp_path):
     too_big = Resources(memory_gb=64)  # the node has 20000 MB: Slurm rejects it at submission
     graph = Graph([
-        Stage("source", "probe", {"sleep_s": 5}),
-        Stage("a", "probe", {}, {"in": "source"}),
-        Stage("b", "probe", {}, {"in": "source"}, resources=too_big),
-        Stage("join", "probe", {}, {"a": "a", "b": "b"}),
+        Stage("source", "probe", ProbeParams(sleep_s=5)),
+        Stage("a", "probe", ProbeParams(), {"in": "source"}),
+        Stage("b", "probe", ProbeParams(), {"in": "source"}, resources=too_big),
+        Stage("join", "probe", ProbeParams(), {"a": "a", "b": "b"}),
     ])
     prepared = prepare(graph, tmp_path)
     assert prepared.to_run[:3] == ["source", "a", "b"]
 
     with pytest.raises(BackendError) as error:
-        SlurmBackend().submit(prepared)
+        prepared.submit()
 
     message = str(error.value)
     assert "\n" not in message
@@ -201,7 +249,7 @@ def test_bad_placement_is_one_line_from_slurm_and_nothing_is_queued(
 ):
     prepared = prepare(fan_out_graph(), tmp_path, **setting)
     with pytest.raises(BackendError) as error:
-        SlurmBackend().submit(prepared)
+        prepared.submit()
     assert str(error.value) == expected
     assert not prepared.layout.jobs_file.exists()
 
@@ -209,11 +257,11 @@ def test_bad_placement_is_one_line_from_slurm_and_nothing_is_queued(
 def test_rendered_submit_sh_queues_the_run_by_hand(slurm_cluster, tmp_path):
     graph = fan_out_graph()
     prepared = prepare(graph, tmp_path / "root")
-    settings = settings_of(prepared.layout.read_run()["config"])
 
-    written = render_prepared(prepared, settings, tmp_path / "out")
+    written = prepared.backend.render(prepared.plan, prepared.layout, tmp_path / "out")
 
-    assert [p.name for p in written] == [f"{name}.sbatch" for name in graph.names] + ["submit.sh"]
+    assert [p.name for p in written] == [f"{name}.sbatch" for name in graph.names] + ["submit.sh", "run.json"]
+    assert not (tmp_path / "root").exists()  # render writes its folder only; the scripts carry the specs
     done = subprocess.run([str(tmp_path / "out" / "submit.sh")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("source: job ")
@@ -227,10 +275,10 @@ def test_rendered_submit_sh_queues_the_run_by_hand(slurm_cluster, tmp_path):
 
 
 def test_rendered_submit_sh_cancels_what_it_queued_when_a_job_is_rejected(slurm_cluster, tmp_path):
-    graph = Graph([Stage("source", "probe", {"sleep_s": 5}),
-                   Stage("big", "probe", {}, {"in": "source"}, resources=Resources(memory_gb=64))])
+    graph = Graph([Stage("source", "probe", ProbeParams(sleep_s=5)),
+                   Stage("big", "probe", ProbeParams(), {"in": "source"}, resources=Resources(memory_gb=64))])
     prepared = prepare(graph, tmp_path / "root")
-    render_prepared(prepared, settings_of(prepared.layout.read_run()["config"]), tmp_path / "out")
+    prepared.backend.render(prepared.plan, prepared.layout, tmp_path / "out")
 
     submit_sh = str(tmp_path / "out" / "submit.sh")
     done = subprocess.run([submit_sh], capture_output=True, text=True, timeout=60)
@@ -244,7 +292,7 @@ def test_rendered_submit_sh_cancels_what_it_queued_when_a_job_is_rejected(slurm_
 
 def test_cli_status_logs_and_cancel_work_from_a_new_shell(slurm_cluster, tmp_path):
     prepared = prepare(fan_out_graph(sleep_s=30), tmp_path)
-    SlurmBackend().submit(prepared)
+    prepared.submit()
     wait_state(prepared.layout, "source", StageState.RUNNING)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
@@ -253,7 +301,7 @@ def test_cli_status_logs_and_cancel_work_from_a_new_shell(slurm_cluster, tmp_pat
 
     assert "running" in cli("status", "probe").stdout
     with pytest.raises(BackendError, match="still has slurm jobs queued or running"):
-        SlurmBackend().submit(prepare(fan_out_graph(sleep_s=30), tmp_path))  # no second copy
+        prepare(fan_out_graph(sleep_s=30), tmp_path).submit()  # no second copy
     assert "== job " in cli("logs", "probe", "source").stdout
     cancelled = cli("cancel", "probe")
     assert cancelled.returncode == 0, cancelled.stderr

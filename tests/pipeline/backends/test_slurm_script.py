@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.backends.slurm_script import batch_script, enroot_image_ref, stage_command, submit_script
+from contract.launch import StageLaunch
+from pipeline.backends.slurm_script import batch_script, enroot_image_ref, submit_script
 
 ROOT = Path("/lustre/runs")
 
@@ -111,16 +112,14 @@ def test_scripts_are_valid_bash(tmp_path):
         path.write_text(text)
         checked = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert checked.returncode == 0, (name, checked.stderr)
-    submit = submit_script(stages=[("a", Path("/x/a.sbatch"), []), ("b", Path("/x/b.sbatch"), ["a"])],
-                           jobs_file=Path("/x/jobs.json"))
-    assert "JOB_1=$(sbatch --parsable --dependency=afterok:$JOB_0 /x/b.sbatch)" in submit
+    submit = submit_script(stages=[("a", "a.sbatch", []), ("b", "b.sbatch", ["a"])], run_dir=Path("/x/run"))
+    assert 'JOB_1=$(sbatch --parsable --dependency=afterok:$JOB_0 "$HERE"/b.sbatch)' in submit
     (tmp_path / "submit.sh").write_text(submit)
     assert subprocess.run(["bash", "-n", str(tmp_path / "submit.sh")]).returncode == 0
 
 
 def test_stage_command_is_the_plain_module_for_one_process():
-    assert stage_command(kind="probe", spec_path=Path("/r/s/spec.json")) == (
-        "python -m stages.probe --spec /r/s/spec.json")
+    assert StageLaunch("probe", "/r/s/spec.json").shell() == "python -m stages.probe --spec /r/s/spec.json"
 
 
 def test_squeue_and_sacct_lines_parse_to_job_states():

@@ -6,7 +6,6 @@ FASTER_QAT_SLOW_TESTS=1 submits all 28 stages."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -14,7 +13,13 @@ import time
 from pipeline.backends.base import StageState
 from pipeline.backends.slurm import SlurmBackend
 from pipeline.layout import RunLayout
-from tests.smoke import SMOKE_STAGES, TRIMMED_OUT, pipeline_cli, report_rows
+from pipeline.run_record import read_record
+from tests.smoke import (
+    SMOKE_STAGES,
+    TRIMMED_OUT,
+    assert_same_losses,
+    pipeline_cli,
+)
 
 
 def test_the_smoke_study_on_slurm_matches_the_local_run(slurm_cluster, smoke_root, tmp_path):
@@ -29,17 +34,14 @@ def test_the_smoke_study_on_slurm_matches_the_local_run(slurm_cluster, smoke_roo
     assert submitted.returncode == 0, submitted.stderr
     assert f"submitted {stages} stage(s)" in submitted.stdout
     layout = RunLayout(root.resolve(), "smoke")
+    record = read_record(layout)
+    backend = SlurmBackend.for_record(record)
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
-        statuses = SlurmBackend().status(layout)
+        statuses = backend.status(layout, record)
         if all(status.state.finished for status in statuses):
             break
         time.sleep(5)
     assert {s.name: s.state for s in statuses} == {s.name: StageState.SUCCEEDED for s in statuses}
 
-    on_slurm, local = report_rows(root), report_rows(smoke_root)
-    assert on_slurm and set(on_slurm) <= set(local)
-    for key, row in on_slurm.items():  # seeded and deterministic on CPU: the same losses
-        for column in ("val_loss", "train_val_loss"):
-            if row[column]:
-                assert math.isclose(float(row[column]), float(local[key][column]), rel_tol=1e-9), (key, column)
+    assert_same_losses(root, smoke_root)

@@ -20,8 +20,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-# What `stages.contract/runtime/tracking` and `stages.probe` import outside the standard library.
-PACKAGES = ("pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection")
+# What `contract` (spec, params, recipes, tracking), `stages.runtime` and `stages.probe` import outside
+# the standard library.
+PACKAGES = ("pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection", "xxhash", "yaml")
 SITE = "/opt/site"
 _SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages",
                 "dist-packages", "__pycache__"}

@@ -9,18 +9,31 @@ import argparse
 from pathlib import Path
 
 from pipeline.backends.local_driver import LocalDriver
+from pipeline.backends.local_settings import LocalSettings
 from pipeline.docker_runtime import DockerLauncher
 from pipeline.graph import Graph
 from pipeline.layout import RunLayout
-from pipeline.prepare import prepare_run
+from pipeline.plan import plan_graph
+from pipeline.prepare import prepare_run, run_record
+from pipeline.run_record import RunRecord
+from pipeline.runlock import acquire_run_lock
+
+
+def probe_record(graph: Graph, root: Path, image_ref: str) -> RunRecord:
+    """The run record of a probe DAG whose stages run in `image_ref` (what the launcher checks)."""
+    return run_record(plan_graph(graph, "probe", Path(root).resolve(), {"cpu": image_ref}, None, "local"),
+                      "local", {}, None)
 
 
 def drive_in_docker(graph: Graph, root: Path, image_ref: str, max_parallel: int = 4) -> dict[str, str]:
-    refs = {"cpu": image_ref}
-    launcher = DockerLauncher(refs)
-    launcher.check(graph)
-    prepared = prepare_run(graph, RunLayout(root, "probe"), refs, "local", None, {})
-    states = LocalDriver(prepared, max_parallel, [], launcher=launcher).run()
+    launcher = DockerLauncher()
+    launcher.check(probe_record(graph, root, image_ref))
+    plan = plan_graph(graph, "probe", Path(root).resolve(), {"cpu": image_ref}, None, "local")
+    layout = RunLayout(Path(root).resolve(), "probe")
+    settings = LocalSettings(max_parallel=max_parallel, runtime="docker")
+    with acquire_run_lock(layout, "docker_dag"):
+        prepared = prepare_run(plan, layout, "local", settings.model_dump(), None)
+        states = LocalDriver(layout, prepared.record, settings, [], launcher=launcher).run()
     return {name: state.value for name, state in states.items()}
 
 

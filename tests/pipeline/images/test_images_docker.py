@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from contract.markers import read_marker
 from pipeline.cli import main
 from pipeline.docker_runtime import DockerLauncher, container_name
 from pipeline.docker_stage import STAGE_DIR_LABEL
 from pipeline.errors import BackendError
 from pipeline.image_lock import ImageRef, read_lock
 from pipeline.loader import load_config
-from stages.contract import read_marker
-from tests.pipeline.images.docker_dag import drive_in_docker
+from tests.pipeline.images.docker_dag import drive_in_docker, probe_record
 from tests.pipeline.probe_dag import fan_out_graph
 
 REPO = Path(__file__).resolve().parents[3]
@@ -103,17 +103,18 @@ def test_sigterm_of_the_driver_stops_and_removes_the_containers(docker_client, c
     assert json.loads((tmp_path / "probe" / "source" / "container.json").read_text())["stopped"] is True
 
 
-def test_unpinned_missing_or_stale_images_are_refused_before_anything_starts(docker_client, base_image, cpu_ref):
+def test_unpinned_missing_or_stale_images_are_refused_before_anything_starts(docker_client, base_image, cpu_ref,
+                                                                            tmp_path):
     graph = fan_out_graph()
     with pytest.raises(BackendError, match="has no @sha256: digest; --runtime docker runs pinned images only"):
-        DockerLauncher({"cpu": "faster-qat-cpu-test:dev"}).check(graph)
+        DockerLauncher().check(probe_record(graph, tmp_path, "faster-qat-cpu-test:dev"))
     with pytest.raises(BackendError, match="is not on this machine"):
-        DockerLauncher({"cpu": "faster-qat-cpu-test@sha256:" + "0" * 64}).check(graph)
+        DockerLauncher().check(probe_record(graph, tmp_path, "faster-qat-cpu-test@sha256:" + "0" * 64))
     dockerfile = f"FROM {base_image}\nLABEL org.faster-qat.code.probe=0123456789abcdef\n".encode()
     stale, _ = docker_client.images.build(fileobj=io.BytesIO(dockerfile), tag="faster-qat-stale-test:dev",
                                          rm=True, forcerm=True)
-    with pytest.raises(BackendError, match=r"stage source: image 'cpu' .* was built from other `stages/` code"):
-        DockerLauncher({"cpu": f"faster-qat-stale-test:dev@{stale.id}"}).check(graph)
+    with pytest.raises(BackendError, match=r"stage source: image .* was built from other `stages/` code"):
+        DockerLauncher().check(probe_record(graph, tmp_path, f"faster-qat-stale-test:dev@{stale.id}"))
 
 
 def test_cli_run_with_docker_runtime_refuses_unpinned_images_and_prepares_nothing(docker_client, tmp_path, capsys):

@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.contract import read_marker
-from stages.export.packing import LinearAmax, unpack_nvfp4
-from stages.export.unified import pack_device, pack_linear
+from contract.markers import read_marker
+from stages.deployment.packing import LinearAmax, unpack_nvfp4
+from stages.deployment.unified import pack_device, pack_linear
 from stages.eval.core import run
 from stages.runtime import run_stage
 from tests.stages.ptq.quant_testkit import (
-    MMLU_TINY, REPO, TINY_MODEL, HandNvfp4Linear, fused_amax, mean_ce, stage_spec, val_rows,
+    MMLU_TINY,
+    REPO,
+    TINY_MODEL,
+    HandNvfp4Linear,
+    fused_amax,
+    mean_ce,
+    stage_spec,
+    val_rows,
 )
 
 EVAL = {"micro_batch": 2, "max_batches": 3, "device": "cpu"}  # the first 6 val rows
@@ -43,6 +50,20 @@ def _bf16_model():
     return AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.bfloat16).eval()
 
 
+def sequence_ce(model, data_dir: Path) -> list[float]:
+    """Each of the first 6 val rows' summed cross entropy (nats), by hand: three forwards of 2
+    rows as the stage runs them, fp32 per token, summed per row in fp64."""
+    import torch.nn.functional as F
+
+    sums = []
+    for rows in (_rows(data_dir, i) for i in range(3)):
+        with torch.no_grad():
+            logits = model(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False).logits
+        for row_logits, labels in zip(logits[:, :-1].float(), rows.labels[:, 1:]):
+            sums.append(float(F.cross_entropy(row_logits, labels, ignore_index=-100, reduction="none").double().sum()))
+    return sums
+
+
 def test_eval_base_is_the_token_weighted_cross_entropy(tmp_path: Path, data_dir: Path) -> None:
     out = tmp_path / "eval-base"
     spec = stage_spec(out, "eval", {"data": data_dir}, {**EVAL, "model": str(TINY_MODEL), "recipe": "bf16"})
@@ -50,10 +71,14 @@ def test_eval_base_is_the_token_weighted_cross_entropy(tmp_path: Path, data_dir:
     summary = _summary(out)
     batch = val_rows(data_dir, 6)
     assert summary["val_tokens"] == batch.label_tokens == 6 * 24  # 31 predicted tokens, 7 of them prompt
-    # The same three forwards of 2 rows, by hand: the same number.
-    model = _bf16_model()
-    hand = sum(mean_ce(model, rows) * rows.label_tokens for rows in (_rows(data_dir, i) for i in range(3))) / batch.label_tokens
-    assert summary["val_loss"] == pytest.approx(hand, rel=1e-12)
+    assert summary["val_sequences"] == 6
+    # Each sequence's loss, kept for the report's bootstrap, and the token-weighted mean of them.
+    hand = sequence_ce(_bf16_model(), data_dir)
+    sequences = json.loads((out / "val_sequences.json").read_text())
+    assert (sequences["rows"], sequences["tokens"]) == (list(range(6)), [24] * 6)
+    assert sequences["loss_sum"] == pytest.approx(hand, rel=1e-12)
+    assert summary["val_loss"] == pytest.approx(sum(hand) / batch.label_tokens, rel=1e-12)
+    assert summary["val_loss"] == pytest.approx(mean_ce(_bf16_model(), batch), rel=1e-6)  # fp32 sums: 1e-7 apart
     assert (summary["precision"], summary["packer"], summary["activation_scaling"]) == ("bf16", "none", "none")
 
 
@@ -81,7 +106,7 @@ def test_eval_ptq_runs_the_deployed_nvfp4_forward(tmp_path: Path, data_dir: Path
                 hand.weight, hand.input_amax = unpack_nvfp4(packed), packed["input_scale"] * (6 * 448)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, hand)
-        return sum(mean_ce(model, rows) * rows.label_tokens for rows in (_rows(data_dir, i) for i in range(3))) / batch.label_tokens
+        return sum(sequence_ce(model, data_dir)) / batch.label_tokens
 
     # With the weights as the export packs them (ModelOpt's arithmetic), the loss is exact.
     assert summary["val_loss"] == hand_loss(weights_as_exported=True)
@@ -93,7 +118,7 @@ def test_eval_ptq_runs_the_deployed_nvfp4_forward(tmp_path: Path, data_dir: Path
 
 
 def _rows(data_dir: Path, index: int):
-    from stages.train.batches import TokenSplit
+    from stages.batches import TokenSplit
 
     return TokenSplit(data_dir, "val").rows([2 * index, 2 * index + 1])
 
@@ -150,6 +175,7 @@ def test_lm_eval_accuracy_on_the_local_mmlu_tiny_task(tmp_path: Path, data_dir: 
     summary = _summary(out)
     assert summary["acc_mmlu_tiny"] == _hand_mmlu_accuracy(_bf16_model(), AutoTokenizer.from_pretrained(TINY_MODEL))
     assert json.loads((out / "lm_eval.json").read_text())["mmlu_tiny"]["acc"] == summary["acc_mmlu_tiny"]
+    assert summary["questions_mmlu_tiny"] == len((MMLU_TINY / "test.jsonl").read_text().splitlines()) == 6
 
 
 INT8_INT4_SMOKE = str(TINY_MODEL.parents[1] / "recipes" / "int8_dyn_act_int4_weight_smoke.yaml")
@@ -186,7 +212,7 @@ def test_int4_weight_only_without_its_kernels_evaluates_its_fake_quant(tmp_path:
     from tests.stages.ptq.quant_testkit import fake_train_dir
 
     recipe = tmp_path / "int4_g32.yaml"
-    recipe.write_text((REPO / "stages/precision/recipes/int4_weight_only.yaml").read_text()
+    recipe.write_text((REPO / "contract/recipes/int4_weight_only.yaml").read_text()
                       .replace("name: int4_weight_only", "name: int4_g32").replace("group_size: 256", "group_size: 32"))
     train = fake_train_dir(tmp_path / "train", str(recipe))
     assert run_stage(stage_spec(tmp_path / "export", "export", {"model": train}, {}), export) == 0

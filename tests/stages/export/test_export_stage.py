@@ -9,11 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.contract import read_marker
+from contract.markers import read_marker
+from stages.deployment.unified import pack_device
 from stages.export.core import run
-from stages.export.unified import pack_device
 from stages.runtime import run_stage
-from tests.stages.ptq.quant_testkit import REPO, TINY_MODEL, fake_train_dir, linear_names, stage_spec
+from tests.stages.ptq.quant_testkit import (
+    REPO,
+    TINY_MODEL,
+    fake_train_dir,
+    linear_names,
+    stage_spec,
+)
 
 NVFP4_HF_QUANT_CONFIG = {
     "producer": {"name": "modelopt", "version": "0.47.0"},
@@ -131,7 +137,7 @@ def test_torchao_int8_int4_export_loads_back_with_the_qat_fake_quantized_weights
 @pytest.mark.skipif(importlib.util.find_spec("mslk") is not None, reason="mslk's int4 kernels are installed")
 def test_int4_weight_only_without_its_kernels_exports_bf16_and_says_why(tmp_path: Path) -> None:
     recipe = tmp_path / "int4_g32.yaml"
-    recipe.write_text((REPO / "stages/precision/recipes/int4_weight_only.yaml").read_text()
+    recipe.write_text((REPO / "contract/recipes/int4_weight_only.yaml").read_text()
                       .replace("name: int4_weight_only", "name: int4_g32").replace("group_size: 256", "group_size: 32"))
     train = fake_train_dir(tmp_path / "train", str(recipe))
     assert run_stage(stage_spec(tmp_path / "export", "export", {"model": train}, {}), run) == 0
@@ -188,7 +194,7 @@ def test_an_uncalibrated_model_is_calibrated_on_the_data_input(tmp_path: Path, d
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from stages.train.batches import TokenSplit
+    from stages.batches import TokenSplit
 
     train = fake_train_dir(tmp_path / "train", "nv4f_mx8b")
     spec = stage_spec(tmp_path / "export", "export", {"model": train, "data": data_dir}, {"calib_samples": 5, "bf16_checkpoint": False})

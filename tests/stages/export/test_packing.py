@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.export.packing import LinearAmax, pack_fp8, pack_nvfp4, unpack_fp8, unpack_nvfp4
+from stages.deployment.packing import (
+    LinearAmax,
+    pack_fp8,
+    pack_nvfp4,
+    unpack_fp8,
+    unpack_nvfp4,
+)
 from tests.stages.ptq.quant_testkit import TINY_MODEL
 
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from stages.precision.recipe import Recipe, load_recipe, parse_recipe
+from contract.recipe import Recipe, load_recipe, parse_recipe
 
 
 def tiny_qwen3() -> torch.nn.Module:

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from precision_helpers import recipe_with, tiny_qwen3
 
+from bench.modelopt_nvfp4 import inputs as modelopt_inputs
+from contract.recipe import Recipe
 from stages.precision import load_recipe, prepare_model
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.fp8 import fake_quantize_fp8, quantize_fp8
 from stages.precision.fp8_native import check_recipe
 from stages.precision.mx import fake_quantize_mxfp8, quantize_mxfp8
 from stages.precision.nvfp4 import fake_quantize_nvfp4, quantize_nvfp4
-from stages.precision.recipe import Recipe
-
-from bench.modelopt_nvfp4 import inputs as modelopt_inputs
-from precision_helpers import recipe_with, tiny_qwen3
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, FP8 GEMMs)")
 needs_fp8_gemm = pytest.mark.skipif(
@@ -145,7 +144,9 @@ def test_nvfp4_kernels_round_every_e2m1_threshold_as_the_reference() -> None:
     assert torch.equal(bits(ops().fake_rows_and_cols(x, "nvfp4")[0]), bits(fake_quantize_nvfp4(x)))
     assert set(q.codes.unique().tolist()) == set(range(16))  # every code, both signs
     try:
-        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import fp4_fake_quant_block
+        from modelopt.torch.kernels.quantization.gemm.fp4_kernel_hopper import (
+            fp4_fake_quant_block,
+        )
     except ImportError:
         return
     if torch.cuda.get_device_capability() >= (8, 9):

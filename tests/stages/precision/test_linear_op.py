@@ -19,11 +19,9 @@ import copy
 
 import pytest
 import torch
-
-from stages.precision import load_recipe, prepare_model
-from stages.precision import linear_op
-
 from precision_helpers import tiny_qwen3
+
+from stages.precision import linear_op, load_recipe, prepare_model
 
 RECIPES = ["nvfp4_qat", "mxfp8", "nv4f_mx8b", "fp8", "fp8_delayed"]
 

@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
+from precision_helpers import recipe_with, tiny_qwen3
 from torch import nn
 
 from stages.precision import PrecisionUnavailable, load_recipe, prepare_model
 from stages.precision.emulated import QuantizedLinear
-
-from precision_helpers import recipe_with, tiny_qwen3
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None, reason="TE is installed")
@@ -73,7 +72,7 @@ def test_modelopt_needs_a_calibration_loop_and_a_qat_shaped_recipe() -> None:
 
 
 def test_each_backend_says_whose_nvfp4_arithmetic_it_runs() -> None:
-    from stages.precision.compat import recipe_refusal
+    from contract.compat import recipe_refusal
 
     torchao_qat = recipe_with("nvfp4_qat", fprop="nvfp4")
     assert recipe_refusal(torchao_qat, "modelopt") == (
@@ -171,7 +170,7 @@ def test_delayed_scaling_state_carries_the_amax_history_to_a_fresh_model() -> No
 
 
 def test_the_torch_free_format_list_is_what_the_emulated_quantizers_implement() -> None:
-    from stages.precision.compat import EMULATED_FORMATS
+    from contract.compat import EMULATED_FORMATS
     from stages.precision.fp8 import FP8_DTYPES
     from stages.precision.mx import ELEM_DTYPES
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from precision_helpers import gamma, nvfp4_error_bound, recipe_with, tiny_qwen3
 from torch import nn
 
-from stages.precision import PrecisionUnavailable, fake_quantize, load_recipe, prepare_model
+from contract.recipe import OperandSpec, parse_recipe
+from stages.precision import (
+    PrecisionUnavailable,
+    fake_quantize,
+    load_recipe,
+    prepare_model,
+)
 from stages.precision.emulated import OperandQuantizer, QuantizedLinear
 from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4
-from stages.precision.recipe import OperandSpec, parse_recipe
-
-from precision_helpers import gamma, nvfp4_error_bound, recipe_with, tiny_qwen3
 
 
 def one_linear(seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from stages.precision import fake_quantize, load_recipe, prepare_model, quantize_mxfp8, quantize_nvfp4
-
 from precision_helpers import tiny_qwen3
+
+from stages.precision import (
+    fake_quantize,
+    load_recipe,
+    prepare_model,
+    quantize_mxfp8,
+    quantize_nvfp4,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

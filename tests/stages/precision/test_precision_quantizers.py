@@ -7,15 +7,24 @@ import math
 import pytest
 import torch
 
-from stages.precision import dequantize_nvfp4, fake_quantize, quantize_fp8, quantize_mxfp8, quantize_nvfp4
+from stages.precision import (
+    dequantize_nvfp4,
+    fake_quantize,
+    quantize_fp8,
+    quantize_mxfp8,
+    quantize_nvfp4,
+)
 from stages.precision.mx import dequantize_mxfp8
 from stages.precision.nvfp4 import fake_quantize_nvfp4, pack_fp4
 
 mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated  # noqa: E402
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
-from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize, per_tensor_amax_to_scale  # noqa: E402
 from torchao.prototype.mx_formats.kernels import f4_unpacked_to_f32, unpack_uint4  # noqa: E402
+from torchao.prototype.mx_formats.nvfp4_tensor import (  # noqa: E402
+    nvfp4_quantize,
+    per_tensor_amax_to_scale,
+)
 
 MODES = {"rceil": ScaleCalculationMode.RCEIL, "floor": ScaleCalculationMode.FLOOR}
 

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.contract import StageSpec, read_marker, write_spec
+from contract.markers import read_marker
 from stages.preprocess.core import run
 from stages.runtime import run_stage
+from tests.spec_files import write_spec_file
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURE_TOKENIZER = REPO / "fixtures" / "tokenizer"
@@ -23,9 +24,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def run_preprocess(out_dir: Path, **params: Any) -> tuple[int, Path]:
     """Run the stage in-process through the runtime, as a backend would; returns (exit code, dir)."""
     params = {"tokenizer": str(FIXTURE_TOKENIZER), "seq_len": 512, **params}
-    spec = StageSpec(run_id="test", stage="preprocess", kind="preprocess", fingerprint="f" * 16,
-                     output_dir=out_dir, params=params)
-    return run_stage(write_spec(spec), run), out_dir
+    spec = write_spec_file(out_dir, "preprocess", params, stage="preprocess", fingerprint="f" * 16)
+    return run_stage(spec, run), out_dir
 
 
 def failure(out_dir: Path) -> str:

@@ -12,16 +12,15 @@ import pyarrow as pa
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from preprocess_helpers import failure, run_preprocess
 
-from stages.contract import SUCCESS_MARKER
+from contract.markers import SUCCESS_MARKER
 from stages.data import read_data_manifest
 from stages.preprocess.chat import OK, ChatColumns, ConversationEncoder
 from stages.preprocess.json_rows import BadRows, read_json_rows
 from stages.preprocess.rows import row_problem
 from stages.runtime import StageInputError
 from tests.fuzz import SPECIAL_TEXT, TEXT, TIME_LIMIT, VALUES, deep, examples
-
-from preprocess_helpers import failure, run_preprocess
 
 QUESTION, ANSWER = "What is 2 + 2?", "It is 4."
 LOG = logging.getLogger("fuzz-rows")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.preprocess.chat import DROPPED_TOO_LONG, OK, ChatColumns, ConversationEncoder
+from stages.preprocess.chat import (
+    DROPPED_TOO_LONG,
+    OK,
+    ChatColumns,
+    ConversationEncoder,
+)
 from stages.runtime import StageInputError
 
 QUESTION = "What is 2 + 2?\n\nA: 3\nB: 4"

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from stages.contract import SUCCESS_MARKER, read_marker
-from stages.data import load_split, read_data_manifest
-
 from preprocess_helpers import FIXTURE_DATA, REPO, failure, run_preprocess, write_jsonl
+
+from contract.markers import SUCCESS_MARKER, read_marker
+from stages.data import load_split, read_data_manifest
 
 GOOD = {"input": "What is 2 + 2?", "output": "<think>\nsum\n</think>\n\nIt is 4."}
 
@@ -172,12 +171,11 @@ def test_invalid_params_name_the_field(tmp_path: Path):
 
 @pytest.mark.slow  # a fresh interpreter importing transformers: ~10 s on 2 cores
 def test_module_entry_point_runs_the_stage(tmp_path: Path):
-    from stages.contract import StageSpec, write_spec
+    from tests.spec_files import write_spec_file
 
-    spec = StageSpec(run_id="t", stage="prep", kind="preprocess", fingerprint="e" * 16, output_dir=tmp_path / "s",
-                     params={"source": str(FIXTURE_DATA), "tokenizer": str(REPO / "fixtures" / "tokenizer"),
-                             "seq_len": 256, "max_rows": 20})
-    done = subprocess.run([sys.executable, "-m", "stages.preprocess", "--spec", str(write_spec(spec))],
+    spec = write_spec_file(tmp_path / "s", "preprocess", {"source": str(FIXTURE_DATA), "seq_len": 256, "max_rows": 20,
+                                                          "tokenizer": str(REPO / "fixtures" / "tokenizer")})
+    done = subprocess.run([sys.executable, "-m", "stages.preprocess", "--spec", str(spec)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_data_manifest(tmp_path / "s")["rows_out"] == 20

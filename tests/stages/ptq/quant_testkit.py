@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.contract import StageSpec, mark_succeeded, write_json_atomic, write_spec
+from contract.files import write_json_atomic
+from contract.markers import mark_succeeded
+from tests.spec_files import write_spec_file
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_MODEL = REPO / "fixtures" / "models" / "tiny-qwen3"
@@ -46,9 +48,7 @@ def write_token_dataset(data_dir: Path, n_train: int = 12, n_val: int = 8) -> Pa
 
 
 def stage_spec(out: Path, kind: str, inputs: dict[str, Path], params: dict[str, Any]) -> Path:
-    spec = StageSpec(run_id="test", stage=out.name, kind=kind, fingerprint=f"fp-{out.name}",
-                     output_dir=out, inputs=inputs, params=params)
-    return write_spec(spec)
+    return write_spec_file(out, kind, params, inputs)
 
 
 def fake_train_dir(out: Path, recipe: str, source: Path = TINY_MODEL) -> Path:
@@ -64,13 +64,13 @@ def fake_train_dir(out: Path, recipe: str, source: Path = TINY_MODEL) -> Path:
 
 
 def val_rows(data_dir: Path, rows: int):
-    from stages.train.batches import TokenSplit
+    from stages.batches import TokenSplit
 
     return TokenSplit(data_dir, "val").rows(list(range(rows)))
 
 
 def mean_ce(model: nn.Module, batch) -> float:
-    from stages.train.losses import cross_entropy_sum
+    from stages.losses import cross_entropy_sum
 
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits

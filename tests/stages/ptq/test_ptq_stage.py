@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.contract import read_marker
+from contract.markers import read_marker
 from stages.ptq.core import run
 from stages.runtime import run_stage
 from tests.stages.ptq.quant_testkit import TINY_MODEL, linear_names, stage_spec
@@ -21,7 +21,7 @@ def _first_layer_inputs(data_dir: Path, rows: int) -> dict[str, torch.Tensor]:
     """What layer 0's q_proj and down_proj read, computed from the modules themselves."""
     from transformers import AutoModelForCausalLM
 
-    from stages.train.batches import TokenSplit
+    from stages.batches import TokenSplit
 
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.bfloat16).eval()
     batch = TokenSplit(data_dir, "train").rows(list(range(rows)))

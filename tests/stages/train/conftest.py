@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-
-from stages.contract import StageSpec, write_spec
 from train_testlib import BASE_PARAMS, write_token_dataset
+
+from tests.spec_files import write_spec_file
 
 
 @pytest.fixture(scope="session")
@@ -24,16 +24,8 @@ def make_spec(tmp_path: Path, data_dir: Path) -> Callable[..., Path]:
     """make_spec(name, **params) -> path of a spec.json for a train stage under tmp_path."""
 
     def make(name: str = "train", inputs: dict[str, Path] | None = None, **params: Any) -> Path:
-        spec = StageSpec(
-            run_id="test",
-            stage=name,
-            kind="train",
-            fingerprint=f"fp-{name}",
-            output_dir=tmp_path / name,
-            inputs={"data": data_dir, **(inputs or {})},
-            params={**BASE_PARAMS, **params},
-        )
-        return write_spec(spec)
+        return write_spec_file(tmp_path / name, "train", {**BASE_PARAMS, **params},
+                               {"data": data_dir, **(inputs or {})})
 
     return make
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_testlib import losses, metric_rows
 
+from contract.tracking import StageTracker
 from stages.runtime import run_stage
-from stages.tracking import StageTracker
 from stages.train import checkpoint as ckpt
 from stages.train.core import run
 from stages.train.distributed import World
-from train_testlib import losses, metric_rows
 
 ONE_PROCESS = World(rank=0, world_size=1, device=torch.device("cpu"))
 

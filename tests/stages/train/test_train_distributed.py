@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_testlib import REPO, losses, metric_rows
-from stages.contract import SUCCESS_MARKER, read_marker
+
+from contract.markers import SUCCESS_MARKER, read_marker
 from stages.runtime import run_stage
 from stages.train.core import run
 

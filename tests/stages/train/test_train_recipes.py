@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from train_testlib import losses
+
+from contract.recipe import RECIPES_DIR
 from stages.precision import builtin_recipe_names, load_recipe
-from stages.precision.recipe import RECIPES_DIR
 from stages.runtime import run_stage
 from stages.train.core import run
 
@@ -25,15 +25,14 @@ CPU_BACKEND = {"int4_weight_only": "torchao", "int8_dyn_act_int4_weight": "torch
 @pytest.fixture(scope="module")
 def bf16_curve(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> list[float]:
     """The unquantized model's loss curve with the smoke settings (what every recipe is compared to)."""
-    from stages.contract import StageSpec, write_spec
-
     from train_testlib import BASE_PARAMS
 
+    from tests.spec_files import write_spec_file
+
     out = tmp_path_factory.mktemp("bf16") / "train"
-    spec = StageSpec(run_id="t", stage="train", kind="train", fingerprint="fp", output_dir=out,
-                     inputs={"data": data_dir}, params={**BASE_PARAMS, "steps": STEPS, "lr": LR})
+    spec = write_spec_file(out, "train", {**BASE_PARAMS, "steps": STEPS, "lr": LR}, {"data": data_dir})
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-    assert run_stage(write_spec(spec), run) == 0
+    assert run_stage(spec, run) == 0
     for signum, handler in handlers.items():  # module-scoped: the autouse restore runs later
         signal.signal(signum, handler)
     return losses(out)
@@ -106,8 +105,8 @@ def test_modelopt_qat_from_a_modelopt_ptq_restores_its_quantizers(make_spec, tmp
     eval-ptq measured), not calibrated again on other batches. The amax stay fixed in training."""
     from safetensors.torch import load_file
 
+    from contract.tracking import read_events
     from stages.ptq.core import run as ptq
-    from stages.tracking import read_events
     from tests.stages.ptq.quant_testkit import TINY_MODEL, stage_spec
 
     recipe = FP8_QAT_RECIPE

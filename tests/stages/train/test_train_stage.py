@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_testlib import TINY_MODEL, losses, metric_rows
-from stages.contract import read_marker
+
+from contract.markers import read_marker
+from contract.tracking import StageTracker, read_events
+from stages.batches import TokenSplit
+from stages.losses import cross_entropy_sum
 from stages.runtime import run_stage
-from stages.tracking import StageTracker, read_events
-from stages.train.batches import TokenSplit
 from stages.train.core import run
-from stages.train.losses import cross_entropy_sum
 
 
 def _val_loss_of(model_dir: Path, data_dir: Path, rows: int) -> float:
@@ -29,7 +29,9 @@ def _val_loss_of(model_dir: Path, data_dir: Path, rows: int) -> float:
     return (cross_entropy_sum(logits, batch.labels) / batch.label_tokens).item()
 
 
-def test_sft_trains_and_writes_a_plain_hf_checkpoint(make_spec, data_dir: Path) -> None:
+def test_sft_trains_and_writes_a_plain_hf_checkpoint(make_spec, data_dir: Path, monkeypatch) -> None:
+    for placer in ("PIPELINE_PLACEMENTS", "SLURM_JOB_ID", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(placer, raising=False)
     spec = make_spec("sft", val_every=3)
     assert run_stage(spec, run) == 0
     out = spec.parent
@@ -50,6 +52,14 @@ def test_sft_trains_and_writes_a_plain_hf_checkpoint(make_spec, data_dir: Path) 
     assert summary["val_loss"] == rows[-1]["val_loss"]
     assert (summary["backend"], summary["recipe"], summary["world_size"], summary["steps"]) == ("emulated", "bf16", 1, 6)
     assert summary["mean_step_time_s"] == pytest.approx(sum(r["step_time_s"] for r in rows[2:]) / 4)
+    # Each step's wall-clock end, and what the stage knows of who shared its CPU: started by
+    # hand (no local driver, Slurm or Kubernetes), it claims nothing.
+    ends = [r["ended_at"] for r in rows]
+    assert ends == sorted(ends) and ends[-1] - ends[0] >= sum(r["step_time_s"] for r in rows[1:])
+    sharing = summary["device_sharing"]
+    assert (sharing["source"], sharing["exclusive"], sharing["device"]) == ("none", None, "cpu")
+    assert sharing["window"] == pytest.approx([ends[0] - rows[0]["step_time_s"], ends[-1]])
+    assert summary["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
     # The saved checkpoint is the trained model: reloading it reproduces the final val loss
     # (val_batches=2 micro-batches of 2 rows = the first 4 val rows).
@@ -130,7 +140,7 @@ def test_qad_mixes_kl_and_cross_entropy_with_a_different_teacher(make_spec) -> N
     [
         ({"global_batch": 6, "micro_batch": 4}, "train: params: global_batch (6) must be a multiple of micro_batch (4)"),
         ({"recipe": "fp3"}, "train: params.recipe: recipe fp3: no such built-in recipe"),
-        ({"betas": [0.9]}, "train: params.betas.1: Field required"),
+        ({"betas": [0.9]}, "train: params.betas.1: required field is missing"),
         ({"device": "cuda"}, "train: params.device: cuda requested but no CUDA device"),
         ({"model": "/nonexistent/model"}, "train: params.model: /nonexistent/model is not a Hugging Face model dir (no config.json)"),
     ],
@@ -155,7 +165,7 @@ def test_activation_checkpointing_recomputes_the_same_step(make_spec) -> None:
 def test_missing_val_split_is_one_line_error(make_spec, tmp_path: Path, data_dir: Path) -> None:
     import shutil
 
-    from stages.contract import mark_succeeded
+    from contract.markers import mark_succeeded
 
     partial = tmp_path / "partial-data"
     shutil.copytree(data_dir / "train", partial / "train")

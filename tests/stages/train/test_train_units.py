@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.train.batches import StepPlan, TrainOrder
-from stages.train.losses import cross_entropy_sum, kl_sum
-from stages.train.schedule import lr_at
+from stages.batches import StepPlan, TrainOrder
+from stages.losses import cross_entropy_sum, kl_sum
 from stages.runtime import StageInputError
+from stages.train.schedule import lr_at
 
 
 def test_warmup_then_cosine_to_min_lr() -> None:
@@ -81,3 +81,23 @@ def test_mfu_counts_six_flops_per_parameter_and_token_over_all_devices() -> None
     assert mfu(8_000_000_000, tokens, 14.0, 2.25e15, 8) == pytest.approx(6 * 8e9 * tokens / (2.25e15 * 8 * 14.0))
     assert mfu(1000, 10, 1.0, None, 1) is None  # unknown peak (CPU): no MFU rather than a wrong one
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_packed_conversations_do_not_attend_across_their_boundary() -> None:
+    """Packing puts several conversations in a row, position_ids restarting at each; the model
+    must see each one alone (transformers builds a block-causal mask from the restarts when no
+    cache is used, as the train and eval stages call it). A second conversation's logits are
+    the same packed behind another one as alone."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(Path(__file__).parents[3] / "fixtures" / "models" / "tiny-qwen3",
+                                                 dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    first, second = torch.randint(0, 100, (1, 10)), torch.randint(0, 100, (1, 7))
+    positions = torch.cat([torch.arange(10), torch.arange(7)]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
+        alone = model(input_ids=second, position_ids=torch.arange(7).unsqueeze(0), use_cache=False).logits
+    torch.testing.assert_close(packed[:, 10:], alone, rtol=0, atol=1e-5)

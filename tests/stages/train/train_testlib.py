@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages.contract import mark_succeeded
+from contract.markers import mark_succeeded
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_MODEL = REPO / "fixtures" / "models" / "tiny-qwen3"

@@ -1,0 +1,418 @@
+"""MLflow tracking of a pipeline run, made where the study runs and safe against outages and retries.
+
+Both planes use this module: a stage writes its events here; the stage, the local driver or
+`python -m pipeline sync` delivers them.
+
+Every call is first appended to `<stage>/tracking/events.jsonl` (the durable record, in the
+format below), then forwarded to MLflow. When MLflow is unreachable the stage keeps working; the
+events wait in the file and the next flush (or `sync`) sends the ones not yet acknowledged. The
+acknowledged position is kept in `tracking/synced.json`, so a replay sends nothing twice.
+
+No run id exists before the study runs: the experiment is found or made by name, the parent run
+by the pipeline run id (tag `faster_qat.run_key`), each stage's run by (run, stage, attempt) (tag
+`faster_qat.stage_key`; the attempt is written once into the stage's first event, so a resumed
+or retried stage keeps its run). A create whose response is lost is found by its key on the
+retry; two racers that both create settle on the earliest run and delete the other.
+
+Event format (one JSON object a line): `create_run` {run_name, tags, attempt}, `params` {params},
+`tags` {tags, parent?}, `metrics` {metrics, step, ts, parent? | stage?}, `artifact` {path,
+artifact_path, parent?}, `experiment_tags` {tags}, `end` {status}. `parent: true` addresses the
+pipeline run's parent run (the report); `stage: NAME` another stage's run of the same pipeline run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contract.files import write_json_atomic
+from contract.spec import TrackingRef
+
+RUN_KEY_TAG = "faster_qat.run_key"
+STAGE_KEY_TAG = "faster_qat.stage_key"
+# A study trains models: MLflow's "model training" kind, not its GenAI default (MLflow 3.17's UI
+# also takes the kind from the link `pipeline report` prints: stages/report/mlflow_view.py).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+TRACKING_DIR = "tracking"
+EVENTS_FILE = "events.jsonl"
+SYNCED_FILE = "synced.json"
+
+# MLflow's own limits per log_batch call.
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAMS_PER_BATCH = 100
+_PARAM_VALUE_LIMIT = 6000
+# How long to stay offline before trying the server again.
+_RETRY_AFTER_S = 30.0
+
+
+@dataclass
+class _SyncState:
+    acked: int = 0  # number of events already delivered
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> _SyncState:
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        return cls(acked=int(payload["acked"]), run_id=payload.get("run_id"),
+                   parent_run_id=payload.get("parent_run_id"), experiment_id=payload.get("experiment_id"))
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, {"acked": self.acked, "run_id": self.run_id, "parent_run_id": self.parent_run_id,
+                                 "experiment_id": self.experiment_id})
+
+
+@dataclass
+class StageTracker:
+    """Logs one stage's nested MLflow run, buffering to disk first."""
+
+    stage_dir: Path
+    ref: TrackingRef | None
+    run_name: str
+    _offline_since: float | None = field(default=None, init=False)
+    _warned: bool = field(default=False, init=False)
+
+    @property
+    def events_path(self) -> Path:
+        return self.stage_dir / TRACKING_DIR / EVENTS_FILE
+
+    @property
+    def synced_path(self) -> Path:
+        return self.stage_dir / TRACKING_DIR / SYNCED_FILE
+
+    def start(self, tags: dict[str, str]) -> None:
+        """Open the nested run (once per stage dir: a resumed stage keeps its run and attempt)."""
+        first = {"type": "create_run", "run_name": self.run_name, "attempt": uuid.uuid4().hex[:12],
+                 "tags": {**tags, "host": socket.gethostname()}}
+        _create_exclusively(self.events_path, json.dumps(first, default=str) + "\n")
+        self.flush()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = {k: str(v)[:_PARAM_VALUE_LIMIT] for k, v in _flatten(params).items()}
+        self._append({"type": "params", "params": flat})
+        self.flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._append({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._append(
+            {"type": "metrics", "metrics": values, "step": step or 0, "ts": int(time.time() * 1000)}
+        )
+        self.flush()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file or folder inside the stage dir (kept there, so a later sync can send it)."""
+        relative = Path(path).resolve().relative_to(self.stage_dir.resolve())
+        self._append({"type": "artifact", "path": str(relative), "artifact_path": artifact_path})
+        self.flush()
+
+    def log_parent_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log to the pipeline run's parent run (the report: what a user opens first)."""
+        relative = Path(path).resolve().relative_to(self.stage_dir.resolve())
+        self._append({"type": "artifact", "path": str(relative), "artifact_path": artifact_path,
+                      "parent": True})
+        self.flush()
+
+    def set_parent_tags(self, tags: dict[str, str]) -> None:
+        self._append({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}, "parent": True})
+        self.flush()
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self._append({"type": "metrics", "metrics": values, "step": 0,
+                      "ts": int(time.time() * 1000), "parent": True})
+        self.flush()
+
+    def mlflow_ids(self) -> tuple[str, str] | None:
+        """(experiment id, parent run id) once the stage's run exists in MLflow; None before."""
+        state = _SyncState.load(self.synced_path)
+        if state.experiment_id is None or state.parent_run_id is None:
+            return None
+        return state.experiment_id, state.parent_run_id
+
+    def log_stage_metrics(self, stage: str, metrics: dict[str, float]) -> None:
+        """Log to another stage's run of the same pipeline run (the report puts each row's
+        comparison metrics on the stage run that row stands for); sent once that run exists."""
+        values = {k: float(v) for k, v in metrics.items()}
+        self._append({"type": "metrics", "metrics": values, "step": 0,
+                      "ts": int(time.time() * 1000), "stage": stage})
+        self.flush()
+
+    def set_experiment_tags(self, tags: dict[str, str]) -> None:
+        """Tags of the study's experiment (e.g. a saved view of its runs page)."""
+        self._append({"type": "experiment_tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self.flush()
+
+    def finish(self, status: str) -> bool:
+        """Close the run; retries a little harder than a step does. True when all was sent."""
+        self._append({"type": "end", "status": status})
+        for delay in (0.0, 0.5, 1.0, 2.0, 4.0):
+            time.sleep(delay)
+            self._offline_since = None
+            if self.flush():
+                return True
+        return False
+
+    def flush(self) -> bool:
+        """Send pending events; True when nothing is left pending."""
+        if self.ref is None:
+            return True
+        if self._offline_since and time.monotonic() - self._offline_since < _RETRY_AFTER_S:
+            return False
+        try:
+            sync_stage_events(self.stage_dir, self.ref)
+        except Exception as error:  # any transport or server error: stay offline, keep working
+            self._offline_since = time.monotonic()
+            if not self._warned:
+                print(
+                    f"[tracking] MLflow unreachable ({type(error).__name__}: {str(error)[:160]}); "
+                    f"buffering to {self.events_path}, send later with `python -m pipeline sync`",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._warned = True
+            return False
+        self._offline_since = None
+        return True
+
+    def _append(self, event: dict[str, Any]) -> None:
+        with self.events_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(event, default=str) + "\n")
+            handle.flush()
+
+
+def read_events(stage_dir: Path) -> list[dict[str, Any]]:
+    path = stage_dir / TRACKING_DIR / EVENTS_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is not yet written
+    return events
+
+
+def pending_event_count(stage_dir: Path) -> int:
+    state = _SyncState.load(stage_dir / TRACKING_DIR / SYNCED_FILE)
+    return max(0, len(read_events(stage_dir)) - state.acked)
+
+
+# MLflow's HTTP client retries 7 times with exponential backoff (minutes) by default: a stage
+# must notice an outage in seconds and keep training, so fail fast unless the user says otherwise.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
+    """Deliver the events after the acknowledged position; returns how many were sent."""
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    from mlflow.entities import Metric, Param, RunTag
+
+    synced_path = stage_dir / TRACKING_DIR / SYNCED_FILE
+    state = _SyncState.load(synced_path)
+    events = read_events(stage_dir)
+    if state.acked >= len(events):
+        return 0
+    client = tracking_client(ref)
+    sent = 0
+    for event in events[state.acked :]:
+        kind = event["type"]
+        if kind == "create_run":
+            if state.run_id is None:
+                experiment_id = experiment_id_of(client, ref)
+                state.experiment_id = experiment_id
+                state.parent_run_id = parent_run_id_of(client, ref, experiment_id)
+                key = f"{ref.run_key}/{event['run_name']}/{event.get('attempt', '0')}"
+                tags = {**event["tags"], "mlflow.parentRunId": state.parent_run_id}
+                state.run_id = get_or_create_run(client, experiment_id, STAGE_KEY_TAG, key,
+                                                 event["run_name"], tags, ref.settle_s)
+        elif state.run_id is None:
+            raise RuntimeError(f"{stage_dir}: tracking events without a create_run event")
+        elif kind == "params":
+            items = [Param(k, v) for k, v in event["params"].items()]
+            for chunk in _chunks(items, _MAX_PARAMS_PER_BATCH):
+                client.log_batch(state.run_id, params=chunk)
+        elif kind == "tags":
+            target = state.parent_run_id if event.get("parent") else state.run_id
+            client.log_batch(target, tags=[RunTag(k, v) for k, v in event["tags"].items()])
+        elif kind == "metrics":
+            target = _metrics_target(event, state, stage_dir)
+            items = [Metric(k, v, event["ts"], event["step"]) for k, v in event["metrics"].items()]
+            for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
+                client.log_batch(target, metrics=chunk)
+        elif kind == "artifact":
+            target = state.parent_run_id if event.get("parent") else state.run_id
+            local = stage_dir / event["path"]
+            if local.is_dir():
+                client.log_artifacts(target, str(local), event.get("artifact_path"))
+            elif local.exists():
+                client.log_artifact(target, str(local), event.get("artifact_path"))
+        elif kind == "experiment_tags":
+            experiment_id = experiment_id_of(client, ref)
+            for key, value in event["tags"].items():
+                client.set_experiment_tag(experiment_id, key, value)
+        elif kind == "end":
+            client.set_terminated(state.run_id, status=event["status"])
+        state.acked += 1
+        sent += 1
+        state.save(synced_path)
+    return sent
+
+
+def tracking_client(ref: TrackingRef) -> Any:
+    """An MlflowClient of the study's store; the embedded sqlite store in WAL mode, so several
+    stages log at once (a busy writer waits instead of failing)."""
+    from mlflow.tracking import MlflowClient
+
+    if ref.tracking_uri.startswith("sqlite:///"):
+        path = Path(ref.tracking_uri.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path, timeout=30) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+    return MlflowClient(tracking_uri=ref.tracking_uri)
+
+
+def experiment_id_of(client: Any, ref: TrackingRef) -> str:
+    """The study's experiment, made if missing (a concurrent create is no error)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(ref.experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise RuntimeError(f"MLflow experiment '{ref.experiment}' is deleted: restore it "
+                               "(mlflow experiments restore) or set tracking.experiment")
+        if EXPERIMENT_KIND[0] not in found.tags:
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+        return found.experiment_id
+    try:
+        return client.create_experiment(ref.experiment, artifact_location=ref.artifact_location,
+                                        tags=dict([EXPERIMENT_KIND]))
+    except MlflowException:
+        found = client.get_experiment_by_name(ref.experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def parent_run_id_of(client: Any, ref: TrackingRef, experiment_id: str | None = None) -> str:
+    """The pipeline run's parent run, found by its key or made (one per run id, ever)."""
+    experiment_id = experiment_id or experiment_id_of(client, ref)
+    return get_or_create_run(client, experiment_id, RUN_KEY_TAG, ref.run_key, ref.run_key,
+                             {"pipeline.run_id": ref.run_key}, ref.settle_s)
+
+
+def get_or_create_run(client: Any, experiment_id: str, key_tag: str, key: str, run_name: str,
+                      tags: dict[str, str], settle_s: float) -> str:
+    """The one active run tagged `key_tag=key`, made if none: idempotent under retries and races.
+
+    After creating, wait `settle_s` and look again: a racer that searched before our create
+    committed has made its own by then, and both keep the same (earliest) one."""
+    existing = _runs_with_key(client, experiment_id, key_tag, key)
+    if existing:
+        return _settle(client, existing)
+    try:
+        client.create_run(experiment_id, run_name=run_name, tags={**tags, key_tag: key})
+    except Exception:
+        # The response may be lost after the server made the run: look before failing.
+        existing = _runs_with_key(client, experiment_id, key_tag, key)
+        if not existing:
+            raise
+        return _settle(client, existing)
+    time.sleep(settle_s)
+    return _settle(client, _runs_with_key(client, experiment_id, key_tag, key))
+
+
+def _runs_with_key(client: Any, experiment_id: str, key_tag: str, key: str) -> list[Any]:
+    return client.search_runs([experiment_id], filter_string=f"tags.`{key_tag}` = '{key}'",
+                              max_results=50)
+
+
+def _settle(client: Any, runs: list[Any]) -> str:
+    """Everyone keeps the earliest run of a key and deletes the others (a retry's or a racer's)."""
+    runs = sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
+    for extra in runs[1:]:
+        try:
+            client.delete_run(extra.info.run_id)
+        except Exception:  # already deleted by another racer
+            pass
+    return runs[0].info.run_id
+
+
+def close_parent_run(ref: TrackingRef, status: str) -> None:
+    """Mark the pipeline run's parent run finished (FINISHED, FAILED or KILLED)."""
+    try:
+        client = tracking_client(ref)
+        client.set_terminated(parent_run_id_of(client, ref), status=status)
+    except Exception as error:  # the run's own results are on disk; say so and go on
+        print(f"warning: could not close MLflow parent run: {type(error).__name__}: {str(error)[:200]}",
+              file=sys.stderr)
+
+
+def _create_exclusively(path: Path, content: str) -> bool:
+    """Write `path` only if it does not exist, atomically (link of a complete temp file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(content, encoding="utf-8")
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stage_run_id(stage_dir: Path) -> str | None:
+    return _SyncState.load(stage_dir / TRACKING_DIR / SYNCED_FILE).run_id
+
+
+def _metrics_target(event: dict[str, Any], state: _SyncState, stage_dir: Path) -> str:
+    if event.get("parent"):
+        return state.parent_run_id
+    if event.get("stage"):
+        # Stage dirs are <root>/<run>/<stage>: the other stage's run id is in its own sync state.
+        run_id = stage_run_id(stage_dir.parent / event["stage"])
+        if run_id is None:
+            raise RuntimeError(f"{event['stage']}: its MLflow run does not exist yet; "
+                               "`python -m pipeline sync` sends these metrics once it does")
+        return run_id
+    return state.run_id
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,3 @@
+module faster-qat.dev/pause
+
+go 1.24
