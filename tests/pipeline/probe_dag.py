@@ -39,7 +39,13 @@ def fan_out_graph(sleep_s: float = 0.0, fail: str | None = None, payloads: dict 
 
 
 def tracking_to(uri: str, experiment: str = "probe-study", settle_s: float = 0.0) -> TrackingRef:
-    return TrackingRef(tracking_uri=uri, experiment=experiment, run_key=RUN_ID, settle_s=settle_s)
+    """Artifacts beside a sqlite store, as `pipeline.tracking` puts them (MLflow's default would
+    be ./mlruns in the working directory: the repository, for the tests)."""
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return TrackingRef(tracking_uri=uri, experiment=experiment, run_key=RUN_ID, settle_s=settle_s,
+                       artifact_location=artifacts)
 
 
 def plan(graph: Graph, root: Path, tracking: TrackingRef | None = None, cluster: str = "local",
