@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from pipeline.errors import BackendError
 
@@ -53,15 +53,23 @@ class KubeApi:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
+        # The REST client's plain request: the one call the kubernetes client's releases before
+        # and after its v37 generator change share (nemo-run's torchx pins urllib3 < 2, hence
+        # kubernetes < 37, in the same environment).
+        configuration = self.client.configuration
+        if getattr(configuration, "refresh_api_key_hook", None):
+            configuration.refresh_api_key_hook(configuration)
+        token = configuration.get_api_key_with_prefix("authorization")
+        if token:
+            headers["authorization"] = token
+        url = configuration.host + path + (f"?{urlencode(query)}" if query else "")
         try:
-            _, url, header_params, serialized, _ = self.client.param_serialize(
-                method, path, query_params=query or [], header_params=headers, body=body,
-                auth_settings=["BearerToken"])
-            response = self.client.call_api(method, url, header_params, serialized,
-                                            _request_timeout=REQUEST_TIMEOUT_S)
-            text = response.read()
+            response = self.client.rest_client.request(
+                method, url, headers=headers, body=body,
+                _request_timeout=REQUEST_TIMEOUT_S)
             status = response.status
-        except ApiException as error:
+            text = response.data if getattr(response, "data", None) is not None else response.read()
+        except ApiException as error:  # releases before v37 raise on >= 400; later ones return
             status, text = error.status, error.body or ""
         except Exception as error:  # connection refused, TLS, DNS
             raise BackendError(f"k8s: {method} {path}: {type(error).__name__}: "
