@@ -130,6 +130,27 @@ def test_kill_9_of_a_stage_fails_it_and_the_next_run_reruns_it(tmp_path):
     assert set(drive(fan_out_graph(sleep_s=2), tmp_path).values()) == {"succeeded"}
 
 
+def _environment_of(pid: int) -> dict[str, str]:
+    """What the process was started with (/proc/PID/environ)."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if entry)
+
+
+def test_idle_openmp_threads_of_cpu_stages_sleep_unless_the_user_says_otherwise(tmp_path):
+    for root, policy in ((tmp_path / "default", None), (tmp_path / "set", "ACTIVE")):
+        env = {**os.environ, "OMP_WAIT_POLICY": policy} if policy else {
+            name: value for name, value in os.environ.items() if name != "OMP_WAIT_POLICY"}
+        driver = subprocess.Popen([sys.executable, "-m", "tests.pipeline.probe_dag", str(root), "--sleep", "30"],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            _wait_for(lambda: (root / "probe" / "jobs.json").exists() and _running_pids(root))
+            seen = _environment_of(_running_pids(root)[0])
+        finally:
+            driver.terminate()
+            driver.communicate(timeout=60)
+        assert seen["CUDA_VISIBLE_DEVICES"] == ""
+        assert seen["OMP_WAIT_POLICY"] == (policy or "PASSIVE")
+
 def test_a_second_driver_of_the_same_run_is_refused(tmp_path):
     driver = _driver(tmp_path, "--sleep", "30")
     _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists())
