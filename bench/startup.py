@@ -2,8 +2,9 @@
 
     python -m bench.startup [--root DIR | --from-run RUN_DIR] [--stages a,b] [--json FILE]
 
-1. The smoke study's first run, as the README runs it (`python -m pipeline run -c smoke`):
-   its wall time, and per stage kind the median time from the stage's launch (the driver's
+1. The smoke study's first run, as the README runs it (`python -m pipeline run -c smoke`; with
+   `--runtime fresh-process` every stage a fresh process, by default the CPU stages forked from
+   the preloaded launcher): its wall and CPU time, and per stage kind the median time from the stage's launch (the driver's
    record in jobs.json) to its first line of work, and to its end.
 2. One stage of each kind again, alone, in a fresh process (`python -m stages.<kind> --spec`,
    the contract's command: what Slurm, k8s and the plain local launcher run), from a copy of
@@ -95,7 +96,7 @@ class FirstWorkWatcher:
             time.sleep(self._poll_s)
 
 
-def run_study(root: Path) -> tuple[float, float, list[StageTimes], str, str]:
+def run_study(root: Path, runtime: str) -> tuple[float, float, list[StageTimes], str, str]:
     """The README's first run: wall and CPU time (the driver and every stage); per stage:
     launch -> first work -> end (driver's clock)."""
     run_dir = root / "smoke"
@@ -104,7 +105,7 @@ def run_study(root: Path) -> tuple[float, float, list[StageTimes], str, str]:
         cpu_before = _children_cpu()
         started = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "pipeline", "run", "-c", "smoke", "--root", str(root),
-                                 "--plain"], cwd=REPO, capture_output=True, text=True)
+                                 "--plain", "--runtime", runtime], cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - started
         cpu = _children_cpu() - cpu_before
     load_after = load_average()
@@ -266,6 +267,8 @@ def main() -> None:
                         help="skip the first run: take the stages of this finished smoke run dir")
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                         help="stages to run again alone ('' for none)")
+    parser.add_argument("--runtime", default="process", choices=("process", "fresh-process"),
+                        help="how the study's stages start (the local backend's --runtime)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
     wall, cpu, study, load = None, None, [], ("", "")
@@ -275,8 +278,8 @@ def main() -> None:
         root = (args.root or Path(tempfile.mkdtemp(prefix="bench-startup-"))).resolve()
         if (root / "smoke").exists():
             sys.exit(f"{root}/smoke exists: the bench measures a first run; give an empty --root")
-        print(f"smoke study under {root} (load average {load_average()})", flush=True)
-        wall, cpu, study, *load = run_study(root)
+        print(f"smoke study under {root}, --runtime {args.runtime} (load average {load_average()})", flush=True)
+        wall, cpu, study, *load = run_study(root, args.runtime)
         run_dir = root / "smoke"
     stages = [name for name in args.stages.split(",") if name]
     isolated = isolated_runs(run_dir, stages) if stages else []
@@ -289,7 +292,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "study_wall_s": wall, "study_cpu_s": cpu, "study_load": load, "study_by_kind": by_kind(study),
+            "study_runtime": args.runtime, "study_wall_s": wall, "study_cpu_s": cpu, "study_load": load, "study_by_kind": by_kind(study),
             "study_stages": [asdict(e) for e in study], "alone": [asdict(e) for e in isolated],
             "top_imports": top, "host_cpus": os.cpu_count(),
         }, indent=1) + "\n")
