@@ -47,8 +47,17 @@ class StageLaunch:
     def distributed(self) -> bool:
         return self.nodes > 1 or self.processes_per_node > 1
 
+    @property
+    def module(self) -> str:
+        """What `python -m` runs (the local driver's fork server runs it in a forked child)."""
+        return stage_module(self.kind)
+
+    @property
+    def module_args(self) -> list[str]:
+        return ["--spec", str(self.spec_path)]
+
     def argv(self, rendezvous: Rendezvous | None = None) -> list[str]:
-        stage = ["-m", stage_module(self.kind), "--spec", str(self.spec_path)]
+        stage = ["-m", self.module, *self.module_args]
         if not self.distributed:
             return [self.python, *stage]
         torchrun = [self.python, "-m", "torch.distributed.run",

@@ -42,9 +42,10 @@ def _root_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _runtime_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runtime", choices=("process", "docker"), default=None,
-                        help="local: stages as processes here (default) or in their images "
-                             "(pinned by digest) through Docker")
+    parser.add_argument("--runtime", choices=("process", "fresh-process", "docker"), default=None,
+                        help="local: stages as processes here (default: CPU stages forked from a launcher "
+                             "that preloaded their code; fresh-process: each a new python process) or in "
+                             "their images (pinned by digest) through Docker")
 
 
 def _images_commands(commands: argparse._SubParsersAction) -> None:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from contract.launch import StageLaunch
+from pipeline.backends.local_launch import FreshProcesses
 from pipeline.errors import BackendError
 from pipeline.fingerprint import code_version
 from pipeline.image_lock import ImageRef
 from pipeline.images import CODE_LABEL, docker_client
 from pipeline.run_record import RunRecord, StageRecord
 
-RUNTIMES = ("process", "docker")
+RUNTIMES = ("process", "fresh-process", "docker")
 IN_CONTAINER_PYTHON = "python"
 
 
@@ -52,8 +53,9 @@ def resolve_local_image(client: Any, text: str) -> Any:
 
 
 @dataclass
-class DockerLauncher:
-    """Makes the driver's command for a stage: the container runner, not the stage itself."""
+class DockerLauncher(FreshProcesses):
+    """Each stage a fresh process that runs its container: the command is the container
+    runner, not the stage itself."""
 
     network: str = "none"
 

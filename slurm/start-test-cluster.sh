@@ -3,7 +3,7 @@
 # backend and for its tests. Idempotent: a second call finds the daemons up and returns.
 #
 #   sudo slurm/start-test-cluster.sh            # install (apt), configure, start
-#   sudo slurm/start-test-cluster.sh --stop     # stop the daemons it started
+#   sudo slurm/start-test-cluster.sh --stop     # stop the daemons it started (munged only if it started it)
 #   export SLURM_CONF=/var/tmp/faster-qat-slurm/slurm.conf   # printed at the end
 #
 # What it starts: munged, MariaDB + slurmdbd (so `sacct` works and accounts are enforced),
@@ -27,15 +27,32 @@ die() { echo "start-test-cluster: error: $*" >&2; exit 1; }
 
 running() { pgrep -x "$1" >/dev/null 2>&1; }
 
+# Stops a daemon by its pid file and waits until it is gone (a restart right after finds its
+# port and state free).
+stop_pid() {
+  local pidfile="$1" pid
+  [[ -f "$pidfile" ]] || return 0
+  pid="$(cat "$pidfile")"
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
 stop_all() {
   for daemon in slurmd slurmctld slurmdbd; do
-    if [[ -f "$STATE_DIR/$daemon.pid" ]]; then
-      kill "$(cat "$STATE_DIR/$daemon.pid")" 2>/dev/null || true
-      rm -f "$STATE_DIR/$daemon.pid"
-    fi
+    stop_pid "$STATE_DIR/$daemon.pid"
   done
   if [[ -f "$MYSQL_DIR/mysqld.pid" ]]; then
+    local pid
+    pid="$(cat "$MYSQL_DIR/mysqld.pid")"
     mysqladmin --socket="$MYSQL_DIR/mysqld.sock" shutdown 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  # munged only when this script started it (another user of munge may have started it before)
+  if [[ -f "$STATE_DIR/munged.ours" ]]; then
+    stop_pid /run/munge/munged.pid
+    rm -f "$STATE_DIR/munged.ours"
   fi
   log "stopped"
 }
@@ -63,7 +80,11 @@ start_munge() {
   fi
   chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge && chown munge:munge /run/munge
-  running munged || { log "starting munged"; runuser -u munge -- munged --force; }
+  if ! running munged; then
+    log "starting munged"
+    runuser -u munge -- munged --force
+    touch "$STATE_DIR/munged.ours"  # --stop stops it too
+  fi
 }
 
 start_mariadb() {

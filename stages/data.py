@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
 
 from stages.runtime import StageInputError
+
+if TYPE_CHECKING:
+    import datasets
 
 DATA_MANIFEST = "data_manifest.json"
 COLUMNS = ["input_ids", "labels", "position_ids"]
@@ -29,6 +31,8 @@ def load_split(data_dir: Path, split: str) -> datasets.Dataset:
     path = Path(data_dir) / split
     if not (path / "state.json").exists():
         raise StageInputError(f"data: {path} is not a preprocessed split; run the preprocess stage first")
+    import datasets  # with pandas and pyarrow ~0.7 s: paid only by a stage that reads a split
+
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as error:  # a state.json that is not the one `save_to_disk` writes, missing arrow files

@@ -1,4 +1,5 @@
-"""Local backend: stages as subprocesses on this machine, driven by LocalDriver.
+"""Local backend: stages as processes on this machine, driven by LocalDriver (started as
+local_launch.py says: forked from a preloaded launcher, fresh, or in containers).
 
 `run` drives in the foreground; `submit --cluster local` hands the prepared run and its lock to a
 detached driver (`python -m pipeline.backends.local_driver`, output in `<run>/driver.log`) and
@@ -20,6 +21,7 @@ from pathlib import Path
 from contract.spec import TrackingRef
 from pipeline.backends.base import Backend, StageState, StageStatus
 from pipeline.backends.local_driver import LOCK_FD_ENV, LocalDriver
+from pipeline.backends.local_launch import StageLauncher, launcher_for
 from pipeline.backends.local_settings import LocalSettings
 from pipeline.layout import RunLayout
 from pipeline.prepare import PreparedRun
@@ -44,12 +46,13 @@ def driver_for(layout: RunLayout, record: RunRecord,
                on_change: Callable[[list[StageStatus]], None]) -> LocalDriver:
     """The driver of a prepared run, with the launcher its runtime needs (checked first)."""
     settings = LocalSettings.model_validate(record.settings)
-    launcher = None
     if settings.runtime == "docker":
         from pipeline.docker_runtime import DockerLauncher
 
-        launcher = DockerLauncher(settings.docker_network)
+        launcher: StageLauncher = DockerLauncher(settings.docker_network)
         launcher.check(record)
+    else:
+        launcher = launcher_for(settings.runtime)
     return LocalDriver(layout, record, settings, visible_gpu_ids(), on_change=on_change, launcher=launcher)
 
 

@@ -1,4 +1,4 @@
-"""The local scheduler: runs the stages of a prepared run as subprocesses, in DAG order.
+"""The local scheduler: runs the stages of a prepared run as processes, in DAG order.
 
 - At most `max_parallel` stages at once; GPU stages get disjoint CUDA_VISIBLE_DEVICES.
 - A failed stage blocks only its dependents; the others finish.
@@ -6,6 +6,9 @@
   period; stopped stages leave no marker, so the next `run` resumes them.
 - Children die with the driver (PR_SET_PDEATHSIG), so a `kill -9` of the driver leaves no
   orphan writing into a stage dir that the next driver starts again.
+- How a stage process starts is the launcher's business (local_launch.py: forked from a
+  preloaded fork server, a fresh process, or a container runner); the driver sees a pid, its
+  process group and an exit code either way.
 
 It works from what `prepare` wrote (run.json and the specs), so the same driver runs in the
 foreground (`run`) and detached (`submit --cluster local`: `python -m pipeline.backends.local_driver
@@ -15,46 +18,38 @@ RUN_DIR`, holding the run lock it was handed).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
-from contract.launch import StageLaunch
 from contract.markers import mark_failed, read_marker
 from contract.tracking import close_parent_run, parent_run_id_of
 from pipeline.backends.base import StageState, StageStatus, failure_note, marker_state
+from pipeline.backends.local_launch import (
+    StageLauncher,
+    StageProcess,
+    StageStart,
+    launcher_for,
+    without_per_stage,
+)
 from pipeline.backends.local_settings import LocalSettings
 from pipeline.backends.local_timing import LocalTiming
 from pipeline.errors import BackendError
 from pipeline.layout import RunLayout
-from pipeline.run_record import RunRecord, StageRecord, read_record
+from pipeline.run_record import RunRecord, read_record
 
 GRACE_S = 20.0
-_PR_SET_PDEATHSIG = 1
 LOCK_FD_ENV = "FASTER_QAT_RUN_LOCK_FD"
-
-
-class StageLauncher(Protocol):
-    def command(self, name: str, stage: StageRecord, spec_path: Path, gpus: list[int]) -> list[str]: ...
-
-
-def process_command(stage: StageRecord, spec_path: Path) -> list[str]:
-    """The stage as a process on this machine: the contract's launch command (torchrun when
-    the stage has several processes)."""
-    return StageLaunch(stage.kind, str(spec_path), processes_per_node=stage.resources.processes_per_node,
-                       python=sys.executable).argv()
 
 
 @dataclass
 class _Running:
-    process: subprocess.Popen
+    process: StageProcess
     log: IO[bytes]
     gpus: list[int]
     started_at: float
@@ -68,7 +63,7 @@ class LocalDriver:
     gpu_ids: list[int]
     on_change: Callable[[list[StageStatus]], None] = lambda statuses: None
     poll_s: float = 0.05
-    # Makes a stage's command instead of running it as a plain subprocess (None: process runtime).
+    # How stages start (None: as the settings' runtime says; local_launch.launcher_for).
     launcher: StageLauncher | None = None
     # Records where each stage ran; runs train stages alone with report.timing: isolated
     # (None: as the run's settings say).
@@ -81,21 +76,33 @@ class LocalDriver:
         if self.timing is None:
             self.timing = LocalTiming(self.layout.run_dir, isolated=self.settings.timing == "isolated")
         self._timing = self.timing
+        if self.launcher is None:
+            self.launcher = launcher_for(self.settings.runtime, self.settings.docker_network)
+        self._launcher = self.launcher
+        # Every stage of the run gets the environment the driver started with, whatever the
+        # driver's own work sets later (e.g. MLflow's client settings when it syncs a stage).
+        self._base_env = dict(os.environ)
 
     def run(self) -> dict[str, StageState]:
         """Drive the run to its end (the caller holds the run lock)."""
         for name, stage in self.record.stages.items():
             done = marker_state(self.layout, name, stage.fingerprint) == StageState.SUCCEEDED
             self._states[name] = StageStatus(name, stage.kind, StageState.CACHED if done else StageState.PENDING)
-        self._open_tracking()
-        self._record_jobs()
+        to_run = [name for name, status in self._states.items() if status.state == StageState.PENDING]
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if to_run:  # the launcher warms up (e.g. preloads) while the parent run is made
+                self._launcher.open(self.record.model_copy(update={
+                    "stages": {name: self.record.stages[name] for name in to_run}}),
+                    self.layout.run_dir, without_per_stage(self._environment([])))
+            self._open_tracking()
+            self._record_jobs()
             self._loop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._stop_children()
+            self._launcher.close()
             self._record_jobs()
             self._close_tracking()
         return {name: status.state for name, status in self._states.items()}
@@ -155,28 +162,42 @@ class LocalDriver:
         free = [gpu for gpu in self.gpu_ids if gpu not in busy]
         return free[:wanted] if len(free) >= wanted else None
 
-    def _start(self, name: str, gpus: list[int]) -> None:
-        stage = self.record.stages[name]
-        spec_path = self.layout.spec_path(name)
-        if self.launcher is not None:  # e.g. --runtime docker: a child that runs the container
-            command = self.launcher.command(name, stage, spec_path, gpus)
-        else:
-            command = process_command(stage, spec_path)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_JOB_ID": f"local-{os.getpid()}-{name}"}
+    def _environment(self, gpus: list[int]) -> dict[str, str]:
+        """A stage's environment, but for its PIPELINE_JOB_ID."""
+        env = {**self._base_env, "PYTHONUNBUFFERED": "1"}
         env.pop(LOCK_FD_ENV, None)
         # A stage sees only the GPUs it was given; a CPU stage sees none.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
-        env.update(self._timing.started(name, stage.kind, gpus))  # what ran where, for step times
+        if not gpus:
+            # CPU stages share this host's cores with each other: an idle OpenMP thread sleeps
+            # instead of spinning on a core another stage needs (the same work split, the same
+            # numbers; two train stages of the smoke study side by side on 2 cores took 6-13 s a
+            # step spinning, 0.2-0.7 s passive). A value the user set wins.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.update(self._timing.environment())  # where the record of what ran where is
+        return env
+
+    def _start(self, name: str, gpus: list[int]) -> None:
+        stage = self.record.stages[name]
+        env = {**self._environment(gpus), "PIPELINE_JOB_ID": f"local-{os.getpid()}-{name}"}
         log = self.layout.log_path(name).open("ab")
-        log.write(f"=== {time.strftime('%F %T')} {' '.join(command)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True, preexec_fn=_die_with_parent,
-        )
-        self._running[name] = _Running(process, log, gpus, time.time())
+        started_at = time.time()
+        self._timing.started(name, stage.kind, gpus)  # what ran where, for step times
+        try:
+            process = self._launcher.start(StageStart(name, stage, self.layout.spec_path(name), gpus, env, log))
+        except (BackendError, OSError) as error:  # nothing started: the stage fails, its dependents wait no more
+            self._timing.ended(name)
+            message = f"{name}: could not start: {error}"
+            log.write(f"error: {message}\n".encode())
+            log.close()
+            mark_failed(self.layout.stage_dir(name), stage.fingerprint, message, 1)
+            status = self._states[name]
+            status.state, status.started_at, status.finished_at = StageState.FAILED, started_at, time.time()
+            status.note = failure_note(self.layout, name)
+            return
+        self._running[name] = _Running(process, log, gpus, started_at)
         status = self._states[name]
-        status.state, status.started_at, status.job_id = StageState.RUNNING, time.time(), str(process.pid)
+        status.state, status.started_at, status.job_id = StageState.RUNNING, started_at, str(process.pid)
         status.note = f"pid {process.pid}" + (f", gpus {gpus}" if gpus else "")
 
     def _reap(self) -> bool:
@@ -279,12 +300,9 @@ class LocalDriver:
         })
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
+def _signal_group(process: StageProcess, signum: int) -> None:
+    if process.poll() is not None:  # reaped: its group id may belong to someone else by now
+        return
     try:
         os.killpg(process.pid, signum)
     except ProcessLookupError:

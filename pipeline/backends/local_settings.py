@@ -17,8 +17,10 @@ class LocalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_parallel: int = Field(default_factory=default_max_parallel, ge=1, description="Stages at once.")
-    runtime: Literal["process", "docker"] = Field(
-        "process", description="Stages as processes here, or in their images (pinned by digest) through Docker.")
+    runtime: Literal["process", "fresh-process", "docker"] = Field(
+        "process", description="Stages as processes here (CPU stages forked from a launcher that preloaded their "
+                               "code; fresh-process: each a new `python -m stages.<kind>`), or in their images "
+                               "(pinned by digest) through Docker.")
     docker_network: str = Field("none", description="--runtime docker: the containers' network.")
     timing: Literal["shared", "isolated"] = Field(
         "shared", description="report.timing: isolated runs each train stage alone (comparable step times).")

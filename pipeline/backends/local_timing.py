@@ -43,10 +43,12 @@ class LocalTiming:
             return not running
         return not timed_waiting
 
-    def started(self, stage: str, kind: str, gpus: list[int]) -> dict[str, str]:
-        """Records the start; returns what to add to the stage's environment."""
-        self.ledger.started(stage, kind, gpus)
+    def environment(self) -> dict[str, str]:
+        """What to add to every stage's environment: where the record is."""
         return {LEDGER_ENV: str(self.ledger.path.resolve())}
+
+    def started(self, stage: str, kind: str, gpus: list[int]) -> None:
+        self.ledger.started(stage, kind, gpus)
 
     def ended(self, stage: str) -> None:
         self.ledger.ended(stage)

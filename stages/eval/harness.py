@@ -24,10 +24,9 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, params: EvalStageParams, devic
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise StageInputError(f"params.lm_eval_tasks: lm-eval is not installed ({error}); pip install lm-eval or set lm_eval_tasks: []") from None
-    manager = TaskManager(include_path=params.lm_eval_task_dir) if params.lm_eval_task_dir else TaskManager()
+    manager = task_manager(params)
     unknown = [t for t in params.lm_eval_tasks if t not in manager.all_tasks]
     if unknown:
         raise StageInputError(f"params.lm_eval_tasks: unknown task(s) {unknown}; check lm_eval_task_dir ({params.lm_eval_task_dir})")
@@ -44,3 +43,19 @@ def run_lm_eval(model: nn.Module, tokenizer: Any, params: EvalStageParams, devic
         results[task] = {"acc": float(metrics["acc,none"]), "acc_stderr": float(metrics.get("acc_stderr,none") or 0.0),
                          "n": int(out["n-samples"][task]["effective"])}
     return results
+
+
+def task_manager(params: EvalStageParams) -> Any:
+    """lm-eval's index of the tasks to run. Indexing lm-eval's own tasks reads every one of its
+    ~14,000 task YAMLs (6 s on one core, in every eval stage): it is done only when a task
+    asked for is not a plain task of `lm_eval_task_dir`. A task found there is the same either
+    way (lm-eval lets the include path override its own tasks); a group or tag of the task dir
+    may name lm-eval's own tasks, so it takes the whole index."""
+    from lm_eval.tasks import TaskManager
+
+    if params.lm_eval_task_dir:
+        own = TaskManager(include_path=params.lm_eval_task_dir, include_defaults=False)
+        if all(task in own.all_subtasks for task in params.lm_eval_tasks):
+            return own
+        return TaskManager(include_path=params.lm_eval_task_dir)
+    return TaskManager()

@@ -1,6 +1,6 @@
 """A small DAG of probe stages, drivable from tests in-process or as a subprocess:
 
-    python -m tests.pipeline.probe_dag ROOT [--sleep S] [--fail STAGE] [--max-parallel N]
+    python -m tests.pipeline.probe_dag ROOT [--sleep S] [--fail STAGE] [--max-parallel N] [--runtime R]
 """
 
 from __future__ import annotations
@@ -54,16 +54,19 @@ def plan(graph: Graph, root: Path, tracking: TrackingRef | None = None, cluster:
 
 
 def prepare(graph: Graph, root: Path, tracking: TrackingRef | None = None,
-            max_parallel: int = 4) -> PreparedRun:
-    settings = LocalSettings(max_parallel=max_parallel).model_dump()
+            max_parallel: int = 4, runtime: str = "process") -> PreparedRun:
+    settings = LocalSettings(max_parallel=max_parallel, runtime=runtime).model_dump()
     return prepare_run(plan(graph, root, tracking), RunLayout(Path(root).resolve(), RUN_ID), "local", settings, None)
 
 
-def drive(graph: Graph, root: Path, max_parallel: int = 4, tracking: TrackingRef | None = None) -> dict[str, str]:
-    """As `python -m pipeline run` does: the run lock first, then prepare, then the driver."""
+def drive(graph: Graph, root: Path, max_parallel: int = 4, tracking: TrackingRef | None = None,
+          runtime: str = "process") -> dict[str, str]:
+    """As `python -m pipeline run` does: the run lock first, then prepare, then the driver
+    (runtime process: the probe stages are forked from the preloaded launcher)."""
     with acquire_run_lock(RunLayout(Path(root).resolve(), RUN_ID), "probe_dag"):
-        prepared = prepare(graph, root, tracking, max_parallel)
-        states = LocalDriver(prepared.layout, prepared.record, LocalSettings(max_parallel=max_parallel), []).run()
+        prepared = prepare(graph, root, tracking, max_parallel, runtime)
+        settings = LocalSettings(max_parallel=max_parallel, runtime=runtime)
+        states = LocalDriver(prepared.layout, prepared.record, settings, []).run()
     return {name: state.value for name, state in states.items()}
 
 
@@ -75,10 +78,11 @@ def main() -> None:
     parser.add_argument("--max-parallel", type=int, default=4)
     parser.add_argument("--metric-every", type=float, default=0.0)
     parser.add_argument("--tracking-uri", default=None, help="report to this MLflow")
+    parser.add_argument("--runtime", default="process", choices=("process", "fresh-process"))
     args = parser.parse_args()
     tracking = tracking_to(args.tracking_uri) if args.tracking_uri else None
     graph = fan_out_graph(args.sleep, args.fail, metric_every_s=args.metric_every)
-    states = drive(graph, args.root, args.max_parallel, tracking)
+    states = drive(graph, args.root, args.max_parallel, tracking, args.runtime)
     print(" ".join(f"{name}={state}" for name, state in states.items()), flush=True)
 
 

@@ -1,4 +1,7 @@
-"""The local backend on a DAG of probe stages: real subprocesses, markers and logs."""
+"""The local backend on a DAG of probe stages: real processes, markers and logs.
+
+The tests about processes (failure, signals, kill -9) run with both local launchers: `process`
+(the default: CPU stages forked from the preloaded launcher) and `fresh-process`."""
 
 from __future__ import annotations
 
@@ -10,11 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from contract.markers import read_marker
 from pipeline.layout import RunLayout
 from tests.pipeline.probe_dag import drive, fan_out_graph, prepare
 
 REPO = Path(__file__).resolve().parents[2]
+RUNTIMES = pytest.mark.parametrize("runtime", ["process", "fresh-process"])
+FORKED = "(forked by the preloaded launcher"
 
 
 def output(root: Path, stage: str) -> str:
@@ -40,14 +47,17 @@ def test_max_parallel_one_serialises_the_branches(tmp_path):
         assert start >= end - 0.05
 
 
-def test_a_failed_stage_blocks_only_its_dependents(tmp_path):
-    states = drive(fan_out_graph(fail="b"), tmp_path)
+@RUNTIMES
+def test_a_failed_stage_blocks_only_its_dependents(tmp_path, runtime):
+    states = drive(fan_out_graph(fail="b"), tmp_path, runtime=runtime)
     assert states == {"source": "succeeded", "a": "succeeded", "b": "failed", "c": "succeeded",
                       "d": "succeeded", "join": "blocked"}
     marker = read_marker(tmp_path / "probe" / "b")
     assert marker.state == "failed"
     assert marker.error == "b: RuntimeError: probe asked to fail"
-    assert "probe asked to fail" in (tmp_path / "probe" / "b" / "stage.log").read_text()
+    log = (tmp_path / "probe" / "b" / "stage.log").read_text()
+    assert "probe asked to fail" in log
+    assert (FORKED in log) == (runtime == "process")
     assert read_marker(tmp_path / "probe" / "join") is None
     assert not (tmp_path / "probe" / "join" / "output.txt").exists()
 
@@ -76,8 +86,8 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
-def _driver(root: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tests.pipeline.probe_dag", str(root), *args],
+def _driver(root: Path, *args: str, runtime: str = "process") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.pipeline.probe_dag", str(root), *args, "--runtime", runtime],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -95,31 +105,59 @@ def _running_pids(root: Path) -> list[int]:
     return [int(job["job_id"]) for job in jobs.values() if job["state"] == "running"]
 
 
-def test_sigterm_stops_children_and_the_next_run_resumes(tmp_path):
-    driver = _driver(tmp_path, "--sleep", "30")
-    _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists() and _running_pids(tmp_path))
+def _running_names(root: Path) -> list[str]:
+    jobs = json.loads((root / "probe" / "jobs.json").read_text())["stages"]
+    return [name for name, job in jobs.items() if job["state"] == "running"]
+
+
+def _launcher_pid(root: Path) -> int:
+    """The preloaded launcher's pid, from the first line of its log."""
+    first = (root / "probe" / "preload.log").read_text().splitlines()[0]  # "preload: pid N, kinds ..."
+    return int(first.split()[2].rstrip(","))
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+
+
+@RUNTIMES
+def test_sigterm_stops_children_and_the_next_run_resumes(tmp_path, runtime):
+    driver = _driver(tmp_path, "--sleep", "30", runtime=runtime)
+    # at work: its signal handlers are in place (they come before its first tracking event)
+    _wait_for(lambda: (tmp_path / "probe" / "source" / "tracking" / "events.jsonl").exists())
     children = _running_pids(tmp_path)
+    for pid in children:  # each stage leads its own session and process group: signals reach all of it
+        assert os.getpgid(pid) == os.getsid(pid) == pid
+    if runtime == "process":  # forked by the preloaded launcher, which the driver started
+        launcher = _launcher_pid(tmp_path)
+        assert {_parent_pid(pid) for pid in children} == {launcher} and _parent_pid(launcher) == driver.pid
+        assert FORKED in (tmp_path / "probe" / "source" / "stage.log").read_text()
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=30)
     assert "source=interrupted" in out
     assert not any(_alive(pid) for pid in children)
     assert read_marker(tmp_path / "probe" / "source") is None  # no marker: resumable
-    states = drive(fan_out_graph(), tmp_path)
+    assert "source: interrupted; outputs kept for resume" in (tmp_path / "probe" / "source" / "stage.log").read_text()
+    if runtime == "process":
+        assert not _alive(launcher)
+    states = drive(fan_out_graph(), tmp_path, runtime=runtime)
     assert set(states.values()) == {"succeeded"}
 
 
-def test_kill_9_of_the_driver_leaves_no_orphan_and_the_next_run_completes(tmp_path):
-    driver = _driver(tmp_path, "--sleep", "30")
+@RUNTIMES
+def test_kill_9_of_the_driver_leaves_no_orphan_and_the_next_run_completes(tmp_path, runtime):
+    driver = _driver(tmp_path, "--sleep", "30", runtime=runtime)
     _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists() and _running_pids(tmp_path))
-    children = _running_pids(tmp_path)
+    children = _running_pids(tmp_path) + ([_launcher_pid(tmp_path)] if runtime == "process" else [])
     driver.kill()
     driver.wait()
     _wait_for(lambda: not any(_alive(pid) for pid in children), timeout=10)
-    assert set(drive(fan_out_graph(), tmp_path).values()) == {"succeeded"}
+    assert set(drive(fan_out_graph(), tmp_path, runtime=runtime).values()) == {"succeeded"}
 
 
-def test_kill_9_of_a_stage_fails_it_and_the_next_run_reruns_it(tmp_path):
-    driver = _driver(tmp_path, "--sleep", "2")
+@RUNTIMES
+def test_kill_9_of_a_stage_fails_it_and_the_next_run_reruns_it(tmp_path, runtime):
+    driver = _driver(tmp_path, "--sleep", "2", runtime=runtime)
     _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists() and _running_pids(tmp_path))
     os.kill(_running_pids(tmp_path)[0], signal.SIGKILL)
     out, _ = driver.communicate(timeout=60)
@@ -127,8 +165,48 @@ def test_kill_9_of_a_stage_fails_it_and_the_next_run_reruns_it(tmp_path):
     assert read_marker(tmp_path / "probe" / "source").error == "source: exited with code -9 without writing a marker"
     # Same config, same fingerprints: the failed stage reruns in its kept folder.
     assert prepare(fan_out_graph(sleep_s=2), tmp_path).to_run == ["source", "a", "b", "c", "d", "join"]
-    assert set(drive(fan_out_graph(sleep_s=2), tmp_path).values()) == {"succeeded"}
+    assert set(drive(fan_out_graph(sleep_s=2), tmp_path, runtime=runtime).values()) == {"succeeded"}
 
+
+def test_kill_9_of_the_preloaded_launcher_fails_its_stage_and_the_rest_start_fresh(tmp_path):
+    """What the launcher ran dies with it and fails (no orphan, the next run reruns it); the
+    stages after it start as fresh processes, and the driver says so, in its output and in
+    the log of the first such stage."""
+    driver = _driver(tmp_path, "--sleep", "2", "--max-parallel", "1")
+    _wait_for(lambda: (tmp_path / "probe" / "jobs.json").exists() and "a" in _running_names(tmp_path))
+    running = _running_pids(tmp_path)
+    os.kill(_launcher_pid(tmp_path), signal.SIGKILL)
+    out, _ = driver.communicate(timeout=120)
+    assert not any(_alive(pid) for pid in running)
+    assert "source=succeeded a=failed b=succeeded c=succeeded d=succeeded join=blocked" in out
+    assert read_marker(tmp_path / "probe" / "a").error == "a: exited with code -9 without writing a marker"
+    assert "warning: the preloaded launcher (pid" in out and "(killed by signal 9)" in out
+    logs = {name: (tmp_path / "probe" / name / "stage.log").read_text() for name in "bcd"}
+    assert "start as fresh processes" in logs["b"]  # the first stage after it says why
+    assert all(FORKED not in log and "-m stages.probe --spec" in log for log in logs.values())
+    assert set(drive(fan_out_graph(sleep_s=2), tmp_path).values()) == {"succeeded", "cached"}
+
+
+def _environment_of(pid: int) -> dict[str, str]:
+    """What the process was started with (/proc/PID/environ)."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in entries if entry)
+
+
+def test_idle_openmp_threads_of_cpu_stages_sleep_unless_the_user_says_otherwise(tmp_path):
+    for root, policy in ((tmp_path / "default", None), (tmp_path / "set", "ACTIVE")):
+        env = {**os.environ, "OMP_WAIT_POLICY": policy} if policy else {
+            name: value for name, value in os.environ.items() if name != "OMP_WAIT_POLICY"}
+        driver = subprocess.Popen([sys.executable, "-m", "tests.pipeline.probe_dag", str(root), "--sleep", "30"],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            _wait_for(lambda: (root / "probe" / "jobs.json").exists() and _running_pids(root))
+            seen = _environment_of(_running_pids(root)[0])
+        finally:
+            driver.terminate()
+            driver.communicate(timeout=60)
+        assert seen["CUDA_VISIBLE_DEVICES"] == ""
+        assert seen["OMP_WAIT_POLICY"] == (policy or "PASSIVE")
 
 def test_a_second_driver_of_the_same_run_is_refused(tmp_path):
     driver = _driver(tmp_path, "--sleep", "30")

@@ -1,34 +1,35 @@
 """A real one-node Slurm for the slurm backend's tests, started once per session by
-`slurm/start-test-cluster.sh` (apt install on the first call, then ~10 s; ~1 s when up)."""
+`slurm/start-test-cluster.sh` (apt install on the first call, then ~10 s; ~1 s when up) and
+stopped at the session's end when the tests started it and no other test session still uses
+it (slurm_test_cluster.py); a cluster someone started by hand is left running."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
-START_SCRIPT = REPO / "slurm" / "start-test-cluster.sh"
+from tests.pipeline.backends.slurm_test_cluster import ClusterError, SlurmTestCluster
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> str:
-    """Start (or find) the test cluster; returns its partition. In CI (CI=1) it must start."""
+def slurm_cluster():
+    """Start (or find) the test cluster; yields its partition. In CI (CI=1) it must start."""
     if os.geteuid() != 0 or (shutil.which("apt-get") is None and shutil.which("slurmctld") is None):
         reason = "the Slurm test cluster needs root and apt-get (or Slurm installed)"
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must run the Slurm tests")
         pytest.skip(reason)
-    started = subprocess.run([str(START_SCRIPT)], capture_output=True, text=True, timeout=900)
-    if started.returncode != 0:
-        pytest.fail(f"{START_SCRIPT} failed: {started.stderr.strip()[-2000:]}")
-    for line in started.stdout.splitlines():  # `export SLURM_CONF=...`
-        if line.startswith("export SLURM_CONF="):
-            os.environ["SLURM_CONF"] = line.removeprefix("export SLURM_CONF=")
-    return "debug"
+    cluster = SlurmTestCluster.default()
+    try:
+        os.environ["SLURM_CONF"] = cluster.take()
+    except ClusterError as error:
+        cluster.give_back()
+        pytest.fail(str(error))
+    yield "debug"
+    cluster.give_back()
 
 
 @pytest.fixture(scope="session")

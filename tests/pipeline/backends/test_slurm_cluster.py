@@ -3,6 +3,8 @@ probe DAGs go through sbatch with afterok dependencies and end as they do locall
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +27,10 @@ from pipeline.plan import RunPlan
 from pipeline.prepare import cached_stages
 from pipeline.resources import Resources
 from pipeline.run_record import read_record
+from tests.pipeline.backends.slurm_test_cluster import (
+    SlurmTestCluster,
+    controller_running,
+)
 from tests.pipeline.probe_dag import RUN_ID, drive, fan_out_graph, plan
 
 REPO = Path(__file__).resolve().parents[3]
@@ -109,6 +115,37 @@ def outputs(root: Path, names: list[str]) -> dict[str, str]:
 
 def job_ids(layout: RunLayout) -> dict[str, str]:
     return {name: job["job_id"] for name, job in layout.read_jobs()["stages"].items() if "job_id" in job}
+
+
+def _cluster_daemons() -> list[str]:
+    """`pid name` of every process of the kinds the cluster script starts."""
+    found = subprocess.run(["pgrep", "-l", "^(slurmctld|slurmd|slurmdbd|munged|mariadbd|mysqld|mysqld_safe)$"],
+                           capture_output=True, text=True)
+    return sorted(found.stdout.splitlines())
+
+
+# First in this file, before a test takes the session's cluster: it needs the whole life of one.
+def test_the_last_test_session_stops_the_cluster_tests_started_and_leaves_no_daemon(tmp_path):
+    if controller_running():
+        pytest.skip("a Slurm cluster is up already: this test must start and stop its own")
+    if os.geteuid() != 0 or shutil.which("slurmctld") is None:
+        pytest.skip("needs root and Slurm installed (the slurm_cluster fixture installs it)")
+    before = _cluster_daemons()
+    sessions = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]  # two live test sessions
+    first, second = (SlurmTestCluster(SlurmTestCluster.default().state_dir, s.pid) for s in sessions)
+    try:
+        assert first.take() == second.take()  # the first starts it, the second finds it
+        assert first.marker.exists() and first.users() == sorted(s.pid for s in sessions)
+        assert not first.give_back() and controller_running()  # the second still uses it
+        assert second.give_back()
+        assert not controller_running() and not first.marker.exists()
+        assert _cluster_daemons() == before  # all it started is stopped
+    finally:
+        for session in sessions:
+            session.kill()
+            session.wait()
+        if SlurmTestCluster.default().marker.exists():  # a failure above: leave nothing running
+            SlurmTestCluster(SlurmTestCluster.default().state_dir, sessions[0].pid).give_back()
 
 
 def test_probe_dag_on_slurm_ends_like_a_local_run(slurm_cluster, tmp_path):

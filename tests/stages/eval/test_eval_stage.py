@@ -178,6 +178,18 @@ def test_lm_eval_accuracy_on_the_local_mmlu_tiny_task(tmp_path: Path, data_dir: 
     assert summary["questions_mmlu_tiny"] == len((MMLU_TINY / "test.jsonl").read_text().splitlines()) == 6
 
 
+def test_lm_evals_own_tasks_are_indexed_only_when_one_of_them_is_asked_for() -> None:
+    from contract.params.eval import EvalStageParams
+    from stages.eval.harness import task_manager
+
+    def params(tasks: list[str]) -> EvalStageParams:
+        return EvalStageParams(recipe="bf16", lm_eval_tasks=tasks, lm_eval_task_dir=str(MMLU_TINY))
+
+    assert task_manager(params(["mmlu_tiny"])).all_tasks == ["mmlu_tiny"]  # the task dir alone
+    with_own = task_manager(params(["mmlu_tiny", "arc_easy"])).all_tasks
+    assert {"mmlu_tiny", "arc_easy"} <= set(with_own) and len(with_own) > 1000
+
+
 INT8_INT4_SMOKE = str(TINY_MODEL.parents[1] / "recipes" / "int8_dyn_act_int4_weight_smoke.yaml")
 
 
