@@ -12,7 +12,12 @@ import urllib.request
 
 import pytest
 
-from tests.k8s.dev_cluster import START_TIMEOUT_S, DevCluster, wait_for
+from tests.k8s.dev_cluster import (
+    START_TIMEOUT_S,
+    DevCluster,
+    bind_artifact_volume,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 600)  # the first test may wait for a cold build
 
@@ -140,18 +145,8 @@ def test_stage_pod_volumes_and_env_work_as_rendered(k8s_cluster, k8s_namespace, 
     root = tmp_path / "artifacts"
     root.mkdir(mode=0o777)
     root.chmod(0o777)  # the pod runs as uid 1000: hostPath volumes are not chowned to fsGroup
-    volume = f"artifacts-{k8s_namespace}"
+    volume = bind_artifact_volume(k8s_cluster, k8s_namespace, root)
     k8s_cluster.apply(f"""
-apiVersion: v1
-kind: PersistentVolume
-metadata: {{name: {volume}}}
-spec:
-  capacity: {{storage: 2Ti}}
-  accessModes: [ReadWriteMany]
-  persistentVolumeReclaimPolicy: Retain
-  hostPath: {{path: {root}, type: Directory}}
-  claimRef: {{namespace: {k8s_namespace}, name: faster-qat-artifacts}}
----
 apiVersion: v1
 kind: PersistentVolumeClaim
 metadata: {{name: faster-qat-artifacts, namespace: {k8s_namespace}}}
