@@ -113,10 +113,11 @@ class K8sBackend(Backend):
         layout, namespace = prepared.layout, self.k8s.namespace
         objects = self.objects(prepared.plan, prepared.to_run, new_attempt())
         jobs = [obj for obj in objects if obj["kind"] == "Job"]
-        if self._same_jobs_exist(layout.run_id, jobs):
+        existing = self._run_jobs(layout.run_id)
+        if self._same_jobs_exist(existing, jobs):
             return (f"{layout.run_id}: its {len(jobs)} Job(s) of these fingerprints are already in namespace "
                     f"{namespace}; nothing changed (`python -m pipeline status {layout.run_id}`)")
-        self._clear_finished_jobs(layout.run_id)
+        self._clear_finished_jobs(layout.run_id, existing)
         made: list[dict[str, Any]] = []  # what this submission created, to take back on a refusal
         try:
             for obj in objects:
@@ -140,9 +141,9 @@ class K8sBackend(Backend):
     def _run_jobs(self, run_id: str) -> list[dict[str, Any]]:
         return self.api.list("batch/v1", "Job", self.k8s.namespace, f"{RUN_LABEL}={run_id}")
 
-    def _same_jobs_exist(self, run_id: str, jobs: list[dict[str, Any]]) -> bool:
+    def _same_jobs_exist(self, existing_jobs: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> bool:
         """The run's Jobs, of the same fingerprints, exist and none failed: a second submit is a no-op."""
-        existing = {job["metadata"]["name"]: job for job in self._run_jobs(run_id)}
+        existing = {job["metadata"]["name"]: job for job in existing_jobs}
         for job in jobs:
             found = existing.get(job["metadata"]["name"])
             if found is None or _failed(found):
@@ -152,11 +153,10 @@ class K8sBackend(Backend):
                 return False
         return bool(jobs)
 
-    def _clear_finished_jobs(self, run_id: str) -> None:
+    def _clear_finished_jobs(self, run_id: str, existing: list[dict[str, Any]]) -> None:
         """Jobs are immutable and a finished one never reruns: a resubmission deletes the run's
         finished Jobs first, and refuses while any still runs."""
         namespace = self.k8s.namespace
-        existing = self._run_jobs(run_id)
         active = [job["metadata"]["name"] for job in existing if not _finished(job)]
         if active:
             raise BackendError(f"k8s: run {run_id} still has active Jobs ({', '.join(sorted(active))}): "

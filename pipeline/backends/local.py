@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 from contract.spec import TrackingRef
 from pipeline.backends.base import Backend, StageState, StageStatus
@@ -25,6 +22,7 @@ from pipeline.backends.local_launch import StageLauncher, launcher_for
 from pipeline.backends.local_settings import LocalSettings
 from pipeline.layout import RunLayout
 from pipeline.prepare import PreparedRun
+from pipeline.processes import process_alive, terminate_and_wait
 from pipeline.run_record import RunRecord
 
 
@@ -84,14 +82,14 @@ class LocalBackend(Backend):
 
     def live_states(self, layout: RunLayout, record: RunRecord) -> dict[str, StageStatus]:
         jobs = layout.read_jobs()
-        driver_alive = _alive(jobs.get("driver_pid"))
+        driver_alive = process_alive(jobs.get("driver_pid"))
         found = {}
         for name, info in record.stages.items():
             job = jobs.get("stages", {}).get(name, {})
             recorded = job.get("state")
             if recorded == "cached":
                 state = StageState.CACHED
-            elif recorded == "running" and driver_alive and _alive(_as_int(job.get("job_id"))):
+            elif recorded == "running" and driver_alive and process_alive(_as_int(job.get("job_id"))):
                 state = StageState.RUNNING
             elif recorded in ("running", "interrupted"):
                 state = StageState.INTERRUPTED
@@ -109,12 +107,9 @@ class LocalBackend(Backend):
         jobs = layout.read_jobs()
         driver = jobs.get("driver_pid")
         running = [name for name, job in jobs.get("stages", {}).items() if job.get("state") == "running"]
-        if not _alive(driver):
+        if not process_alive(driver):
             return []
-        os.kill(driver, signal.SIGTERM)
-        deadline = time.time() + 60
-        while _alive(driver) and time.time() < deadline:
-            time.sleep(0.2)
+        terminate_and_wait(driver)
         return running
 
 
@@ -123,17 +118,3 @@ def _as_int(value: object) -> int | None:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not alive: it only waits to be reaped.
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and ") Z" in stat.read_text())

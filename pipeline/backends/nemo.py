@@ -16,8 +16,6 @@ run.Script task per stage, on the executor the config names (`nemo_run.executor:
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,6 @@ from typing import Any
 
 from contract.files import write_atomic
 from pipeline.backends.base import Backend, StageState, StageStatus, marker_state
-from pipeline.backends.local import _alive
 from pipeline.backends.nemo_render import EXPERIMENT_FILE, rendered_files
 from pipeline.backends.nemo_session import (
     LIVE,
@@ -41,6 +38,7 @@ from pipeline.errors import BackendError
 from pipeline.layout import RunLayout
 from pipeline.plan import RunPlan
 from pipeline.prepare import PreparedRun, run_record
+from pipeline.processes import process_alive, terminate_and_wait
 from pipeline.run_record import RunRecord, write_record
 
 FOLDER = "nemo-run"
@@ -140,7 +138,7 @@ class NemoRunBackend(Backend):
                     for name, info in record.stages.items()}
         tasks: dict[str, Any] = jobs.get("stages", {})
         local = jobs.get("executor") == "local"
-        driver_alive = _alive(jobs.get("driver_pid")) if local else True
+        driver_alive = process_alive(jobs.get("driver_pid")) if local else True
         states = task_states(jobs) if jobs.get("launched") or not driver_alive else {}
         found = {}
         for name, info in record.stages.items():
@@ -165,13 +163,10 @@ class NemoRunBackend(Backend):
                     if status.state in _OPEN and status.name in jobs.get("stages", {})]
         if jobs.get("executor") == "local":
             driver = jobs.get("driver_pid")
-            if not _alive(driver):
+            if not process_alive(driver):
                 return []
-            os.kill(driver, signal.SIGTERM)  # experiment.py cancels its tasks through NeMo-Run, then exits
-            deadline = time.monotonic() + 60
-            while _alive(driver) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _alive(driver):
+            # experiment.py cancels its tasks through NeMo-Run, then exits
+            if not terminate_and_wait(driver):
                 raise BackendError(f"nemo-run: experiment driver pid {driver} did not stop in 60 s")
         elif stopping:
             cancel_tasks(jobs, stopping)

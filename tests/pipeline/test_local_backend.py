@@ -17,6 +17,7 @@ import pytest
 
 from contract.markers import read_marker
 from pipeline.layout import RunLayout
+from pipeline.processes import process_alive
 from tests.pipeline.probe_dag import drive, fan_out_graph, prepare
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,14 +92,6 @@ def _driver(root: Path, *args: str, runtime: str = "process") -> subprocess.Pope
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and ") Z" not in stat.read_text()
-
 
 def _running_pids(root: Path) -> list[int]:
     jobs = json.loads((root / "probe" / "jobs.json").read_text())["stages"]
@@ -135,11 +128,11 @@ def test_sigterm_stops_children_and_the_next_run_resumes(tmp_path, runtime):
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=30)
     assert "source=interrupted" in out
-    assert not any(_alive(pid) for pid in children)
+    assert not any(process_alive(pid) for pid in children)
     assert read_marker(tmp_path / "probe" / "source") is None  # no marker: resumable
     assert "source: interrupted; outputs kept for resume" in (tmp_path / "probe" / "source" / "stage.log").read_text()
     if runtime == "process":
-        assert not _alive(launcher)
+        assert not process_alive(launcher)
     states = drive(fan_out_graph(), tmp_path, runtime=runtime)
     assert set(states.values()) == {"succeeded"}
 
@@ -151,7 +144,7 @@ def test_kill_9_of_the_driver_leaves_no_orphan_and_the_next_run_completes(tmp_pa
     children = _running_pids(tmp_path) + ([_launcher_pid(tmp_path)] if runtime == "process" else [])
     driver.kill()
     driver.wait()
-    _wait_for(lambda: not any(_alive(pid) for pid in children), timeout=10)
+    _wait_for(lambda: not any(process_alive(pid) for pid in children), timeout=10)
     assert set(drive(fan_out_graph(), tmp_path, runtime=runtime).values()) == {"succeeded"}
 
 
@@ -177,7 +170,7 @@ def test_kill_9_of_the_preloaded_launcher_fails_its_stage_and_the_rest_start_fre
     running = _running_pids(tmp_path)
     os.kill(_launcher_pid(tmp_path), signal.SIGKILL)
     out, _ = driver.communicate(timeout=120)
-    assert not any(_alive(pid) for pid in running)
+    assert not any(process_alive(pid) for pid in running)
     assert "source=succeeded a=failed b=succeeded c=succeeded d=succeeded join=blocked" in out
     assert read_marker(tmp_path / "probe" / "a").error == "a: exited with code -9 without writing a marker"
     assert "warning: the preloaded launcher (pid" in out and "(killed by signal 9)" in out

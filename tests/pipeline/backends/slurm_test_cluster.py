@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.processes import process_alive
+
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "slurm" / "start-test-cluster.sh"
 DEFAULT_STATE_DIR = "/var/tmp/faster-qat-slurm"  # as the script's FQ_SLURM_DIR default
@@ -32,16 +34,6 @@ START_TIMEOUT_S = 900  # the first call installs packages
 
 class ClusterError(RuntimeError):
     pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def controller_running() -> bool:
@@ -99,7 +91,7 @@ class SlurmTestCluster:
         found = []
         for lease in self.leases.glob("*") if self.leases.exists() else []:
             pid = int(lease.name)
-            if _alive(pid):
+            if process_alive(pid):
                 found.append(pid)
             else:
                 lease.unlink(missing_ok=True)
