@@ -21,6 +21,7 @@ The driver closing its end stops the server; the server dies with the driver (PD
 from __future__ import annotations
 
 import json
+import select
 import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -63,6 +64,15 @@ def send(sock: socket.socket, message: dict[str, Any] | StartRequest, fds: list[
         socket.send_fds(sock, [payload], fds)
     else:
         sock.send(payload)
+
+
+def readable(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether a message (or the other end's close) waits on `sock`, waiting up to `timeout_s`.
+    poll, not select: a driver that holds over 1024 files (a long test session, a busy
+    submitter) gets fd numbers select() refuses."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:

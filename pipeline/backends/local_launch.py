@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from contract.launch import StageLaunch
-from contract.preload import PER_STAGE_ENV, StartRequest, receive, send, server_argv
+from contract.preload import PER_STAGE_ENV, StartRequest, readable, receive, send, server_argv
 from pipeline.errors import BackendError
 from pipeline.run_record import RunRecord, StageRecord
 
@@ -254,7 +253,7 @@ class ForkServer:
 
     def pump(self, timeout: float = 0.0) -> None:
         """Read what the server said (exits, replies) without blocking longer than `timeout`."""
-        while not self._closed and select.select([self.sock], [], [], timeout)[0]:
+        while not self._closed and readable(self.sock, timeout):
             timeout = 0.0
             try:
                 message, fds = receive(self.sock)

@@ -9,8 +9,10 @@ default ~/.nemo_run), so NeMo-Run's own tools (`nemo experiment status ID`) see 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -43,7 +45,19 @@ class TaskState:
     job_id: str  # the scheduler's id: a Slurm job id, a local app id
 
 
-def _experiment(jobs: dict[str, Any]) -> Any:
+@contextlib.contextmanager
+def _experiment(jobs: dict[str, Any]) -> Iterator[Any]:
+    """The experiment, quiet; after use, the pipes of the commands its tunnel ran are closed.
+    (invoke's runners hold them in reference cycles: a driver polling status every few seconds
+    piled up hundreds of open pipes until a collection happened to run.)"""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # NeMo-Run's console chatter is not our output
+            yield _find_experiment(jobs)
+    finally:
+        gc.collect()
+
+
+def _find_experiment(jobs: dict[str, Any]) -> Any:
     run = require_nemo_run()
     from nemo_run.config import get_nemorun_home
 
@@ -55,15 +69,13 @@ def _experiment(jobs: dict[str, Any]) -> Any:
                            f"{get_nemorun_home()}: set NEMORUN_HOME to the home it was submitted with")
     if not os.path.isfile(os.path.join(expected, "_TASKS")):
         raise BackendError(f"nemo-run: experiment {exp_id} has no task list in {expected} (not launched yet?)")
-    with contextlib.redirect_stdout(io.StringIO()):  # NeMo-Run's console chatter is not our output
-        return run.Experiment.from_id(exp_id)
+    return run.Experiment.from_id(exp_id)
 
 
 def task_states(jobs: dict[str, Any]) -> dict[str, TaskState]:
     """Each task's state as NeMo-Run's scheduler tells it (Slurm: sacct through the tunnel;
     local: the state the experiment's driver last saved)."""
-    experiment = _experiment(jobs)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _experiment(jobs) as experiment:
         found = experiment.status(return_dict=True) or {}
     states = {}
     for name, info in found.items():
@@ -74,7 +86,6 @@ def task_states(jobs: dict[str, Any]) -> dict[str, TaskState]:
 
 def cancel_tasks(jobs: dict[str, Any], names: list[str]) -> None:
     """Cancel these tasks through NeMo-Run (Slurm: scancel through the tunnel)."""
-    experiment = _experiment(jobs)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _experiment(jobs) as experiment:
         for name in names:
             experiment.cancel(name)

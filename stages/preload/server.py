@@ -30,7 +30,6 @@ import argparse
 import gc
 import importlib
 import os
-import select
 import socket
 import sys
 import threading
@@ -38,7 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from contract.preload import StartRequest, env_difference, receive, send
+from contract.preload import StartRequest, env_difference, readable, receive, send
 from stages.preload.child import ChildStart
 
 POLL_S = 0.02
@@ -97,8 +96,7 @@ class ForkServer:
         """Until the driver closes its end; returns in a forked child only."""
         while True:
             self._reap()
-            readable, _, _ = select.select([self.sock], [], [], 0 if self.steps else POLL_S)
-            if readable:
+            if readable(self.sock, 0 if self.steps else POLL_S):
                 message, fds = receive(self.sock)
                 if message is None:
                     self.sock.close()

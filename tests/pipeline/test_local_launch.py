@@ -221,3 +221,24 @@ def test_a_stage_the_launcher_refuses_starts_fresh_and_its_log_says_why(tmp_path
             "preloaded launcher's in OMP_NUM_THREADS") in log
     assert "forked by the preloaded launcher" not in log and "-m stages.probe --spec" in log
     assert read_marker(prepared.layout.stage_dir("source")).state == "succeeded"
+
+
+def test_a_driver_holding_over_1024_files_still_hears_the_server(tmp_path):
+    """select() refuses fd numbers past 1024; a long-lived driver (or test session) gets them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    launchers = Launchers(tmp_path, ["probe"])  # its socket's fd number is past 1024
+    try:
+        assert launchers.server.sock.fileno() > 1024
+        code, seen, _ = launchers.run("forked")
+        assert code == 0 and seen
+    finally:
+        launchers.server.stop()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -4,6 +4,7 @@ afterok) order the tasks; the study ends with the local backend's numbers."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -47,6 +48,11 @@ def wait_until(layout: RunLayout, done, timeout_s: float) -> dict[str, StageStat
     raise AssertionError(f"not done in {timeout_s} s: {statuses(layout)}")
 
 
+def open_pipes() -> int:
+    fds = os.listdir("/proc/self/fd")
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") for fd in fds if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
 def queued(job_ids: list[str]) -> list[str]:
     listing = subprocess.run(["squeue", "--noheader", "--format=%i", f"--jobs={','.join(job_ids)}"],
                              capture_output=True, text=True)
@@ -77,7 +83,9 @@ def test_a_failed_stage_blocks_its_dependents_and_cancel_takes_them_off_the_queu
     described = backend.submit(plan(fan_out_graph(fail="a"), tmp_path, cluster="nemo-run"), layout, None)
     assert "submitted 6 stage(s): NeMo-Run experiment probe_" in described
     # Slurm keeps the join pending for ever (DependencyNeverSatisfied): status calls it blocked.
+    pipes_before = open_pipes()
     found = wait_until(layout, lambda states: all(s.state.finished for s in states.values()), 300)
+    assert open_pipes() <= pipes_before  # polling through the tunnel leaves no pipe open behind it
     assert {name: s.state for name, s in found.items()} == {
         "source": StageState.SUCCEEDED, "a": StageState.FAILED, "b": StageState.SUCCEEDED,
         "c": StageState.SUCCEEDED, "d": StageState.SUCCEEDED, "join": StageState.BLOCKED}
