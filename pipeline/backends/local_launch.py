@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from contract.launch import StageLaunch
-from contract.preload import PER_STAGE_ENV, StartRequest, readable, receive, send, server_argv
+from contract.preload import (
+    PER_STAGE_ENV,
+    StartRequest,
+    readable,
+    receive,
+    send,
+    server_argv,
+)
 from pipeline.errors import BackendError
 from pipeline.run_record import RunRecord, StageRecord
 
