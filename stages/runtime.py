@@ -281,10 +281,25 @@ def _log_stage_log(ctx: StageContext) -> None:
         ctx.tracker.log_artifact(log_path)
 
 
+# One kill often arrives more than once: Slurm signals every process of the step, so the stage
+# hears it directly and again through the wrapper shell's trap (stage_gate.run_script). Signals
+# this soon after the first are that same request; a later one is someone insisting.
+SAME_REQUEST_S = 2.0
+
+
 def _install_signal_handlers(ctx: StageContext) -> None:
+    first_at: float | None = None
+    stopping = False
+
     def handler(signum: int, frame: FrameType | None) -> None:
-        if ctx.interrupted or not ctx.defer_signals:  # a second signal always stops at once
+        nonlocal first_at, stopping
+        now = time.monotonic()
+        if stopping or (first_at is not None and now - first_at < SAME_REQUEST_S):
+            return  # on its way out already: a second raise would break the clean-up
+        if ctx.interrupted or not ctx.defer_signals:  # a later signal stops at once
+            stopping = True
             raise StageInterrupted(f"signal {signum}")
+        first_at = now
         ctx.interrupted = True
         ctx.log.warning("signal %d: stopping at the next safe point", signum)
 
