@@ -160,9 +160,11 @@ class StageTracker:
         self.flush()
 
     def finish(self, status: str) -> bool:
-        """Close the run; retries a little harder than a step does. True when all was sent."""
+        """Close the run; retries across a short blip (7.5 s) when MLflow answered until now, once
+        when this stage found it unreachable already (`pipeline sync` delivers it later; waiting
+        would only hold up the stages after this one). True when all was sent."""
         self._append({"type": "end", "status": status})
-        for delay in (0.0, 0.5, 1.0, 2.0, 4.0):
+        for delay in (0.0,) if self._warned else (0.0, 0.5, 1.0, 2.0, 4.0):
             time.sleep(delay)
             self._offline_since = None
             if self.flush():

@@ -124,17 +124,26 @@ def run_stage(spec_path: Path, work: Work) -> int:
     tracker = StageTracker(stage_dir=out, ref=spec.tracking, run_name=spec.stage)
     ctx = StageContext(spec=spec, tracker=tracker, log=log)
     _install_signal_handlers(ctx)
+    try:  # from the handlers on, a signal at any point is an interruption, never a traceback
+        return _run_and_record(ctx, work)
+    except StageInterrupted:
+        log.warning("%s: interrupted; outputs kept for resume, no marker written", spec.stage)
+        tracker.flush()
+        return 143
+
+
+def _run_and_record(ctx: StageContext, work: Work) -> int:
+    """The stage's work, then its manifest, metrics and `_SUCCESS`; or its `_FAILED`."""
+    spec, tracker, log, out = ctx.spec, ctx.tracker, ctx.log, ctx.output_dir
     started = time.time()
     tracker.start({"stage": spec.stage, "kind": spec.kind, "fingerprint": spec.fingerprint, **spec.tags})
     tracker.log_params(spec.params.model_dump(mode="json"))
     try:
         summary = work(ctx) or {}
-    except StageInterrupted:
-        log.warning("%s: interrupted; outputs kept for resume, no marker written", spec.stage)
-        tracker.flush()
-        return 143
     except StageInputError as error:
         return _fail(ctx, f"{spec.stage}: {_one_line(error)}", 2)
+    except StageInterrupted:
+        raise
     except Exception as error:
         traceback.print_exc()
         return _fail(ctx, f"{spec.stage}: {type(error).__name__}: {_one_line(error)}", 1)

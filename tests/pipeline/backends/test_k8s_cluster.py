@@ -403,13 +403,12 @@ SMOKE_ON_CLUSTER = os.environ.get("FASTER_QAT_SLOW_TESTS") or os.environ.get("FA
 def smoke_overrides(namespace: str, cpu_image: str, train_image: str) -> list[str]:
     """The profile's model, data and task files are on this machine: pods see them through a
     read-only hostPath at the same path (k8s.host_mounts), as a shared filesystem would give."""
-    from tests.smoke import TRIMMED_OUT
+    from tests.smoke import TRIMMED_OUT, smoke_slice
 
-    trimmed = [] if os.environ.get("FASTER_QAT_SLOW_TESTS") else [f"runs.{run}.enabled=false" for run in TRIMMED_OUT]
     overrides = [f"images.refs.cpu={cpu_image}", f"images.refs.train={train_image}", f"k8s.namespace={namespace}",
                  f"k8s.host_mounts=[{REPO / 'fixtures'}]", "k8s.tracking_uri=null", "k8s.poll_seconds=2",
-                 f"k8s.cpu_request={CPU_REQUEST}", *trimmed]
-    return [arg for override in overrides for arg in ("--set", override)]
+                 f"k8s.cpu_request={CPU_REQUEST}"]
+    return [*(arg for override in overrides for arg in ("--set", override)), *smoke_slice(TRIMMED_OUT)[0]]
 
 
 @pytest.mark.skipif(not SMOKE_ON_CLUSTER, reason="needs the 6 GB train image (~15 min to build and push cold): "

@@ -18,7 +18,7 @@ from pipeline.backends.nemo_settings import NemoRunSettings
 from pipeline.layout import RunLayout
 from pipeline.run_record import read_record
 from tests.pipeline.probe_dag import RUN_ID, fan_out_graph, plan
-from tests.smoke import TRIMMED_OUT, assert_same_losses, pipeline_cli
+from tests.smoke import BF16_ONLY_OUT, assert_same_losses, pipeline_cli, smoke_slice
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +53,11 @@ def processes_of(run_dir: Path) -> list[str]:
 
 def test_the_smoke_study_on_the_local_executor_matches_the_local_run(nemorun_home, smoke_root, tmp_path):
     root = tmp_path / "runs"
-    overrides = [f"nemo_run.python={sys.executable}", *(f"runs.{run}.enabled=false" for run in TRIMMED_OUT)]
-    args = [arg for item in overrides for arg in ("--set", item)]
-    submitted = pipeline_cli("submit", "--cluster", "nemo-run", "-c", "smoke", "--root", str(root), *args)
+    runs, stages = smoke_slice(BF16_ONLY_OUT)
+    submitted = pipeline_cli("submit", "--cluster", "nemo-run", "-c", "smoke", "--root", str(root),
+                             "--set", f"nemo_run.python={sys.executable}", *runs)
     assert submitted.returncode == 0, submitted.stderr
-    assert "submitted 11 stage(s): NeMo-Run experiment smoke_" in submitted.stdout
+    assert f"submitted {stages} stage(s): NeMo-Run experiment smoke_" in submitted.stdout
     layout = RunLayout(root.resolve(), "smoke")
     found = wait_finished(layout, 1200)
     assert {name: s.state for name, s in found.items()} == {name: StageState.SUCCEEDED for name in found}

@@ -6,7 +6,6 @@ FASTER_QAT_SLOW_TESTS=1 submits all 28 stages."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -14,22 +13,14 @@ from pipeline.backends.base import StageState
 from pipeline.backends.slurm import SlurmBackend
 from pipeline.layout import RunLayout
 from pipeline.run_record import read_record
-from tests.smoke import (
-    SMOKE_STAGES,
-    TRIMMED_OUT,
-    assert_same_losses,
-    pipeline_cli,
-)
+from tests.smoke import TRIMMED_OUT, assert_same_losses, pipeline_cli, smoke_slice
 
 
 def test_the_smoke_study_on_slurm_matches_the_local_run(slurm_cluster, smoke_root, tmp_path):
     root = tmp_path / "runs"
     overrides = ["slurm.profile=local-test", f"slurm.python={sys.executable}"]
-    stages = SMOKE_STAGES
-    if not os.environ.get("FASTER_QAT_SLOW_TESTS"):
-        overrides += [f"runs.{run}.enabled=false" for run in TRIMMED_OUT]
-        stages = 11
-    args = [arg for item in overrides for arg in ("--set", item)]
+    runs, stages = smoke_slice(TRIMMED_OUT)
+    args = [*(arg for item in overrides for arg in ("--set", item)), *runs]
     submitted = pipeline_cli("submit", "--cluster", "slurm", "-c", "smoke", "--root", str(root), *args)
     assert submitted.returncode == 0, submitted.stderr
     assert f"submitted {stages} stage(s)" in submitted.stdout
