@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from components import Component, components  # noqa: E402
 from configs import write_configs  # noqa: E402
-from layout import Layout  # noqa: E402
+from layout import PORTS, Layout  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,9 +95,27 @@ def wait_healthy(layout: Layout, component: Component, pid: int, timeout_s: floa
                      f"see {layout.log_file(component.name)}")
 
 
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+def reserve_ports() -> None:
+    """Keep the kernel from giving the cluster's ports to outgoing connections: they lie in the
+    ephemeral range (32768-60999), and on a busy machine (two test workers) a client socket once
+    held the kubelet's healthz port when the kubelet started. Merged with what is reserved."""
+    try:
+        current = [part for part in RESERVED_PORTS.read_text().strip().split(",") if part]
+        wanted = current + [str(port) for port in sorted(PORTS.values()) if str(port) not in current]
+        if wanted != current:
+            RESERVED_PORTS.write_text(",".join(wanted))
+    except OSError as error:  # a read-only /proc/sys (some containers): the ports stay unreserved
+        print(f"cluster: warning: could not reserve the cluster's ports in {RESERVED_PORTS} ({error}); "
+              "a process may take one of them first", file=sys.stderr)
+
+
 def start(layout: Layout) -> dict[str, str]:
     if os.geteuid() != 0:
         raise SystemExit("cluster: must run as root (kubelet, containerd and pod networking need it)")
+    reserve_ports()
     started = time.time()
     binaries = build(layout)
     built = time.time()
