@@ -104,9 +104,8 @@ def reserve_ports() -> None:
     held the kubelet's healthz port when the kubelet started. Merged with what is reserved."""
     try:
         current = [part for part in RESERVED_PORTS.read_text().strip().split(",") if part]
-        wanted = current + [str(port) for port in sorted(PORTS.values()) if str(port) not in current]
-        if wanted != current:
-            RESERVED_PORTS.write_text(",".join(wanted))
+        # the kernel merges overlaps and writes ranges back ("32379-32380"): no need to compare
+        RESERVED_PORTS.write_text(",".join(current + [str(port) for port in sorted(PORTS.values())]))
     except OSError as error:  # a read-only /proc/sys (some containers): the ports stay unreserved
         print(f"cluster: warning: could not reserve the cluster's ports in {RESERVED_PORTS} ({error}); "
               "a process may take one of them first", file=sys.stderr)

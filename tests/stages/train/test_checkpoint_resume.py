@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from train_testlib import losses, metric_rows
+from train_testlib import losses, metric_rows, preempt_after
 
-from contract.tracking import StageTracker
 from stages.runtime import run_stage
 from stages.train import checkpoint as ckpt
 from stages.train.core import run
@@ -26,17 +23,10 @@ def test_a_truncated_newest_checkpoint_is_set_aside_and_training_resumes_from_th
     reference = make_spec("straight")
     assert run_stage(reference, run) == 0
 
-    log_metrics = StageTracker.log_metrics
-
-    def log_then_signal(self, metrics, step=None):
-        log_metrics(self, metrics, step)
-        if step == 3 and self.run_name == "preempted":
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(StageTracker, "log_metrics", log_then_signal)
+    stop_preempting = preempt_after(monkeypatch, "preempted", after_step=3)
     spec = make_spec("preempted", checkpoint_every=2, keep_checkpoints=3)
     assert run_stage(spec, run) == 143
-    monkeypatch.setattr(StageTracker, "log_metrics", log_metrics)
+    stop_preempting()
     checkpoints = spec.parent / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-3"]
 

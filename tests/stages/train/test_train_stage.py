@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from train_testlib import TINY_MODEL, losses, metric_rows
+from train_testlib import TINY_MODEL, losses, metric_rows, preempt_after
 
 from contract.markers import read_marker
-from contract.tracking import StageTracker, read_events
+from contract.tracking import read_events
 from stages.batches import TokenSplit
 from stages.losses import cross_entropy_sum
 from stages.runtime import run_stage
@@ -85,17 +83,9 @@ def test_signal_checkpoints_and_the_resumed_run_continues_the_same_curve(make_sp
     reference = make_spec("straight", recipe=recipe)
     assert run_stage(reference, run) == 0
 
-    # A real SIGUSR1 to this process right after step 3 is logged (Slurm preemption), delivered
-    # twice as Slurm delivers it (to the stage and through its wrapper shell): one request.
-    log_metrics = StageTracker.log_metrics
-
-    def log_then_signal(self, metrics, step=None):
-        log_metrics(self, metrics, step)
-        if step == 3 and self.run_name == "preempted":
-            os.kill(os.getpid(), signal.SIGUSR1)
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(StageTracker, "log_metrics", log_then_signal)
+    # Slurm's preemption signal after step 3, delivered twice as Slurm delivers it (to the stage
+    # and through its wrapper shell): one request.
+    stop_preempting = preempt_after(monkeypatch, "preempted", after_step=3, deliveries=2)
     spec = make_spec("preempted", checkpoint_every=2, keep_checkpoints=2, recipe=recipe)
     assert run_stage(spec, run) == 143  # interrupted: no marker, resumable
     out = spec.parent
@@ -103,7 +93,7 @@ def test_signal_checkpoints_and_the_resumed_run_continues_the_same_curve(make_sp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
     assert [r["step"] for r in metric_rows(out)] == [1, 2, 3]
 
-    monkeypatch.setattr(StageTracker, "log_metrics", log_metrics)
+    stop_preempting()
     assert run_stage(spec, run) == 0
     # fp32 on CPU with deterministic kernels: the resumed curve is the uninterrupted one, exactly.
     assert losses(out) == losses(reference.parent)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from contract.markers import mark_succeeded
+from contract.tracking import StageTracker
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_MODEL = REPO / "fixtures" / "models" / "tiny-qwen3"
@@ -64,3 +70,19 @@ def metric_rows(stage_dir: Path) -> list[dict[str, Any]]:
 
 def losses(stage_dir: Path) -> list[float]:
     return [row["loss"] for row in metric_rows(stage_dir)]
+
+
+def preempt_after(monkeypatch: pytest.MonkeyPatch, run_name: str, after_step: int,
+                  deliveries: int = 1) -> Callable[[], None]:
+    """A real SIGUSR1 to this process right after `after_step` of run `run_name` is logged (Slurm's
+    preemption), `deliveries` times in a row; returns what stops it."""
+    log_metrics = StageTracker.log_metrics
+
+    def log_then_signal(self, metrics, step=None):
+        log_metrics(self, metrics, step)
+        if step == after_step and self.run_name == run_name:
+            for _ in range(deliveries):
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(StageTracker, "log_metrics", log_then_signal)
+    return lambda: monkeypatch.setattr(StageTracker, "log_metrics", log_metrics)
