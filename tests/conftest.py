@@ -17,6 +17,10 @@ from xdist.scheduler import LoadScopeScheduling
 
 from tests.smoke import SMOKE_STAGES, pipeline_cli
 
+# The machine-wide fixtures, defined once: a fixture imported into two conftests is two fixtures,
+# each of which would start (or find) its engine or cluster.
+pytest_plugins = ["tests.docker_engine", "tests.k8s.dev_cluster", "tests.k8s.stage_images"]
+
 MACHINE_WIDE_PATHS = {
     "tests/k8s/": "k8s-and-docker",
     "tests/pipeline/images/": "k8s-and-docker",

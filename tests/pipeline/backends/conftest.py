@@ -47,8 +47,3 @@ def nemorun_home(tmp_path_factory) -> Path:
     os.environ["NEMORUN_HOME"] = str(home)
     return home
 
-
-# The real dev Kubernetes cluster, its registry and the cpu image pushed there (test_k8s_cluster).
-from tests.k8s.dev_cluster import k8s_cluster, k8s_namespace  # noqa: E402,F401
-from tests.k8s.stage_images import cluster_cpu_image, cluster_train_image  # noqa: E402,F401
-from tests.pipeline.images.conftest import docker_client  # noqa: E402,F401

@@ -1,6 +1,6 @@
-"""A real Docker engine for the image tests: installed (apt docker.io) and started (dockerd)
-when missing. Without one the tests skip with the reason, except under CI (CI set), where
-they fail: CI must run them."""
+"""A real Docker engine for the image and k8s tests, as session fixtures: installed (apt docker.io)
+and started (dockerd) when missing. Without one the tests skip with the reason, except under CI
+(CI set), where they fail: CI must run them. Registered once, in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -47,9 +47,14 @@ def docker_client():
     if client is None:
         reason = _install_docker()
         if reason is None:
-            log = Path(tempfile.mkdtemp(prefix="dockerd-")) / "dockerd.log"
+            state = Path(tempfile.mkdtemp(prefix="dockerd-"))
+            log = state / "dockerd.log"
             # No bridge or iptables: these machines have neither; containers run --network none.
-            started = subprocess.Popen(["dockerd", "--iptables=false", "--bridge=none"],
+            # Its own pid file and exec root: a dockerd killed earlier leaves
+            # /var/run/docker/containerd/containerd.pid behind, and once that pid belongs to
+            # another process the next dockerd waits for a containerd that never answers.
+            started = subprocess.Popen(["dockerd", "--iptables=false", "--bridge=none",
+                                        f"--pidfile={state / 'docker.pid'}", f"--exec-root={state / 'exec'}"],
                                        stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                        start_new_session=True)
             deadline = time.time() + 60
@@ -57,7 +62,12 @@ def docker_client():
                 time.sleep(0.5)
                 client = _ping()
             if client is None:
-                reason = f"dockerd did not answer within 60 s; see {log}"
+                last = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+                how = "exited" if started.poll() is not None else "did not answer within 60 s"
+                reason = f"dockerd {how}: {last[0][:300]} (log: {log})"
+                started.kill()
+                started.wait(timeout=30)
+                started = None
         if client is None:
             if os.environ.get("CI"):
                 pytest.fail(f"no Docker engine: {reason}")
