@@ -74,6 +74,8 @@ class Result:
     decoder_tflops: float | None = None
     decoder_fraction_of_peak: float | None = None  # decoder TFLOP/s / measured dense bf16 peak
     peak_mem_gib: float | None = None
+    # cudaMalloc retries (the caching allocator freed its cache to fit): each stalls the step.
+    alloc_retries: int | None = None
     # With --profile: profiled step time minus the sum of its GPU kernels' times (launch gaps,
     # a GPU waiting on Python).
     gpu_idle_ms: float | None = None
@@ -269,6 +271,7 @@ def run_variant(
     result.tflops = (dec_flops + head_flops) / (result.ms_per_step * 1e-3) / 1e12
     result.decoder_tflops = dec_flops / (result.decoder_ms * 1e-3) / 1e12
     result.peak_mem_gib = peak_mem / 2**30
+    result.alloc_retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     del model, optimizer
     return result
 

@@ -81,6 +81,7 @@ class Result:
     mfu_measured_peak: float | None = None
     stage_mfu_spec_peak: float | None = None  # what the stage logs: 6 N tokens / 989 TFLOP/s
     peak_mem_gib: float | None = None
+    alloc_retries: int | None = None  # cudaMalloc retries (allocator cache freed to fit): stalls
     ratio_to_bf16: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -134,6 +135,7 @@ def stage_work(ctx, shape: Shape, torchao_float8: bool, out: dict[str, Any]) -> 
     out["tags"] = training.describe
     summary = core.train_loop(ctx, training.session, training.start, MetricsFile(ctx.output_dir, 0))
     out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     return summary
 
 
@@ -166,6 +168,7 @@ def run_stage_variant(name: str, shape: Shape, steps: int, warmup: int, root: Pa
     result.tokens_per_s = 8 * shape.seq / result.step_s
     result.stage_mfu_spec_peak = sum(row.get("mfu", 0.0) for row in rows[warmup:]) / len(timed) or None
     result.peak_mem_gib = out.get("peak_mem_gib")
+    result.alloc_retries = out.get("alloc_retries")
     decoder, head = flops(replace(shape, micro_batches=8))
     result.tflops = (decoder + head) / result.step_s / 1e12
     return result
