@@ -80,6 +80,7 @@ def pieces() -> dict[str, Callable[[], object]]:
         "amax kernel: direct (Launcher)": amax_direct,
         "ops.amax": lambda: ops.amax(x),
         "ops.fp8 (+transpose)": lambda: ops.fp8(x, torch.float8_e4m3fn, transposed=True),
+        "ops.fp8 (+transpose), 2 launches": lambda: ops.fp8(x, torch.float8_e4m3fn, transposed=True, one_launch=False),
         "nn.Linear fwd+bwd bf16": fwd_bwd(bf16_linear),
         "ScaledMMLinear fwd+bwd fp8": fwd_bwd(fp8_linear),
     }

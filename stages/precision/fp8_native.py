@@ -82,10 +82,13 @@ class ScaledMMLinear(OpaqueLinear):
         self._register()
 
     def weight_fp8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W_q [N,K], dequantization scale, W_q^T contiguous [K,N]), once per weight version."""
+        """(fprop's B = W_q^T [K,N] (a view of W_q [N,K]), dequantization scale, dgrad's B =
+        (W_q^T contiguous).t() [N,K]), once per weight version: the micro-batches of a step reuse
+        them, views included (each view is host time on a host-bound step)."""
         key = (weight.data_ptr(), weight._version)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, _quantize(weight, self.w_dtype))
+            wq, scale, wq_t = _quantize(weight, self.w_dtype)
+            self._cache = (key, (wq.t(), scale, wq_t.t()))
         return self._cache[1]  # type: ignore[return-value]
 
     def clear_cache(self) -> None:
@@ -116,15 +119,16 @@ class ScaledMMLinear(OpaqueLinear):
         self, x: torch.Tensor, parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, kind: str
     ) -> torch.Tensor:
         xq, x_scale, _ = parts
-        wq, w_scale, _ = self.weight_fp8(weight)
+        fprop_b, w_scale, _ = self.weight_fp8(weight)
         out_dtype = _out_dtype(x)
         y = torch._scaled_mm(
-            xq, wq.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
+            xq, fprop_b, scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype,
             use_fast_accum=self.recipe.fprop.fast_accumulation,
         )
         if bias is not None:
             y = y + bias.to(out_dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def linear_backward(
         self, grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, saved: list[torch.Tensor],
@@ -136,18 +140,19 @@ class ScaledMMLinear(OpaqueLinear):
         out_dtype = _out_dtype(g2)
         dx = dw = None
         if needs_dx:
-            _, w_scale, wq_t = self.weight_fp8(weight)
+            _, w_scale, dgrad_b = self.weight_fp8(weight)
             dx = torch._scaled_mm(
-                gq, wq_t.t(), scale_a=g_scale, scale_b=w_scale, out_dtype=out_dtype,
+                gq, dgrad_b, scale_a=g_scale, scale_b=w_scale, out_dtype=out_dtype,
                 use_fast_accum=self.recipe.dgrad.fast_accumulation,
             )
-            dx = dx.reshape(*grad_y.shape[:-1], self.in_features).to(grad_y.dtype)
+            dx = dx.reshape(*grad_y.shape[:-1], self.in_features)
+            dx = dx if dx.dtype == grad_y.dtype else dx.to(grad_y.dtype)
         if needs_dw:
             dw = torch._scaled_mm(
                 gq_t, xq_t.t(), scale_a=g_scale, scale_b=x_scale, out_dtype=out_dtype,
                 use_fast_accum=self.recipe.wgrad.fast_accumulation,
             )
-            dw = dw.to(weight.dtype)
+            dw = dw if dw.dtype == weight.dtype else dw.to(weight.dtype)
         return dx, dw
 
     def extra_repr(self) -> str:

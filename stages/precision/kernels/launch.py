@@ -32,6 +32,7 @@ class Launcher:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self._compiled: dict[tuple, tuple[object, tuple[str, ...]]] = {}
+        self.last_compiled: object | None = None  # the CompiledKernel kept last (its registers, shared memory)
 
     def __call__(self, grid: tuple[int, ...], *args: object, num_warps: int, **constexprs: object) -> None:
         device = args[0].device.index
@@ -44,6 +45,7 @@ class Launcher:
                 if len(self._compiled) >= _MAX_KEYS:
                     self._compiled.clear()
                 self._compiled[key] = (compiled, tuple(self.kernel.arg_names[len(args):]))
+                self.last_compiled = compiled
             return
         compiled, constexpr_names = entry
         constants = [constexprs[name] for name in constexpr_names]

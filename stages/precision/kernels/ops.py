@@ -9,11 +9,11 @@ blocks along the last dim; a 2-D x may be a transposed view (column-wise quantiz
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import triton
 from triton.runtime.driver import driver
 
 from stages.precision.fp8 import Fp8Quantized
@@ -27,6 +27,10 @@ toolchain.use_fixed_ptxas()
 
 _MX_CODE = {torch.float8_e4m3fn: jit.MX_E4M3, torch.float8_e5m2: jit.MX_E5M2}
 _AMAX, _FP8, _BLOCK = Launcher(jit._amax_kernel), Launcher(jit._fp8_kernel), Launcher(jit._block_kernel)
+_FP8_ONE_LAUNCH = Launcher(jit._fp8_one_launch_kernel)
+# Programs of _fp8_one_launch_kernel per SM: all must be resident at once (its grid-wide barrier),
+# and enough of them keep the loads in flight that a grid of one tile per program has.
+ONE_LAUNCH_PROGRAMS_PER_SM = 8
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,13 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x.reshape(1, -1)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: a @jit function, whose call from Python costs microseconds per launch.
+    return -(-a // b)
+
+
 def _grid(r: int, k: int, tile: Tile) -> tuple[int, int]:
-    return triton.cdiv(r, tile.rows), triton.cdiv(k, tile.cols)
+    return _cdiv(r, tile.rows), _cdiv(k, tile.cols)
 
 
 def _is_transposed(x2: torch.Tensor) -> bool:
@@ -129,27 +138,97 @@ def fp8(
     data: bool = True,
     transposed: bool = False,
     fake: bool = False,
+    one_launch: bool = True,
 ) -> tuple[Fp8Quantized | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-tensor FP8 (fp8.quantize_fp8 / fake_quantize_fp8). amax None = current scaling.
 
     Returns (Fp8Quantized, data^T contiguous [K, R] of a 2-D x, dequantized in x's dtype);
     each part only if asked for, all from one read of x after the amax pass (two where the
-    ptxas in use cannot fuse the transposed store: toolchain.py)."""
+    ptxas in use cannot fuse the transposed store: toolchain.py). Current scaling takes one
+    launch (_fp8_one_launch_kernel) where it can: the host's cost of a launch, a buffer and the
+    Python around them is paid once per quantized tensor, not twice (a fp8 step is host-bound).
+    `one_launch=False`: the amax kernel, then the cast (the same bits)."""
     x2 = _as_2d(x)
-    bits = _amax_bits_of(x2) if amax_value is None else _amax_bits(amax_value)
     r, k = x2.shape
-    d = torch.empty(x2.shape, dtype=dtype, device=x.device) if data else None
-    d_t = torch.empty(k, r, dtype=dtype, device=x.device) if transposed else None
+    device = x2.device
+    d = torch.empty((r, k), dtype=dtype, device=device) if data else None
+    d_t = torch.empty((k, r), dtype=dtype, device=device) if transposed else None
     f = _empty_in_order_of(x2, r, k, x.dtype) if fake else None
-    scale = torch.empty((), dtype=torch.float32, device=x.device)
-    if d_t is not None and (d is not None or f is not None) and not toolchain.fused_transpose_ok(_arch(x)):
-        # This ptxas miscompiles a transposed FP8 store beside another store (toolchain.py).
-        _fp8_launch(x2, bits, None, d_t, None, None, dtype)
-        _fp8_launch(x2, bits, d, None, f, scale, dtype)
+    scale = torch.empty((), dtype=torch.float32, device=device)
+    # This ptxas miscompiles a transposed FP8 store beside another store (toolchain.py).
+    split_transpose = d_t is not None and (d is not None or f is not None) and not toolchain.fused_transpose_ok(_arch(x))
+    if amax_value is None and one_launch and not split_transpose and _compiled_kernels():
+        _fp8_one_launch(x2, d, d_t, f, scale, dtype)
     else:
-        _fp8_launch(x2, bits, d, d_t, f, scale, dtype)
+        bits = _amax_bits_of(x2) if amax_value is None else _amax_bits(amax_value)
+        if split_transpose:
+            _fp8_launch(x2, bits, None, d_t, None, None, dtype)
+            _fp8_launch(x2, bits, d, None, f, scale, dtype)
+        else:
+            _fp8_launch(x2, bits, d, d_t, f, scale, dtype)
     q = Fp8Quantized(d.reshape(x.shape), scale) if data else None
     return q, d_t, None if f is None else f.reshape(x.shape)
+
+
+def _compiled_kernels() -> bool:
+    """False under Triton's interpreter, which runs programs one after another (a grid-wide
+    barrier would wait forever)."""
+    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def _fp8_one_launch(x2, d, d_t, f, scale, dtype) -> None:
+    r, k = x2.shape
+    tile = TILES["fp8"]
+    tiles_k = _cdiv(k, tile.cols)
+    n_tiles = _cdiv(r, tile.rows) * tiles_k
+    index = x2.device.index
+    config = (index, x2.dtype, dtype, d is None, d_t is None, None if f is None else f.dtype, tile)
+    # Until the compiled kernel's resources are known, one program per SM: always resident.
+    per_sm = _ONE_LAUNCH_PER_SM.get(config, 1)
+    seen = _FP8_ONE_LAUNCH.last_compiled
+    _FP8_ONE_LAUNCH(
+        (max(1, min(n_tiles, _sm_count(index) * per_sm)),), x2,
+        _one_launch_scratch(index, torch._C._cuda_getCurrentRawStream(index)),
+        scale if d is None else d, scale if d_t is None else d_t, scale if f is None else f, scale,
+        r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
+        tiles_k, n_tiles,
+        E5M2=dtype == torch.float8_e5m2, WRITE_DATA=d is not None, WRITE_T=d_t is not None, WRITE_FAKE=f is not None,
+        WRITE_SCALE=True, BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
+        # A cooperative launch: CUDA refuses a grid whose programs cannot all be resident (a GPU
+        # shared through MPS, say) rather than leave the barrier waiting forever.
+        launch_cooperative_grid=True,
+    )
+    compiled = _FP8_ONE_LAUNCH.last_compiled
+    if compiled is not seen and compiled is not None:  # a new specialization: it may hold more resources
+        resident = _resident_per_sm(compiled, index, tile.warps)
+        _ONE_LAUNCH_PER_SM[config] = min(ONE_LAUNCH_PROGRAMS_PER_SM, resident, _ONE_LAUNCH_PER_SM.get(config, resident))
+
+
+_ONE_LAUNCH_PER_SM: dict[tuple, int] = {}
+
+
+def _resident_per_sm(compiled, device_index: int, warps: int) -> int:
+    """How many programs of a compiled kernel one SM holds at once (CUDA's occupancy rules:
+    registers allocated per warp in units of 256, shared memory plus 1 KiB reserved per block)."""
+    props = torch.cuda.get_device_properties(device_index)
+    regs_per_warp = -(-int(compiled.n_regs) * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(regs_per_warp, 1) // warps
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (warps * 32)
+    shared = int(getattr(compiled.metadata, "shared", 0))
+    by_shared = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // (shared + 1024)
+    return max(1, min(32, by_regs, by_threads, by_shared))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _one_launch_scratch(device_index: int, stream: int) -> torch.Tensor:
+    """_fp8_one_launch_kernel's counters and amax, one buffer per stream (as _finish_counter):
+    launches queued on one stream run one after another."""
+    return torch.zeros(3, dtype=torch.int32, device=f"cuda:{device_index}")
 
 
 def _fp8_launch(x2, amax_bits, d, d_t, f, scale, dtype) -> None:
@@ -204,7 +283,7 @@ def _block(
         raise ValueError(f"column-wise quantization needs a 2-D tensor, got shape {tuple(x.shape)}")
     nvfp4 = row in (jit.NVFP4, jit.NVFP4_MODELOPT)
     block = 16 if nvfp4 else 32
-    n_scale_cols = triton.cdiv(k, block)
+    n_scale_cols = _cdiv(k, block)
     dummy = torch.empty((), dtype=torch.int32, device=x.device)  # never read: a pointer for unused outputs
     bits = dummy
     if nvfp4:

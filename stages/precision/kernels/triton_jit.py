@@ -214,26 +214,26 @@ def _amax_kernel(x_ptr, out_ptr, counter_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles
 
 
 @triton.jit
-def _fp8_kernel(
-    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
-    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
-    WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-):
-    """Per-tensor FP8 cast with the multiplier fp8_max / max(amax, 1e-12) (float64, then fp32).
-
-    Writes data (strided), its transpose (contiguous [K, R]: the other major order cuBLASLt
-    needs for dgrad and wgrad), the dequantized tensor, and the dequantization scale 1/multiplier."""
+def _fp8_multiplier(amax_bits, E5M2: tl.constexpr):
+    """fp8_max / max(amax, 1e-12), in float64 then rounded to fp32 (amax given as its fp32 bits)."""
     if E5M2:
         fmax: tl.constexpr = 57344.0
     else:
         fmax: tl.constexpr = 448.0
-    amax64 = _load_amax(amax_ptr).to(tl.float64)
+    amax64 = amax_bits.to(tl.float32, bitcast=True).to(tl.float64)
     # The epsilon as an fp64 tensor: a Python float literal would be rounded to fp32 first.
     amax64 = tl.maximum(amax64, tl.full((), 1e-12, tl.float64), propagate_nan=tl.PropagateNan.ALL)
     # fp64 `/` is IEEE div.rn.f64 in Triton (only the fp32 `/` is approximate).
-    multiplier = (fmax / amax64).to(tl.float32)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
+    return (fmax / amax64).to(tl.float32)
+
+
+@triton.jit
+def _fp8_tile(
+    x_ptr, data_ptr, data_t_ptr, fake_ptr, multiplier, rows, cols, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
+):
+    """One tile of the per-tensor FP8 cast: data (strided), its transpose (contiguous [K, R]: the
+    other major order cuBLASLt needs for dgrad and wgrad), the dequantized tensor."""
     mask = (rows < R) & (cols < K)
     x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
     data = _to_fp8(x * multiplier, E5M2)
@@ -243,11 +243,71 @@ def _fp8_kernel(
         # The same tile at transposed addresses: Triton stages it through shared memory. With
         # another store beside it this needs ptxas >= 13 (toolchain.py).
         tl.store(data_t_ptr + cols * R + rows, data, mask=mask)
-    if WRITE_SCALE and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
     if WRITE_FAKE:
         fake = tl.math.div_rn(data.to(tl.float32), multiplier + tl.zeros_like(x))
         tl.store(fake_ptr + rows * sfr + cols * sfk, fake.to(fake_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_kernel(
+    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
+    WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    """Per-tensor FP8 cast of one tile per program with the multiplier of a given amax (from
+    _amax_kernel, or a delayed-scaling history); also the dequantization scale 1/multiplier."""
+    multiplier = _fp8_multiplier(tl.load(amax_ptr), E5M2)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
+    _fp8_tile(x_ptr, data_ptr, data_t_ptr, fake_ptr, multiplier, rows, cols, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+              E5M2, WRITE_DATA, WRITE_T, WRITE_FAKE)
+    if WRITE_SCALE and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
+
+
+@triton.jit
+def _fp8_one_launch_kernel(
+    x_ptr, scratch_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    n_tiles_k, n_tiles,
+    E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
+    WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+):
+    """Current scaling in one launch: _amax_kernel's maximum, then _fp8_kernel's cast, each
+    program over the tiles program, program + programs, ... with a grid-wide barrier between.
+
+    Every program must be resident at once (ops.py launches a few per SM, far under what one SM
+    holds). scratch: [arrived, departed, amax bits], all 0 between launches: the last program to
+    leave sets them back, so a CUDA graph can replay the launch."""
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    acc = tl.zeros((BR, BK), tl.int32)
+    for tile in range(program, n_tiles, programs):
+        rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
+        cols = (tile % n_tiles_k) * BK + tl.arange(0, BK)[None, :]
+        mask = (rows < R) & (cols < K)
+        x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))  # NaN's bits order highest
+    # |x|'s bits are non-negative int32s, ordered as the values: an integer atomic max reduces them.
+    tl.atomic_max(scratch_ptr + 2, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed", scope="gpu")
+    # The release orders the max before the count; the acquire below makes every program's max
+    # visible to the load that follows it.
+    arrived = tl.atomic_add(scratch_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    while arrived < programs:
+        arrived = tl.atomic_add(scratch_ptr, 0, sem="acquire", scope="gpu")
+    amax_bits = tl.load(scratch_ptr + 2, cache_modifier=".cg")
+    multiplier = _fp8_multiplier(amax_bits, E5M2)
+    for tile in range(program, n_tiles, programs):
+        rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
+        cols = (tile % n_tiles_k) * BK + tl.arange(0, BK)[None, :]
+        _fp8_tile(x_ptr, data_ptr, data_t_ptr, fake_ptr, multiplier, rows, cols, R, K, sxr, sxk, sdr, sdk, sfr,
+                  sfk, E5M2, WRITE_DATA, WRITE_T, WRITE_FAKE)
+    if WRITE_SCALE and program == 0:
+        tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
+    departed = tl.atomic_add(scratch_ptr + 1, 1, sem="acq_rel", scope="gpu")
+    if departed == programs - 1:  # every program has read the amax: all goes back to 0
+        tl.store(scratch_ptr, 0)
+        tl.store(scratch_ptr + 1, 0)
+        tl.store(scratch_ptr + 2, 0)
 
 
 @triton.jit

@@ -86,6 +86,57 @@ def test_fp8_transpose_in_a_second_launch_gives_the_same_bits(monkeypatch) -> No
     assert torch.equal(bits(fake), bits(fused[2]))
 
 
+def same_fp8_outputs(a, b) -> bool:
+    """Two ops.fp8 results (data, scale, transposed data, dequantized) bit for bit."""
+    (qa, ta, fa), (qb, tb, fb) = a, b
+    return (torch.equal(bits(qa.data), bits(qb.data)) and torch.equal(bits(qa.scale), bits(qb.scale))
+            and torch.equal(bits(ta), bits(tb)) and torch.equal(bits(fa), bits(fb)))
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", [(1, 1), (33, 17), (96, 160), (4096, 4096), (8192, 1024), (4096, 12288)])
+def test_fp8_in_one_launch_equals_the_amax_kernel_then_the_cast(shape: tuple[int, int]) -> None:
+    """Current scaling in one launch (a grid-wide barrier between the maximum and the cast) gives
+    the two launches' bits: call after call (its counters go back to 0), with a NaN, on another
+    stream, and replayed from a CUDA graph."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for scale in (1.0, 1e-30, 3e4, float("nan")):
+            x = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16) * (1.0 if scale != scale else scale)
+            if scale != scale:
+                x[-1, -1] = scale
+            one = ops().fp8(x, dtype, transposed=True, fake=True)
+            assert same_fp8_outputs(one, ops().fp8(x, dtype, transposed=True, fake=True, one_launch=False)), (dtype, scale)
+    x = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = ops().fp8(x, torch.float8_e4m3fn, transposed=True, fake=True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert same_fp8_outputs(on_side, ops().fp8(x, torch.float8_e4m3fn, transposed=True, fake=True, one_launch=False))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops().fp8(x, torch.float8_e5m2, transposed=True, fake=True)
+    for scale in (3.0, 1e-20):
+        x.copy_(torch.randn(shape, device="cuda", generator=gen) * scale)
+        graph.replay()
+        expected = ops().fp8(x, torch.float8_e5m2, transposed=True, fake=True, one_launch=False)
+        assert same_fp8_outputs(captured, expected), scale
+
+
+@needs_cuda
+def test_a_one_launch_grid_that_cannot_be_resident_is_refused_not_left_waiting(monkeypatch) -> None:
+    """The grid-wide barrier needs every program resident: the launch is cooperative, so CUDA
+    refuses a grid past what the SMs hold instead of hanging on it."""
+    x = torch.randn(4096, 4096, device="cuda").to(torch.bfloat16)
+    ops().fp8(x, torch.float8_e4m3fn, transposed=True)  # compiled, its residency known
+    for key in list(ops()._ONE_LAUNCH_PER_SM):
+        monkeypatch.setitem(ops()._ONE_LAUNCH_PER_SM, key, 64)  # 64 programs per SM: more than fit
+    with pytest.raises(RuntimeError):
+        ops().fp8(x, torch.float8_e4m3fn, transposed=True)
+        torch.cuda.synchronize()
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
