@@ -269,8 +269,14 @@ def test_a_rejected_third_job_cancels_the_two_queued_before_it(slurm_cluster, tm
     assert "Requested node configuration is not available" in message
     assert message.endswith("cancelled the 2 job(s) queued before it")
     assert not prepared.layout.jobs_file.exists()
-    names = subprocess.run(["squeue", "--noheader", "--format=%j"], capture_output=True, text=True).stdout
-    assert "probe-source" not in names.split() and "probe-a" not in names.split()
+    # A cancelled job that had started stays listed while it completes (state CG): wait that out.
+    deadline = time.monotonic() + 30
+    while True:
+        names = subprocess.run(["squeue", "--noheader", "--format=%j"], capture_output=True, text=True).stdout.split()
+        if ("probe-source" not in names and "probe-a" not in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "probe-source" not in names and "probe-a" not in names
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
