@@ -230,8 +230,6 @@ _HTTP_DEFAULTS = {
 
 def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
     """Deliver the events after the acknowledged position; returns how many were sent."""
-    for name, value in _HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
     from mlflow.entities import Metric, Param, RunTag
 
     synced_path = stage_dir / TRACKING_DIR / SYNCED_FILE
@@ -287,7 +285,10 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
 
 def tracking_client(ref: TrackingRef) -> Any:
     """An MlflowClient of the study's store; the embedded sqlite store in WAL mode, so several
-    stages log at once (a busy writer waits instead of failing)."""
+    stages log at once (a busy writer waits instead of failing). Its HTTP requests fail fast
+    (_HTTP_DEFAULTS) unless the environment says otherwise."""
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     from mlflow.tracking import MlflowClient
 
     if ref.tracking_uri.startswith("sqlite:///"):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from contract.markers import mark_failed, read_marker
-from contract.tracking import close_parent_run, parent_run_id_of
+from contract.tracking import close_parent_run, parent_run_id_of, tracking_client
 from pipeline.backends.base import StageState, StageStatus, failure_note, marker_state
 from pipeline.backends.local_launch import (
     StageLauncher,
@@ -243,9 +243,7 @@ class LocalDriver:
         if ref is None:
             return
         try:
-            from mlflow.tracking import MlflowClient
-
-            parent_run_id_of(MlflowClient(tracking_uri=ref.tracking_uri), ref)
+            parent_run_id_of(tracking_client(ref), ref)
         except Exception as error:  # the stages buffer their events; `sync` delivers them later
             print(f"warning: MLflow at {ref.tracking_uri}: {type(error).__name__}: {str(error)[:200]}; "
                   "stages buffer their events (`python -m pipeline sync` later)", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from contract.tracking import (
@@ -71,15 +72,19 @@ def test_a_rerun_of_the_same_run_id_reuses_the_parent_run(tmp_path):
         ["source", "a", "b", "c", "d", "join", "a", "join"])
 
 
-def _closed_port() -> int:
+@pytest.fixture
+def refused_port():
+    """A port bound but not listening, for the test's length: a connection to it is refused at
+    once, and no other process can take it meanwhile (a port closed after a bind could be
+    reused by a server that accepts and never answers: a 250 s test once)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
-def test_stages_keep_working_when_mlflow_is_unreachable_and_sync_is_idempotent(tmp_path):
+def test_stages_keep_working_when_mlflow_is_unreachable_and_sync_is_idempotent(tmp_path, refused_port):
     good = tracking_to(sqlite_uri(tmp_path))
-    dead = good.model_copy(update={"tracking_uri": f"http://127.0.0.1:{_closed_port()}"})
+    dead = good.model_copy(update={"tracking_uri": f"http://127.0.0.1:{refused_port}"})
     states = drive(fan_out_graph(), tmp_path, tracking=dead)
     assert set(states.values()) == {"succeeded"}
     layout = RunLayout(tmp_path, "probe")
