@@ -16,15 +16,17 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def render(url: str, screenshot: Path, window: tuple[int, int] = (1600, 1000), wait_for: str | None = None,
-           attempts: int = 3) -> str:
+def render(url: str, screenshot: Path, window: tuple[int, int] = (1600, 1000),
+           wait_for: str | tuple[str, ...] = (), attempts: int = 3) -> str:
     """Save a screenshot of `url` and return its DOM after scripts ran. Long tables render only
     the rows and columns in view: a larger `window` shows more of them. With `wait_for`, the page
-    is loaded again (up to `attempts` times) until its DOM holds that text: a server's first
-    answer for a page's large scripts can outlast the browser's time budget."""
+    is loaded again (up to `attempts` times) until its DOM holds that text (each of them, for a
+    tuple): a server's first answer for a page's large scripts can outlast the browser's time
+    budget, and on a busy machine a page's charts can come in one by one."""
     binary = chromium()
     assert binary, "chromium is not installed (apt-get install chromium)"
     flags = [*FLAGS, f"--window-size={window[0]},{window[1]}"]
+    expected = (wait_for,) if isinstance(wait_for, str) else wait_for
     for _ in range(attempts):
         with tempfile.TemporaryDirectory() as profile:
             common = [binary, *flags, f"--user-data-dir={profile}"]
@@ -33,6 +35,6 @@ def render(url: str, screenshot: Path, window: tuple[int, int] = (1600, 1000), w
         with tempfile.TemporaryDirectory() as profile:
             dom = subprocess.run([binary, *flags, f"--user-data-dir={profile}", "--dump-dom", url],
                                  check=True, capture_output=True, text=True, timeout=180).stdout
-        if wait_for is None or wait_for in dom:
+        if all(text in dom for text in expected):
             break
     return dom

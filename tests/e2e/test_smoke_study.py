@@ -113,12 +113,12 @@ def test_mlflow_holds_every_stage_and_the_ui_compares_the_runs(smoke_root, tmp_p
             assert column in runs_dom, column
         assert "train-bf16" in runs_dom and "eval-base" in runs_dom and f"<strong>{len(nested)}</strong> matching runs" in runs_dom
         # The same view compared (the runs page's chart view): one chart per comparison metric.
+        chart_titles = tuple(f">{metric}<" for metric in ("study/val_loss_deployed", "study/step_time_s",
+                                                           "study/step_time_vs_baseline", "study/accuracy_mmlu_tiny"))
         charts_dom = render(f"{server.uri}/#{view['route'].replace('compareRunsMode=TABLE', 'compareRunsMode=CHART')}",
-                            shots / "compare.png", window=(1600, 2400),
-                            wait_for='title="study/val_loss_deployed"')
-        for metric in ("study/val_loss_deployed", "study/step_time_s", "study/step_time_vs_baseline",
-                       "study/accuracy_mmlu_tiny"):
-            assert f">{metric}<" in charts_dom, metric  # a chart's title
+                            shots / "compare.png", window=(1600, 2400), wait_for=chart_titles)
+        for title in chart_titles:
+            assert title in charts_dom, title  # one chart per comparison metric
         parent_dom = render(f"{server.uri}/#/experiments/{experiment_id}/runs/{parent_id}"
                             f"?{WORKFLOW_PARAM}", shots / "parent.png")
         assert "nv4f-mx8b" in parent_dom and "qat-nvfp4" in parent_dom
