@@ -112,17 +112,18 @@ def _amax_bits_of(x2: torch.Tensor) -> torch.Tensor:
     programs = max(1, min(tiles_r * tiles_k, jit.MAX_PARTIALS.value))
     out = torch.empty(1 + programs, dtype=torch.int32, device=x2.device)
     _AMAX(
-        (programs,), x2, out, _finish_counter(x2.device, driver.active.get_current_stream(x2.device.index)),
+        (programs,), x2, out, _per_stream_zeros(x2.device, driver.active.get_current_stream(x2.device.index), ()),
         *x2.shape, *x2.stride(), tiles_k, tiles_r * tiles_k, BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
     )
     return out[0]
 
 
 @functools.cache
-def _finish_counter(device: torch.device, stream: int) -> torch.Tensor:
-    """_amax_kernel's count of finished programs, 0 between launches, one per stream: launches
-    queued on one stream run one after another, on two they could interleave."""
-    return torch.zeros((), dtype=torch.int32, device=device)
+def _per_stream_zeros(device: torch.device, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A kernel's counters, which it sets back to 0 before it ends (_amax_kernel: its finished
+    programs; _fp8_one_launch_kernel: [arrived, departed, amax bits]), one buffer per stream:
+    launches queued on one stream run one after another, on two they could interleave."""
+    return torch.zeros(shape, dtype=torch.int32, device=device)
 
 
 def _amax_bits(amax_value: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,7 @@ def _fp8_one_launch(x2, d, d_t, f, scale, dtype) -> None:
     seen = _FP8_ONE_LAUNCH.last_compiled
     _FP8_ONE_LAUNCH(
         (max(1, min(n_tiles, _sm_count(index) * per_sm)),), x2,
-        _one_launch_scratch(index, torch._C._cuda_getCurrentRawStream(index)),
+        _per_stream_zeros(x2.device, torch._C._cuda_getCurrentRawStream(index), (3,)),
         scale if d is None else d, scale if d_t is None else d_t, scale if f is None else f, scale,
         r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
         tiles_k, n_tiles,
@@ -222,13 +223,6 @@ def _resident_per_sm(compiled, device_index: int, warps: int) -> int:
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _one_launch_scratch(device_index: int, stream: int) -> torch.Tensor:
-    """_fp8_one_launch_kernel's counters and amax, one buffer per stream (as _finish_counter):
-    launches queued on one stream run one after another."""
-    return torch.zeros(3, dtype=torch.int32, device=f"cuda:{device_index}")
 
 
 def _fp8_launch(x2, amax_bits, d, d_t, f, scale, dtype) -> None:

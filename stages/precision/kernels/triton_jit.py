@@ -186,6 +186,27 @@ def _global_decode(amax_ptr):
 
 
 @triton.jit
+def _tile_rows_cols(tile, n_tiles_k, BR: tl.constexpr, BK: tl.constexpr):
+    """Row and column indices of tile number `tile` ([BR, BK] tiles, n_tiles_k of them per row)."""
+    rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
+    cols = (tile % n_tiles_k) * BK + tl.arange(0, BK)[None, :]
+    return rows, cols
+
+
+@triton.jit
+def _program_abs_max_bits(x_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR: tl.constexpr, BK: tl.constexpr):
+    """max |x| over this program's tiles (program, program + programs, ...) as int32 bits: |x|'s
+    bits order as its values, and a NaN's bits above every number's."""
+    acc = tl.zeros((BR, BK), tl.int32)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows, cols = _tile_rows_cols(tile, n_tiles_k, BR, BK)
+        mask = (rows < R) & (cols < K)
+        x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
+    return tl.max(tl.max(acc, axis=1), axis=0)
+
+
+@triton.jit
 def _amax_kernel(x_ptr, out_ptr, counter_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR: tl.constexpr, BK: tl.constexpr):
     """out[0] = max |x| as int32 bits (NaN's bits order highest), for the quantizers to load as one value.
 
@@ -194,14 +215,7 @@ def _amax_kernel(x_ptr, out_ptr, counter_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles
     for the next launch) reduces those. One launch: not atomic maxima into a zero-filled out
     (a fill launch per quantized tensor), nor the partials left for every quantizer program to
     reduce (2 KB from L2, a reduction and a barrier ahead of each program's work)."""
-    acc = tl.zeros((BR, BK), tl.int32)
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
-        cols = (tile % n_tiles_k) * BK + tl.arange(0, BK)[None, :]
-        mask = (rows < R) & (cols < K)
-        x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
-    tl.store(out_ptr + 1 + tl.program_id(0), tl.max(tl.max(acc, axis=1), axis=0))
+    tl.store(out_ptr + 1 + tl.program_id(0), _program_abs_max_bits(x_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR, BK))
     # The store above happens before the count (the barrier, then a release); the last program's
     # acquire makes every program's store visible to its loads, which skip L1 (.cg).
     tl.debug_barrier()
@@ -280,15 +294,9 @@ def _fp8_one_launch_kernel(
     leave sets them back, so a CUDA graph can replay the launch."""
     program = tl.program_id(0)
     programs = tl.num_programs(0)
-    acc = tl.zeros((BR, BK), tl.int32)
-    for tile in range(program, n_tiles, programs):
-        rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
-        cols = (tile % n_tiles_k) * BK + tl.arange(0, BK)[None, :]
-        mask = (rows < R) & (cols < K)
-        x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))  # NaN's bits order highest
     # |x|'s bits are non-negative int32s, ordered as the values: an integer atomic max reduces them.
-    tl.atomic_max(scratch_ptr + 2, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed", scope="gpu")
+    tl.atomic_max(scratch_ptr + 2, _program_abs_max_bits(x_ptr, R, K, sxr, sxk, n_tiles_k, n_tiles, BR, BK),
+                  sem="relaxed", scope="gpu")
     # The release orders the max before the count; the acquire below makes every program's max
     # visible to the load that follows it.
     arrived = tl.atomic_add(scratch_ptr, 1, sem="acq_rel", scope="gpu") + 1
@@ -297,8 +305,7 @@ def _fp8_one_launch_kernel(
     amax_bits = tl.load(scratch_ptr + 2, cache_modifier=".cg")
     multiplier = _fp8_multiplier(amax_bits, E5M2)
     for tile in range(program, n_tiles, programs):
-        rows = (tile // n_tiles_k) * BR + tl.arange(0, BR)[:, None]
-        cols = (tile % n_tiles_k) * BK + tl.arange(0, BK)[None, :]
+        rows, cols = _tile_rows_cols(tile, n_tiles_k, BR, BK)
         _fp8_tile(x_ptr, data_ptr, data_t_ptr, fake_ptr, multiplier, rows, cols, R, K, sxr, sxk, sdr, sdk, sfr,
                   sfk, E5M2, WRITE_DATA, WRITE_T, WRITE_FAKE)
     if WRITE_SCALE and program == 0:
