@@ -27,6 +27,7 @@ from pipeline.plan import RunPlan
 from pipeline.prepare import cached_stages
 from pipeline.resources import Resources
 from pipeline.run_record import read_record
+from tests.k8s.dev_cluster import wait_for
 from tests.pipeline.backends.slurm_test_cluster import (
     SlurmTestCluster,
     controller_running,
@@ -269,14 +270,12 @@ def test_a_rejected_third_job_cancels_the_two_queued_before_it(slurm_cluster, tm
     assert "Requested node configuration is not available" in message
     assert message.endswith("cancelled the 2 job(s) queued before it")
     assert not prepared.layout.jobs_file.exists()
-    # A cancelled job that had started stays listed while it completes (state CG): wait that out.
-    deadline = time.monotonic() + 30
-    while True:
+    def cancelled_jobs_gone() -> bool:
         names = subprocess.run(["squeue", "--noheader", "--format=%j"], capture_output=True, text=True).stdout.split()
-        if ("probe-source" not in names and "probe-a" not in names) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert "probe-source" not in names and "probe-a" not in names
+        return "probe-source" not in names and "probe-a" not in names
+
+    # A cancelled job that had started stays listed while it completes (state CG): wait that out.
+    wait_for(cancelled_jobs_gone, 30, "the two cancelled jobs to leave the queue")
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
