@@ -9,10 +9,11 @@ layers' time, and the ratios are on the decoder layers' time, against the fastes
 `--tiny` runs the same step on layers so small that the GPU's work is negligible: its ms/step
 is each backend's host cost (Python, kernel launches), which the GPU waits on wherever the host
 is not ahead of it. `--profile DIR` writes, per variant, the GPU kernels of one step and the
-Python functions (cProfile) of another.
+Python functions (cProfile) of another; `--timeline DIR` where the GPU of one more step sat idle
+and which host work it waited on (bench/timeline.py).
 
   python -m bench.step [--variants bf16,fp8_native,...] [--compile both|off|on] [--out FILE]
-                       [--profile DIR] [--tiny] [--layers N]
+                       [--profile DIR] [--timeline DIR] [--tiny] [--layers N]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ SPEC_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # the data sheet, dense;
 VARIANTS = {
     "bf16": ("bf16", None),
     "fp8_native": ("fp8", "scaled_mm"),
+    "fp8_delayed_native": ("fp8_delayed", "scaled_mm"),
     "mxfp8_emulated": ("mxfp8", "emulated"),
     "nv4f_mx8b_emulated": ("nv4f_mx8b", "emulated"),
     "nvfp4_qat_ours": ("nvfp4_qat", "emulated"),
@@ -166,6 +169,27 @@ def profile_step(step_fn, path: Path) -> float:
     return start.elapsed_time(end) - busy_ms
 
 
+def timeline_step(step_fn, path: Path) -> dict:
+    """One more step under torch.profiler (CPU and CUDA): where the GPU waited for the host
+    (bench.timeline), written as JSON; returns the summary."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.timeline import host_syncs, idle_gaps, summarize
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step_fn()
+        torch.cuda.synchronize()
+    trace = path.with_suffix(".trace.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    loaded = json.loads(trace.read_text())
+    trace.unlink()  # hundreds of MB at full depth; the summary is what is kept
+    summary = summarize(*idle_gaps(loaded))
+    summary["host_syncs"] = host_syncs(loaded)
+    path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def profile_host(step_fn, path: Path) -> None:
     """One more step under cProfile: the Python functions by their own time, as text."""
     import cProfile
@@ -183,7 +207,8 @@ def profile_host(step_fn, path: Path) -> None:
 
 
 def run_variant(
-    name: str, compiled: bool, steps: int, warmup: int, s: Shape = STUDY, profile_dir: Path | None = None
+    name: str, compiled: bool, steps: int, warmup: int, s: Shape = STUDY, profile_dir: Path | None = None,
+    timeline_dir: Path | None = None,
 ) -> Result:
     recipe_name, backend = VARIANTS[name]
     result = Result(name, backend or "bf16", compiled)
@@ -206,19 +231,22 @@ def run_variant(
         emb = inner.embed_tokens(ids)
         h0 = emb.detach().requires_grad_()
         marks[1].record()
-        rope = inner.rotary_emb(h0, positions)
-        h = h0
-        for layer in layers:
-            out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
-            h = out[0] if isinstance(out, tuple) else out
+        with record_function("step:forward"):
+            rope = inner.rotary_emb(h0, positions)
+            h = h0
+            for layer in layers:
+                out = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
+                h = out[0] if isinstance(out, tuple) else out
         hd = h.detach().requires_grad_()
         marks[2].record()
-        logits = model.lm_head(inner.norm(hd)).float()
-        loss = F.cross_entropy(logits[0, :-1], ids[0, 1:]) / s.micro_batches
-        loss.backward()
-        del logits
+        with record_function("step:head"):
+            logits = model.lm_head(inner.norm(hd)).float()
+            loss = F.cross_entropy(logits[0, :-1], ids[0, 1:]) / s.micro_batches
+            loss.backward()
+            del logits
         marks[3].record()
-        h.backward(hd.grad)
+        with record_function("step:backward"):
+            h.backward(hd.grad)
         marks[4].record()
         emb.backward(h0.grad)
         marks[5].record()
@@ -230,9 +258,10 @@ def run_variant(
         mbs = [micro_batch() for _ in range(s.micro_batches)]
         t_opt = torch.cuda.Event(enable_timing=True)
         t_opt.record()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        on_step(step + 1)
+        with record_function("step:optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            on_step(step + 1)
         t_end = torch.cuda.Event(enable_timing=True)
         t_end.record()
         events.append((t_start, mbs, t_opt, t_end))
@@ -256,6 +285,13 @@ def run_variant(
         result.gpu_idle_ms = profile_step(lambda: train_step(warmup + steps), profile_dir / f"{stem}.txt")
         profile_host(lambda: train_step(warmup + steps + 1), profile_dir / f"{stem}_host.txt")
         del events[-2:]
+    if timeline_dir is not None:
+        stem = f"{name}{'_compiled' if compiled else ''}"
+        summary = timeline_step(lambda: train_step(warmup + steps + 2), timeline_dir / f"{stem}.json")
+        result.notes.append(
+            f"timeline: idle {summary['idle_ms']} ms of {summary['window_ms']} ms, host-bound {summary['host_bound_idle_ms']} ms"
+        )
+        del events[-1:]
     decoder = forward = head = opt = total = 0.0
     for t_start, mbs, t_opt, t_end in events:
         total += t_start.elapsed_time(t_end)
@@ -285,6 +321,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip the variants left after this many seconds")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results") / "step.json"))
     parser.add_argument("--profile", type=Path, help="write each variant's top GPU kernels (one profiled step) here")
+    parser.add_argument("--timeline", type=Path, help="write each variant's GPU idle gaps and their host causes (bench.timeline) here")
     parser.add_argument("--tiny", action="store_true", help="tiny layers: the step time is the host's overhead")
     parser.add_argument("--layers", type=int, help=f"decoder layers (default {STUDY.layers}; Qwen3-8B has 36)")
     args = parser.parse_args()
@@ -310,7 +347,7 @@ def main() -> None:
                 continue
             t0 = time.monotonic()
             try:
-                result = run_variant(name, compiled, args.steps, args.warmup, shape, args.profile)
+                result = run_variant(name, compiled, args.steps, args.warmup, shape, args.profile, args.timeline)
             except Exception as error:  # one broken variant must not hide the others' numbers
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
                 result = Result(name, VARIANTS[name][1] or "bf16", compiled, error=f"{type(error).__name__}: {first}")
