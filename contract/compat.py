@@ -89,17 +89,25 @@ def modelopt_refusal(recipe: Recipe) -> str | None:
     return None
 
 
+def _per_tensor_scaling(spec: OperandSpec) -> tuple[str, str, int, str]:
+    """What decides a per-tensor FP8 operand's bits: its format and how its scale is found."""
+    delayed = spec.scaling == "delayed"
+    return spec.format, spec.scaling, spec.amax_history_len if delayed else 0, spec.amax_compute_algo if delayed else ""
+
+
 def scaled_mm_refusal(recipe: Recipe) -> str | None:
     ops = dict(recipe.operands())
+    # Each tensor is quantized once for both GEMMs that read it (x: fprop and wgrad; W: fprop and
+    # dgrad; dy: dgrad and wgrad), so both must ask for the same bits.
+    pairs = {"x in fprop and wgrad": (("fprop", "input"), ("wgrad", "input")),
+             "W in fprop and dgrad": (("fprop", "weight"), ("dgrad", "weight")),
+             "dy in dgrad and wgrad": (("dgrad", "grad_output"), ("wgrad", "grad_output"))}
+    differing = [name for name, (a, b) in pairs.items() if _per_tensor_scaling(ops[a]) != _per_tensor_scaling(ops[b])]
     problem = None
-    if any(spec.format not in PER_TENSOR_FORMATS or spec.scaling != "current" for spec in ops.values()):
-        problem = "needs per-tensor FP8 current scaling on all six operands"
-    elif ops["fprop", "input"].format != ops["wgrad", "input"].format:
-        problem = "needs the same format for x in fprop and wgrad"
-    elif ops["fprop", "weight"].format != ops["dgrad", "weight"].format:
-        problem = "needs the same format for W in fprop and dgrad"
-    elif ops["dgrad", "grad_output"].format != ops["wgrad", "grad_output"].format:
-        problem = "needs the same format for dy in dgrad and wgrad"
+    if any(spec.format not in PER_TENSOR_FORMATS for spec in ops.values()):
+        problem = "needs per-tensor FP8 (current or delayed scaling) on all six operands"
+    elif differing:
+        problem = f"needs the same format and scaling for {differing[0]}"
     elif recipe.backward_source != "original":
         problem = "runs backward_source original only"
     elif recipe.fake_quant_after_steps:

@@ -60,7 +60,8 @@ class PreparedModel:
 
     def state_dict(self) -> dict[str, Any]:
         """What a training checkpoint must keep besides the weights: the quantizers' own state
-        (the emulated backend's delayed-scaling amax histories; empty for stateless recipes)."""
+        (the delayed-scaling amax histories of backends emulated and scaled_mm; empty for
+        stateless recipes)."""
         return self._state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -123,10 +124,15 @@ def prepare_model(
             _load_state=lambda state: emulated.load_delayed_scaling_state(layers, state),
         )
     elif backend == "scaled_mm":
-        from stages.precision.fp8_native import convert_scaled_mm, step_scaled_mm
+        from stages.precision import fp8_native
 
-        fp8_layers = convert_scaled_mm(model, recipe)
-        prepared = PreparedModel(model, recipe, backend, _on_step=lambda step: step_scaled_mm(fp8_layers))
+        fp8_layers = fp8_native.convert_scaled_mm(model, recipe)
+        prepared = PreparedModel(
+            model, recipe, backend,
+            _on_step=lambda step: fp8_native.step_scaled_mm(fp8_layers),
+            _state=lambda: fp8_native.delayed_scaling_state(fp8_layers),
+            _load_state=lambda state: fp8_native.load_delayed_scaling_state(fp8_layers, state),
+        )
     elif backend == "te":
         from stages.precision.te_backend import convert_te
 

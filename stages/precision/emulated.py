@@ -15,12 +15,17 @@ import zlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from contract.compat import emulated_refusal
 from contract.recipe import OperandSpec, Recipe
+from stages.precision.delayed import (
+    AmaxHistory,
+    histories_state,
+    load_histories_state,
+    roll_all,
+)
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.formats import FORMATS, fake_quantizer
 from stages.precision.kernels.dispatch import (
@@ -28,24 +33,18 @@ from stages.precision.kernels.dispatch import (
     fused_pair_supported,
     fused_rows_and_cols,
 )
-from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
+from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
 from stages.precision.nvfp4 import apply_hadamard, hadamard_16
 from stages.precision.surgery import linear_names, replace_module
 
 
-class OperandQuantizer:
-    """Fake-quantizes one operand role (e.g. `dgrad.grad_output`) along the last dim.
-
-    Owns the delayed-scaling state of that role: the amax seen during the current optimizer
-    step (max over micro-batches) and the history of previous steps. A plain object, not an
-    nn.Module: FSDP2 shards parameters only, and this state is per-rank bookkeeping.
-    """
+class OperandQuantizer(AmaxHistory):
+    """Fake-quantizes one operand role (e.g. `dgrad.grad_output`) along the last dim; under
+    delayed scaling it is that role's amax history too."""
 
     def __init__(self, spec: OperandSpec) -> None:
+        super().__init__(spec.amax_history_len, spec.amax_compute_algo)
         self.spec = spec
-        self.history: torch.Tensor | None = None  # [amax_history_len], newest first
-        self.steps_recorded = 0
-        self.pending_amax: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.spec.format
@@ -64,39 +63,9 @@ class OperandQuantizer:
 
     def _delayed_amax(self, x: torch.Tensor) -> torch.Tensor:
         amax_now = x.detach().abs().max().to(torch.float32)
-        self.pending_amax = amax_now if self.pending_amax is None else torch.maximum(self.pending_amax, amax_now)
-        if self.steps_recorded == 0 or self.history is None:
-            # No history yet (first step): scale from the current amax rather than TE's initial
-            # scale of 1.0, which would saturate or underflow most tensors on step 0.
-            return amax_now
-        if self.history.device != x.device:  # restored from a checkpoint on the CPU
-            self.history = self.history.to(x.device)
-        if self.spec.amax_compute_algo == "most_recent":
-            return self.history[0]
-        return self.history.max()
-
-    def roll(self) -> None:
-        """End of an optimizer step: push this step's amax into the history."""
-        if self.pending_amax is None:
-            return
-        if self.history is None:
-            self.history = torch.zeros(self.spec.amax_history_len, device=self.pending_amax.device)
-        self.history = torch.roll(self.history, 1)
-        self.history[0] = self.pending_amax
-        self.steps_recorded += 1
-        self.pending_amax = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The delayed-scaling state a resumed run needs to scale as the uninterrupted one."""
-        history = None if self.history is None else self.history.detach().cpu()
-        return {"history": history, "steps_recorded": self.steps_recorded}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        history = state["history"]
-        if history is not None and history.shape != (self.spec.amax_history_len,):
-            raise ValueError(f"amax history of {tuple(history.shape)} values, recipe has amax_history_len "
-                             f"{self.spec.amax_history_len}")
-        self.history, self.steps_recorded, self.pending_amax = history, int(state["steps_recorded"]), None
+        self.record(amax_now)
+        scaling = self.scaling_amax(x.device)
+        return amax_now if scaling is None else scaling
 
 
 def _quantize_input(fprop_input: OperandQuantizer, recipe: Recipe, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
@@ -165,7 +134,7 @@ class QuantizedLinear(OpaqueLinear):
 
     def input_key(self) -> str:
         if self.recipe.fprop.input.scaling == "delayed":  # each layer records its own amax
-            return f"layer:{int(self.handle)}"
+            return OWN_QUANTIZER
         return f"emulated:{self.recipe.fprop.input.model_dump_json()}|{self.recipe.wgrad.input.model_dump_json()}"
 
     def input_passthrough(self) -> bool:
@@ -241,17 +210,8 @@ def step_emulated(layers: list[QuantizedLinear], recipe: Recipe, step: int) -> N
         layer.fake_quant_enabled = step >= recipe.fake_quant_after_steps
         layer.clear_weight_cache()
     SHARED_INPUTS.clear()
-    if not recipe.uses_delayed_scaling:
-        return
-    pending = [qz for layer in layers for qz in layer.quantizers.values() if qz.pending_amax is not None]
-    if pending and dist.is_available() and dist.is_initialized():
-        stacked = torch.stack([qz.pending_amax for qz in pending])
-        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
-        for qz, amax in zip(pending, stacked, strict=True):
-            qz.pending_amax = amax
-    for qz in pending:
-        qz.roll()
-
+    if recipe.uses_delayed_scaling:
+        roll_all(list(_delayed_quantizers(layers).values()))
 
 
 def _delayed_quantizers(layers: list[QuantizedLinear]) -> dict[str, OperandQuantizer]:
@@ -266,18 +226,11 @@ def _delayed_quantizers(layers: list[QuantizedLinear]) -> dict[str, OperandQuant
 
 def delayed_scaling_state(layers: list[QuantizedLinear]) -> dict[str, dict[str, Any]]:
     """What a checkpoint keeps of the emulated layers: each delayed-scaling amax history."""
-    return {key: quantizer.state_dict() for key, quantizer in _delayed_quantizers(layers).items()}
+    return histories_state(_delayed_quantizers(layers))
 
 
 def load_delayed_scaling_state(layers: list[QuantizedLinear], state: dict[str, dict[str, Any]]) -> None:
-    quantizers = _delayed_quantizers(layers)
-    if set(state) != set(quantizers):
-        missing, unknown = sorted(set(quantizers) - set(state)), sorted(set(state) - set(quantizers))
-        raise PrecisionUnavailable(
-            f"checkpoint's delayed-scaling state does not fit the recipe (missing {missing[:3]}, unknown {unknown[:3]})"
-        )
-    for key, quantizer in quantizers.items():
-        try:
-            quantizer.load_state_dict(state[key])
-        except ValueError as error:
-            raise PrecisionUnavailable(f"checkpoint's delayed-scaling state for {key}: {error}") from None
+    try:
+        load_histories_state(_delayed_quantizers(layers), state)
+    except ValueError as error:
+        raise PrecisionUnavailable(str(error)) from None

@@ -16,6 +16,11 @@ transpose (the other major order that cuBLASLt needs) is written by the same ker
 The weight's FP8 forms are cached per weight version (reused by the micro-batches of a step);
 q/k/v (gate/up) quantize their shared x once. The GEMMs run inside linear_op's custom ops,
 so a compiled decoder layer stays one graph.
+
+Delayed scaling (the fp8_delayed recipe, Transformer Engine's DelayedScaling): each layer's x, W
+and dy scale from their own amax history (delayed.py, as the emulated backend keeps it), so a
+cast is one pass over the tensor that also records its amax, where current scaling reads it
+twice (amax, then cast). Each layer then quantizes its own x: q/k/v share nothing.
 """
 
 from __future__ import annotations
@@ -25,10 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from contract.compat import scaled_mm_refusal
-from contract.recipe import Recipe
+from contract.recipe import OperandSpec, Recipe
+from stages.precision.delayed import (
+    AmaxHistory,
+    histories_state,
+    load_histories_state,
+    roll_all,
+)
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.fp8 import FP8_DTYPES
-from stages.precision.linear_op import SHARED_INPUTS, OpaqueLinear
+from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
 from stages.precision.surgery import linear_names, replace_module
 
 
@@ -51,6 +62,31 @@ def _quantize(x2: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
 
     q, q_t, _ = ops.fp8(x2, dtype, transposed=True)
     return q.data, q.scale, q_t
+
+
+class TensorScaling:
+    """How one tensor of a layer (x, W or dy) finds its per-tensor scale: current scaling (its own
+    amax) or delayed (an amax history: the cast records the amax it saw)."""
+
+    def __init__(self, spec: OperandSpec) -> None:
+        self.dtype = FP8_DTYPES[spec.format]
+        self.history = AmaxHistory(spec.amax_history_len, spec.amax_compute_algo) if spec.scaling == "delayed" else None
+
+    def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(data, dequantization scale, data^T contiguous) of a 2-D x."""
+        if self.history is None:
+            return _quantize(x2, self.dtype)
+        from stages.precision.kernels import ops
+
+        amax = self.history.scaling_amax(x2.device)
+        if amax is None:  # no history yet: this tensor's own amax, recorded (as the emulated backend)
+            amax = ops.amax(x2)
+            self.history.record(amax)
+            q, q_t, _ = ops.fp8(x2, self.dtype, amax, transposed=True)
+        else:
+            q, q_t, _ = ops.fp8(x2, self.dtype, amax, transposed=True,
+                                record_amax=self.history.pending_buffer(x2.device))
+        return q.data, q.scale, q_t
 
 
 _KIND = {dtype: kind for kind, dtype in FP8_DTYPES.items()}  # linear_op's kind is the recipe's format name
@@ -78,6 +114,9 @@ class ScaledMMLinear(OpaqueLinear):
             )
         self.recipe = recipe
         self.x_dtype, self.w_dtype, self.g_dtype = check_recipe(recipe)
+        # One scaling per tensor: check_recipe made sure both GEMMs that read a tensor ask alike.
+        self.scaling = {"input": TensorScaling(recipe.fprop.input), "weight": TensorScaling(recipe.fprop.weight),
+                        "grad_output": TensorScaling(recipe.dgrad.grad_output)}
         self._cache: tuple[tuple[int, int], tuple[torch.Tensor, ...]] | None = None
         self._register()
 
@@ -87,7 +126,7 @@ class ScaledMMLinear(OpaqueLinear):
         them, views included (each view is host time on a host-bound step)."""
         key = (weight.data_ptr(), weight._version)
         if self._cache is None or self._cache[0] != key:
-            wq, scale, wq_t = _quantize(weight, self.w_dtype)
+            wq, scale, wq_t = self.scaling["weight"].quantize(weight)
             self._cache = (key, (wq.t(), scale, wq_t.t()))
         return self._cache[1]  # type: ignore[return-value]
 
@@ -107,10 +146,12 @@ class ScaledMMLinear(OpaqueLinear):
         return _KIND[self.x_dtype]
 
     def input_key(self) -> str:
+        if self.scaling["input"].history is not None:  # each layer records its own amax
+            return OWN_QUANTIZER
         return f"scaled_mm:{_KIND[self.x_dtype]}"
 
     def quantize_input(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
-        return _quantize_input(x, kind)
+        return list(self.scaling["input"].quantize(x.reshape(-1, x.shape[-1])))
 
     def stateless_input_quantizer(self):
         return _quantize_input
@@ -136,7 +177,7 @@ class ScaledMMLinear(OpaqueLinear):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x_scale, xq_t = saved
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
-        gq, g_scale, gq_t = _quantize(g2, self.g_dtype)
+        gq, g_scale, gq_t = self.scaling["grad_output"].quantize(g2)
         out_dtype = _out_dtype(g2)
         dx = dw = None
         if needs_dx:
@@ -159,23 +200,46 @@ class ScaledMMLinear(OpaqueLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}"
 
 
-def convert_scaled_mm(model: nn.Module, recipe: Recipe) -> list[ScaledMMLinear]:
+def convert_scaled_mm(model: nn.Module, recipe: Recipe) -> dict[str, ScaledMMLinear]:
+    """Every linear the recipe quantizes, swapped in place; by name."""
     check_recipe(recipe)
     check_device()
-    layers = []
+    layers = {}
     for name in linear_names(model, recipe):
         layer = ScaledMMLinear(model.get_submodule(name), recipe)
         replace_module(model, name, layer)
-        layers.append(layer)
+        layers[name] = layer
     return layers
 
 
-def step_scaled_mm(layers: list[ScaledMMLinear]) -> None:
+def step_scaled_mm(layers: dict[str, ScaledMMLinear]) -> None:
     """Once per optimizer step: drop the cached FP8 weights (their version moved on anyway)
-    and the last shared activation."""
-    for layer in layers:
+    and the last shared activation; roll the delayed-scaling amax histories."""
+    for layer in layers.values():
         layer.clear_cache()
     SHARED_INPUTS.clear()
+    roll_all(list(amax_histories(layers).values()))
+
+
+def amax_histories(layers: dict[str, ScaledMMLinear]) -> dict[str, AmaxHistory]:
+    """The delayed-scaling histories, keyed `<linear name>/<tensor>` (input, weight, grad_output)."""
+    return {
+        f"{name}/{tensor}": scaling.history
+        for name, layer in layers.items()
+        for tensor, scaling in layer.scaling.items()
+        if scaling.history is not None
+    }
+
+
+def delayed_scaling_state(layers: dict[str, ScaledMMLinear]) -> dict[str, dict]:
+    return histories_state(amax_histories(layers))
+
+
+def load_delayed_scaling_state(layers: dict[str, ScaledMMLinear], state: dict[str, dict]) -> None:
+    try:
+        load_histories_state(amax_histories(layers), state)
+    except ValueError as error:
+        raise PrecisionUnavailable(str(error)) from None
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:

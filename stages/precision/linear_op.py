@@ -6,7 +6,7 @@ state. Wrapping each linear in `torch._dynamo.disable` kept it, but split every 
 layer at its seven linears, so RMSNorm, SiLU * up and the residual adds compiled in pieces.
 Custom ops are opaque to the compiler without breaking the graph:
 
-  parts = faster_qat::quantize_input(x, key, kind)     the activation's quantized forms
+  parts = faster_qat::quantize_input(x, key, kind, layer)   the activation's quantized forms
   y     = faster_qat::quantized_linear(x, parts, W, b, handle, kind)   GEMMs, weight cache
           (its backward: faster_qat::quantized_linear_backward, the two joined by an autograd.Function)
 
@@ -14,8 +14,10 @@ Custom ops are opaque to the compiler without breaking the graph:
 same x the compiler's common-subexpression pass leaves one call, and the graph knows the parts
 are shared (its memory planning may reuse a buffer once its last reader ran; a Python-side memo
 returning the same tensors from three calls would hide that from it). In eager mode a memo
-keyed on x's identity does the sharing instead. Delayed scaling records each layer's amax, so
-its key names the layer and nothing is shared.
+keyed on x's identity does the sharing instead. A layer whose quantizer has state of its own
+(delayed scaling records each layer's amax) has the key OWN_QUANTIZER and passes its handle as
+`layer`: nothing is shared, and every layer still runs the same graph (a key naming the layer
+would be a constant in it: a recompile per layer, and past dynamo's limit of 8, eager layers).
 
 `handle` finds the layer: a CPU int64 tensor, so one compiled graph serves every decoder layer
 (an int would be a constant: a recompile per layer). `kind` says which quantized forms exist
@@ -60,6 +62,7 @@ KINDS: dict[str, tuple[Callable[[torch.Tensor], list[torch.Tensor]], tuple[int, 
     "fp8_e5m2": (_fp8_parts(torch.float8_e5m2), (1, 2), False),
 }
 
+OWN_QUANTIZER = "layer"  # input_key of a layer whose input quantizer is its own (stateful)
 _LAYERS: dict[int, weakref.ref] = {}
 _HANDLES = itertools.count()
 _INPUT_QUANTIZERS: dict[str, Callable[[torch.Tensor, str], list[torch.Tensor]]] = {}
@@ -81,10 +84,7 @@ class OpaqueLinear(nn.Module):
         self.handle = torch.tensor(next(_HANDLES), dtype=torch.int64)
         _LAYERS[int(self.handle)] = weakref.ref(self)
         self._input_key = key = self.input_key()  # a str once: the compiled forward only reads it
-        if key.startswith("layer:"):  # stateful: this layer's own quantizers
-            ref = weakref.ref(self)
-            _INPUT_QUANTIZERS[key] = lambda x, kind: ref().quantize_input(x, kind)
-        else:  # stateless: any layer of the same key quantizes alike
+        if key != OWN_QUANTIZER:  # stateless: any layer of the same key quantizes alike
             _INPUT_QUANTIZERS.setdefault(key, self.stateless_input_quantizer())
 
     def __setstate__(self, state: dict) -> None:
@@ -96,7 +96,7 @@ class OpaqueLinear(nn.Module):
         raise NotImplementedError
 
     def input_key(self) -> str:
-        """Names how x is quantized: equal keys quantize alike ("layer:<handle>" when stateful)."""
+        """Names how x is quantized: equal keys quantize alike (OWN_QUANTIZER when stateful)."""
         raise NotImplementedError
 
     def quantize_input(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
@@ -104,7 +104,7 @@ class OpaqueLinear(nn.Module):
         raise NotImplementedError
 
     def stateless_input_quantizer(self) -> Callable[[torch.Tensor, str], list[torch.Tensor]]:
-        """quantize_input as a function that keeps no reference to this layer."""
+        """quantize_input as a function that keeps no reference to this layer (stateless keys only)."""
         raise NotImplementedError
 
     def linear_forward(
@@ -125,14 +125,15 @@ class OpaqueLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind, key = self.kind(x), self._input_key
+        own = self.handle if key == OWN_QUANTIZER else None
         if self.input_passthrough():
             parts = [x.detach()]  # an op may not return its input; this needs no op
-        elif torch.compiler.is_compiling():
-            parts = quantize_input(x.detach(), key, kind)  # shared through the graph (see module doc)
+        elif torch.compiler.is_compiling() or own is not None:
+            parts = quantize_input(x.detach(), key, kind, own)  # shared through the graph (see module doc)
         else:
             parts = SHARED_INPUTS.get(x, (key, kind))
             if parts is None:
-                parts = quantize_input(x.detach(), key, kind)
+                parts = quantize_input(x.detach(), key, kind, None)
                 SHARED_INPUTS.put(x, (key, kind), parts)
         return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self.handle, kind, *parts)
 
@@ -149,7 +150,7 @@ def _layer(handle: torch.Tensor) -> OpaqueLinear:
 # (torch 2.11; `python -m bench.step --tiny --profile`), 18 calls per decoder layer and
 # micro-batch, which the GPU waited on. Here the dispatcher calls the functions below directly.
 _LIB = torch.library.Library("faster_qat", "DEF")
-_LIB.define("quantize_input(Tensor x, str key, str kind) -> Tensor[]")
+_LIB.define("quantize_input(Tensor x, str key, str kind, Tensor? layer) -> Tensor[]")
 _LIB.define(
     "quantized_linear(Tensor x, Tensor[] parts, Tensor weight, Tensor? bias, Tensor handle, str kind) -> Tensor"
 )
@@ -159,11 +160,16 @@ _LIB.define(
 )
 
 
-def _quantize_input_impl(x: torch.Tensor, key: str, kind: str) -> list[torch.Tensor]:
-    return _INPUT_QUANTIZERS[key](x, kind)
+def _input_quantizer(key: str, layer: torch.Tensor | None) -> Callable[[torch.Tensor, str], list[torch.Tensor]]:
+    """How x is quantized: the stateless quantizer of `key`, or the layer's own."""
+    return _INPUT_QUANTIZERS[key] if layer is None else _layer(layer).quantize_input
 
 
-def _quantize_input_fake(x, key, kind):
+def _quantize_input_impl(x: torch.Tensor, key: str, kind: str, layer: torch.Tensor | None) -> list[torch.Tensor]:
+    return _input_quantizer(key, layer)(x, kind)
+
+
+def _quantize_input_fake(x, key, kind, layer):
     return KINDS[kind][0](x)
 
 

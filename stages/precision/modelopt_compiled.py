@@ -29,7 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.linear_op import OpaqueLinear, _QuantizedLinearFunction
+from stages.precision.linear_op import (
+    OWN_QUANTIZER,
+    OpaqueLinear,
+    _QuantizedLinearFunction,
+)
 from stages.precision.nvfp4 import fake_quantize_nvfp4
 
 KIND = "quantized_input"  # linear_op.KINDS: the backward multiplies the fake-quantized x
@@ -129,7 +133,7 @@ class CompiledQuantLinear(OpaqueLinear):
         return KIND
 
     def input_key(self) -> str:
-        return f"layer:{int(self.handle)}"
+        return OWN_QUANTIZER
 
     def quantize_input(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
         return [nvfp4_modelopt_fake_impl(x, self.input_quantizer._amax)]

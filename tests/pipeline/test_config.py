@@ -95,8 +95,8 @@ BAD_INPUTS = [
     # A pairing of recipe and backend that no machine runs: refused before anything starts.
     (None, ["runs.bf16.recipe=mxfp8", "runs.bf16.backend=torchao"], "runs.bf16.backend: recipe mxfp8: backend torchao runs "
      "only int4/int8 fprop QAT recipes (int weight, int or bf16 activation, bf16 backward); choose backend emulated or te"),
-    (None, ["runs.bf16.recipe=fp8_delayed", "runs.bf16.backend=scaled_mm"], "runs.bf16.backend: recipe fp8_delayed: "
-     "backend scaled_mm needs per-tensor FP8 current scaling on all six operands; choose backend emulated"),
+    (None, ["runs.bf16.recipe=mxfp8", "runs.bf16.backend=scaled_mm"], "runs.bf16.backend: recipe mxfp8: "
+     "backend scaled_mm needs per-tensor FP8 (current or delayed scaling) on all six operands; choose backend emulated"),
     (None, ["runs.bf16.recipe=mxfp8", "runs.bf16.backend=modelopt"], "recipe mxfp8: backend modelopt runs only fake-quantized"),
     (None, ["runs.bf16.recipe=int4_weight_only", "runs.bf16.backend=te"], "recipe int4_weight_only: backend te has no int4 "
      "training; choose backend torchao"),

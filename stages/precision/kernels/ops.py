@@ -140,6 +140,7 @@ def fp8(
     transposed: bool = False,
     fake: bool = False,
     one_launch: bool = True,
+    record_amax: torch.Tensor | None = None,
 ) -> tuple[Fp8Quantized | None, torch.Tensor | None, torch.Tensor | None]:
     """Per-tensor FP8 (fp8.quantize_fp8 / fake_quantize_fp8). amax None = current scaling.
 
@@ -148,7 +149,11 @@ def fp8(
     ptxas in use cannot fuse the transposed store: toolchain.py). Current scaling takes one
     launch (_fp8_one_launch_kernel) where it can: the host's cost of a launch, a buffer and the
     Python around them is paid once per quantized tensor, not twice (a fp8 step is host-bound).
-    `one_launch=False`: the amax kernel, then the cast (the same bits)."""
+    `one_launch=False`: the amax kernel, then the cast (the same bits).
+    `record_amax` (delayed scaling, with `amax_value`): a 0-dim fp32 tensor >= 0 that the cast
+    raises to max |x| in place, in the same read of x."""
+    if record_amax is not None and amax_value is None:
+        raise ValueError("record_amax is for delayed scaling: give amax_value too")
     x2 = _as_2d(x)
     r, k = x2.shape
     device = x2.device
@@ -162,11 +167,12 @@ def fp8(
         _fp8_one_launch(x2, d, d_t, f, scale, dtype)
     else:
         bits = _amax_bits_of(x2) if amax_value is None else _amax_bits(amax_value)
+        record = None if record_amax is None else record_amax.view(torch.int32)
         if split_transpose:
-            _fp8_launch(x2, bits, None, d_t, None, None, dtype)
-            _fp8_launch(x2, bits, d, None, f, scale, dtype)
+            _fp8_launch(x2, bits, None, d_t, None, None, dtype, record)
+            _fp8_launch(x2, bits, d, None, f, scale, dtype, None)
         else:
-            _fp8_launch(x2, bits, d, d_t, f, scale, dtype)
+            _fp8_launch(x2, bits, d, d_t, f, scale, dtype, record)
     q = Fp8Quantized(d.reshape(x.shape), scale) if data else None
     return q, d_t, None if f is None else f.reshape(x.shape)
 
@@ -225,18 +231,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _fp8_launch(x2, amax_bits, d, d_t, f, scale, dtype) -> None:
-    """One _fp8_kernel pass writing the parts given (not None)."""
+def _fp8_launch(x2, amax_bits, d, d_t, f, scale, dtype, record=None) -> None:
+    """One _fp8_kernel pass writing the parts given (not None); `record`: the int32 bits of an
+    amax to raise to max |x|."""
     r, k = x2.shape
     dummy = amax_bits
     tile = TILES["fp8"]
     _FP8(
         _grid(r, k, tile), x2, amax_bits,
         dummy if d is None else d, dummy if d_t is None else d_t, dummy if f is None else f,
-        dummy if scale is None else scale,
+        dummy if scale is None else scale, dummy if record is None else record,
         r, k, *x2.stride(), *(d.stride() if d is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
         E5M2=dtype == torch.float8_e5m2, WRITE_DATA=d is not None, WRITE_T=d_t is not None, WRITE_FAKE=f is not None,
-        WRITE_SCALE=scale is not None, BR=tile.rows, BK=tile.cols, num_warps=tile.warps,
+        WRITE_SCALE=scale is not None, RECORD_AMAX=record is not None, BR=tile.rows, BK=tile.cols,
+        num_warps=tile.warps,
     )
 
 

@@ -247,7 +247,8 @@ def _fp8_tile(
     E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
 ):
     """One tile of the per-tensor FP8 cast: data (strided), its transpose (contiguous [K, R]: the
-    other major order cuBLASLt needs for dgrad and wgrad), the dequantized tensor."""
+    other major order cuBLASLt needs for dgrad and wgrad), the dequantized tensor. Returns the
+    tile as read, in fp32 (0 outside x)."""
     mask = (rows < R) & (cols < K)
     x = tl.load(x_ptr + rows * sxr + cols * sxk, mask=mask, other=0.0).to(tl.float32)
     data = _to_fp8(x * multiplier, E5M2)
@@ -260,21 +261,28 @@ def _fp8_tile(
     if WRITE_FAKE:
         fake = tl.math.div_rn(data.to(tl.float32), multiplier + tl.zeros_like(x))
         tl.store(fake_ptr + rows * sfr + cols * sfk, fake.to(fake_ptr.dtype.element_ty), mask=mask)
+    return x
 
 
 @triton.jit
 def _fp8_kernel(
-    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+    x_ptr, amax_ptr, data_ptr, data_t_ptr, fake_ptr, scale_ptr, record_ptr, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
     E5M2: tl.constexpr, WRITE_DATA: tl.constexpr, WRITE_T: tl.constexpr, WRITE_FAKE: tl.constexpr,
-    WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    WRITE_SCALE: tl.constexpr, RECORD_AMAX: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
 ):
     """Per-tensor FP8 cast of one tile per program with the multiplier of a given amax (from
-    _amax_kernel, or a delayed-scaling history); also the dequantization scale 1/multiplier."""
+    _amax_kernel, or a delayed-scaling history); also the dequantization scale 1/multiplier.
+    RECORD_AMAX: raises the fp32 whose int32 bits record_ptr points at to max |x| (delayed scaling's amax of this
+    tensor, for later steps) in the same read of x."""
     multiplier = _fp8_multiplier(tl.load(amax_ptr), E5M2)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
     cols = tl.program_id(1) * BK + tl.arange(0, BK)[None, :]
-    _fp8_tile(x_ptr, data_ptr, data_t_ptr, fake_ptr, multiplier, rows, cols, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
-              E5M2, WRITE_DATA, WRITE_T, WRITE_FAKE)
+    x = _fp8_tile(x_ptr, data_ptr, data_t_ptr, fake_ptr, multiplier, rows, cols, R, K, sxr, sxk, sdr, sdk, sfr, sfk,
+                  E5M2, WRITE_DATA, WRITE_T, WRITE_FAKE)
+    if RECORD_AMAX:
+        # |x|'s bits are non-negative int32s ordered as the values (a NaN's above every number's).
+        bits = tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1), axis=0)
+        tl.atomic_max(record_ptr, bits, sem="relaxed", scope="gpu")
     if WRITE_SCALE and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(scale_ptr, (1.0 / multiplier.to(tl.float64)).to(tl.float32))
 

@@ -10,13 +10,13 @@ import torch
 from contract.recipe import Recipe, load_recipe, parse_recipe
 
 
-def tiny_qwen3() -> torch.nn.Module:
+def tiny_qwen3(layers: int = 2) -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.Qwen3Config(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,

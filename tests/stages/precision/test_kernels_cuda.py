@@ -125,6 +125,32 @@ def test_fp8_in_one_launch_equals_the_amax_kernel_then_the_cast(shape: tuple[int
 
 
 @needs_cuda
+@pytest.mark.parametrize("shape", [(1, 1), (33, 17), (4096, 4096)])
+def test_fp8_cast_with_a_given_amax_records_the_amax_it_read(shape: tuple[int, int]) -> None:
+    """Delayed scaling: the cast raises a recorded amax to max |x| in the same read of x (NaN
+    included), never lowers it, and writes the bits of the cast alone."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    given = torch.tensor(2.5, device="cuda")
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for special in (None, float("nan")):
+            x = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16) * 3
+            if special is not None:
+                x[-1, -1] = special
+            record = torch.zeros((), device="cuda")
+            out = ops().fp8(x, dtype, given, transposed=True, fake=True, record_amax=record)
+            assert same_fp8_outputs(out, ops().fp8(x, dtype, given, transposed=True, fake=True))
+            if special is None:
+                assert torch.equal(bits(record), bits(x.float().abs().max()))
+            else:  # NaN's bits differ between the kernel and torch; both are NaN
+                assert record.isnan()
+    high = torch.tensor(1e4, device="cuda")
+    ops().fp8(torch.ones(shape, device="cuda", dtype=torch.bfloat16), torch.float8_e4m3fn, given, record_amax=high)
+    assert high.item() == 1e4
+    with pytest.raises(ValueError, match="record_amax is for delayed scaling"):
+        ops().fp8(torch.ones(shape, device="cuda"), torch.float8_e4m3fn, record_amax=high)
+
+
+@needs_cuda
 def test_a_one_launch_grid_that_cannot_be_resident_is_refused_not_left_waiting(monkeypatch) -> None:
     """The grid-wide barrier needs every program resident: the launch is cooperative, so CUDA
     refuses a grid past what the SMs hold instead of hanging on it."""
@@ -508,20 +534,73 @@ def test_fast_accumulation_reaches_the_gemm() -> None:
 
 
 @needs_fp8_gemm
-def test_scaled_mm_backend_trains_like_emulated(monkeypatch) -> None:
-    losses_native, _ = train_two_steps(load_recipe("fp8"), "scaled_mm", True, monkeypatch)
-    losses_emulated, _ = train_two_steps(load_recipe("fp8"), "emulated", True, monkeypatch)
+@pytest.mark.parametrize("name", ["fp8", "fp8_delayed"])
+def test_scaled_mm_backend_trains_like_emulated(name: str, monkeypatch) -> None:
+    losses_native, _ = train_two_steps(load_recipe(name), "scaled_mm", True, monkeypatch)
+    losses_emulated, _ = train_two_steps(load_recipe(name), "emulated", True, monkeypatch)
     assert losses_native[0] == pytest.approx(losses_emulated[0], rel=2e-2)
     assert losses_native[-1] == pytest.approx(losses_emulated[-1], rel=5e-2)
+
+
+@needs_fp8_gemm
+def test_scaled_mm_delayed_scaling_keeps_the_emulated_backends_amax_histories() -> None:
+    """fp8_delayed on FP8 GEMMs: x, W and dy scale from the same histories as the emulated
+    backend's six operand roles (x in fprop and wgrad, W in fprop and dgrad, dy in dgrad and
+    wgrad), step after step, and the outputs agree as the two GEMMs' arithmetic allows."""
+    from stages.precision.emulated import QuantizedLinear, step_emulated
+    from stages.precision.fp8_native import ScaledMMLinear, step_scaled_mm
+
+    recipe = load_recipe("fp8_delayed")
+    gen = torch.Generator().manual_seed(13)
+    linear = torch.nn.Linear(256, 128, bias=False).to("cuda", torch.bfloat16)
+    native, emulated = ScaledMMLinear(linear, recipe), QuantizedLinear(linear, recipe, "layer")
+    roles = {"input": ("fprop.input", "wgrad.input"), "weight": ("fprop.weight", "dgrad.weight"),
+             "grad_output": ("dgrad.grad_output", "wgrad.grad_output")}
+    for step, scale in enumerate((1.0, 20.0, 0.05, 1.0)):
+        x = (torch.randn(2, 32, 256, generator=gen) * scale).to("cuda", torch.bfloat16)
+        grad = torch.randn(2, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+        outputs = []
+        for layer in (native, emulated):
+            x_in = x.clone().requires_grad_()
+            y = layer(x_in)
+            y.backward(grad)
+            outputs.append((y.float(), x_in.grad.float()))
+        (y_n, dx_n), (y_e, dx_e) = outputs
+        for got, want in ((y_n, y_e), (dx_n, dx_e)):
+            assert ((got - want).norm() / want.norm()) < 2e-2, step  # bf16-rounded emulated operands
+        step_scaled_mm({"layer": native})
+        step_emulated([emulated], recipe, step + 1)
+        for tensor, (first, second) in roles.items():
+            history = native.scaling[tensor].history.history
+            assert torch.equal(history, emulated.quantizers[first].history), (step, tensor)
+            assert torch.equal(history, emulated.quantizers[second].history), (step, tensor)
+    assert native.scaling["input"].history.steps_recorded == 4
+
+
+@needs_fp8_gemm
+def test_scaled_mm_delayed_scaling_state_goes_into_a_checkpoint_and_back() -> None:
+    model = tiny_qwen3().to("cuda", torch.bfloat16)
+    prepared = prepare_model(model, load_recipe("fp8_delayed"), "scaled_mm")
+    batch = torch.randint(0, 256, (2, 32)).cuda()
+    model(input_ids=batch, labels=batch).loss.backward()
+    prepared.on_step(1)
+    state = prepared.state_dict()
+    assert "model.layers.0.self_attn.q_proj/input" in state and len(state) == 3 * len(prepared.converted)
+    fresh = prepare_model(tiny_qwen3().to("cuda", torch.bfloat16), load_recipe("fp8_delayed"), "scaled_mm")
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.state_dict()[key]["history"], value["history"]) for key, value in state.items())
+    with pytest.raises(PrecisionUnavailable, match="does not fit the recipe"):
+        fresh.load_state_dict({"model.layers.0.mlp.up_proj/input": state["model.layers.0.mlp.up_proj/input"]})
 
 
 @pytest.mark.parametrize(
     ("name", "changes", "message"),
     [
-        ("mxfp8", {}, "needs per-tensor FP8 current scaling on all six operands"),
-        ("fp8_delayed", {}, "needs per-tensor FP8 current scaling"),
+        ("mxfp8", {}, r"needs per-tensor FP8 \(current or delayed scaling\) on all six operands"),
+        ("fp8_delayed", {"wgrad": {"grad_output": {"format": "fp8_e5m2", "scaling": "delayed"}, "input": "fp8_e4m3"}},
+         "same format and scaling for x in fprop and wgrad"),
         ("fp8", {"backward_source": "forward_quantized"}, "runs backward_source original only"),
-        ("fp8", {"dgrad": {"grad_output": "fp8_e5m2", "weight": "fp8_e5m2"}}, "same format for W"),
+        ("fp8", {"dgrad": {"grad_output": "fp8_e5m2", "weight": "fp8_e5m2"}}, "same format and scaling for W"),
     ],
 )
 def test_scaled_mm_refuses_recipes_it_cannot_run(name: str, changes: dict, message: str) -> None:
@@ -531,8 +610,9 @@ def test_scaled_mm_refuses_recipes_it_cannot_run(name: str, changes: dict, messa
     assert "choose backend emulated" in str(error.value)
 
 
-def test_scaled_mm_accepts_the_fp8_recipe() -> None:
-    assert check_recipe(load_recipe("fp8")) == (torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e5m2)
+@pytest.mark.parametrize("name", ["fp8", "fp8_delayed"])
+def test_scaled_mm_accepts_the_fp8_recipes(name: str) -> None:
+    assert check_recipe(load_recipe(name)) == (torch.float8_e4m3fn, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -69,9 +69,13 @@ def test_compiled_layers_compute_exactly_what_eager_computes(name: str) -> None:
 def record_quantizer_inputs(monkeypatch) -> list[torch.Tensor]:
     """The x of every activation quantization, in the order they ran (inside the custom op)."""
     inputs: list[torch.Tensor] = []
-    for key, fn in dict(linear_op._INPUT_QUANTIZERS).items():
-        monkeypatch.setitem(linear_op._INPUT_QUANTIZERS, key,
-                            lambda x, kind, fn=fn: inputs.append(x.detach().clone()) or fn(x, kind))
+    real = linear_op._input_quantizer
+
+    def recording(key, layer):
+        quantize = real(key, layer)
+        return lambda x, kind: inputs.append(x.detach().clone()) or quantize(x, kind)
+
+    monkeypatch.setattr(linear_op, "_input_quantizer", recording)
     return inputs
 
 
@@ -108,15 +112,28 @@ def test_inductor_compiles_each_decoder_layer_to_one_graph(name: str, device: st
         assert ((compiled - eager).abs() <= bound * eager.abs()).all()
 
 
+@pytest.mark.parametrize("name", ["fp8_delayed", "fp8"])
+def test_every_decoder_layer_runs_one_compiled_graph(name: str) -> None:
+    """A layer with quantizers of its own (delayed scaling) passes its handle, not a key naming
+    it: more layers than dynamo's recompile limit still compile once, none falls back to eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny_qwen3(layers=torch._dynamo.config.recompile_limit + 2)
+    prepare_model(model, load_recipe(name), "emulated")
+    counter = CompileCounter()
+    for layer in model.model.layers:
+        layer.compile(backend=counter)
+    model(torch.randint(0, 256, (1, 16)), use_cache=False).logits.sum().backward()  # as the train loop calls it
+    assert counter.frame_count == 1
+
+
 def test_one_activation_quantization_per_shared_input_under_compile(monkeypatch) -> None:
     """q/k/v and gate/up read the same x: the compiler keeps one quantize_input call for each."""
     torch._dynamo.reset()
-    calls = []
     model = tiny_qwen3()
     prepare_model(model, load_recipe("nvfp4_qat"), "emulated")
-    real = dict(linear_op._INPUT_QUANTIZERS)
-    for key, fn in real.items():
-        monkeypatch.setitem(linear_op._INPUT_QUANTIZERS, key, lambda x, kind, fn=fn: calls.append(x.shape) or fn(x, kind))
+    calls = record_quantizer_inputs(monkeypatch)
     losses_and_grads(model, compiled=True)
     # 2 micro-batches x 2 layers x 4 distinct inputs (q/k/v, o, gate/up, down); 7 per layer unshared.
     assert len(calls) == 2 * 2 * 4
