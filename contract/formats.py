@@ -2,7 +2,7 @@
 
 Torch-free: recipes, the compatibility rules and the control plane read these descriptions; the
 data plane registers each format's quantizer (stages/precision/formats.py) and packer
-(stages/precision/packing.py) against the same names. Adding a format: describe it here, then
+(stages/deployment/packing.py) against the same names. Adding a format: describe it here, then
 register its quantizer (and, if it deploys, its packer) there.
 """
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from contract.params import STAGE_PARAMS
 
 # kind -> folders under stages/ whose code the kind runs, besides the shared stages/*.py and the
-# whole contract package (both planes' shared code: a change there reruns every kind).
+# whole contract package (both planes' shared code: a change there reruns every kind). Every
+# folder a kind imports, directly or through another folder, is listed (tests/test_boundaries.py).
 _CODE_DIRS: dict[str, tuple[str, ...]] = {
     "preprocess": ("preprocess",),
     "train": ("train", "precision"),
     "ptq": ("ptq", "precision"),
-    "export": ("export", "precision"),
-    "eval": ("eval", "precision"),
+    "export": ("export", "precision", "deployment"),
+    "eval": ("eval", "precision", "deployment"),
     "report": ("report",),
     # Does small, real file work with no ML: the orchestration tests and bench use it.
     "probe": ("probe",),

@@ -7,6 +7,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from contract.kinds import STAGE_KINDS
 from contract.recipe import Recipe
 from pipeline.config import RunConfig, StudyConfig
 from pipeline.resources import Resources
@@ -17,7 +18,7 @@ def describe_config() -> str:
     _describe_model(StudyConfig, "", lines)
     lines += ["", "runs.<name> (one per run):"]
     _describe_model(RunConfig, "runs.<name>.", lines)
-    lines += ["", "resources.<kind> (kinds: preprocess, train, ptq, export, eval, report, probe):"]
+    lines += ["", f"resources.<kind> (kinds: {', '.join(STAGE_KINDS)}):"]
     _describe_model(Resources, "resources.<kind>.", lines)
     return "\n".join(lines)
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from contract.kinds import STAGE_KINDS, code_dirs
+
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("preprocess", "train", "ptq", "export", "eval", "report", "probe")
+KINDS = STAGE_KINDS
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -53,3 +55,24 @@ def test_only_the_nemo_session_imports_the_optional_nemo_run_extra():
     # (tests/pipeline/backends/test_nemo_render.py checks that at run time too).
     assert offenders("pipeline", ("nemo_run",)) == ["pipeline/backends/nemo_session.py: nemo_run",
                                                    "pipeline/backends/nemo_session.py: nemo_run.config"]
+
+
+def stage_folders_imported(folder: str) -> set[str]:
+    """The folders under stages/ that stages/<folder> imports (stages/*.py modules aside)."""
+    return {module.split(".")[1] for modules in imports_of(f"stages/{folder}").values() for module in modules
+            if module.startswith("stages.") and (REPO / "stages" / module.split(".")[1]).is_dir()}
+
+
+def test_a_kinds_fingerprint_covers_every_stage_folder_it_imports():
+    # A folder missing from code_dirs would let a cached stage survive a change to code it runs.
+    uncovered = {}
+    for kind in KINDS:
+        reached, todo = set(), [kind]
+        while todo:
+            folder = todo.pop()
+            if folder not in reached:
+                reached.add(folder)
+                todo += stage_folders_imported(folder)
+        if missing := sorted(reached - set(code_dirs(kind))):
+            uncovered[kind] = missing
+    assert uncovered == {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,21 @@ def test_squeue_and_sacct_lines_parse_to_job_states():
         "PENDING", "DependencyNeverSatisfied", None)
     assert states["13"].state == "CANCELLED"
     assert states["13"].ended_at - states["13"].started_at == 30
+
+
+def test_render_is_pure_and_deterministic_without_mlflow(tmp_path):
+    """No MLFLOW_TRACKING_URI, no server, no sbatch: render exits 0, writes -o DIR only (no runs/,
+    no mlflow.db), the same bytes twice, and each script carries its spec with the recipe by value."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    repo = Path(__file__).resolve().parents[3]
+    rendered = []
+    for attempt in ("first", "second"):
+        result = subprocess.run([sys.executable, "-m", "pipeline", "render", "--cluster", "slurm", "-c", "smoke",
+                                 "--root", str(tmp_path / "runs"), "-o", str(tmp_path / attempt)],
+                                capture_output=True, text=True, cwd=repo, timeout=120, env=env, check=False)
+        assert result.returncode == 0, result.stderr
+        rendered.append({p.name: p.read_bytes() for p in sorted((tmp_path / attempt).iterdir())})
+    assert rendered[0] == rendered[1]
+    assert {"submit.sh", "run.json", "train-bf16.sbatch", "report.sbatch"} <= set(rendered[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]
+    assert b'"fast_accumulation"' in rendered[0]["train-fp8.sbatch"]  # the recipe itself, not its name
