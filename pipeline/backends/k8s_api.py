@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -22,6 +23,18 @@ def object_path(api_version: str, kind: str, namespace: str | None, name: str | 
     path = f"{base}/namespaces/{namespace}/{_PLURALS[kind]}" if namespace and kind != "Namespace" \
         else f"{base}/{_PLURALS[kind]}"
     return f"{path}/{name}" if name else path
+
+
+def _transport_failure(error: Exception) -> str:
+    """The cause of a request that reached no API server, in words: urllib3's MaxRetryError wraps
+    it in reprs ("Max retries exceeded ... (Caused by NewConnectionError('<...HTTPSConnection
+    object at 0x7f..>: Failed to establish a new connection: [Errno 111] Connection refused'))")
+    that a cut to length loses the cause in; its `reason` is the cause itself."""
+    cause = getattr(error, "reason", None)
+    cause = cause if isinstance(cause, BaseException) else error
+    text = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>:? ?", "", str(cause)).strip()
+    text = text.splitlines()[0] if text else ""
+    return f"{type(cause).__name__}: {text[:300]}".rstrip(": ")
 
 
 class KubeApi:
@@ -72,8 +85,7 @@ class KubeApi:
         except ApiException as error:  # releases before v37 raise on >= 400; later ones return
             status, text = error.status, error.body or ""
         except Exception as error:  # connection refused, TLS, DNS
-            raise BackendError(f"k8s: {method} {path}: {type(error).__name__}: "
-                               f"{str(error).splitlines()[0][:200]}") from None
+            raise BackendError(f"k8s: {method} {path}: {_transport_failure(error)}") from None
         if isinstance(text, bytes):
             text = text.decode(errors="replace")
         if status >= 400:
