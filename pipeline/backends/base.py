@@ -77,6 +77,15 @@ def marker_state(layout: RunLayout, name: str, fingerprint: str) -> StageState |
     return StageState.SUCCEEDED if success_problem(layout.stage_dir(name), fingerprint) is None else None
 
 
+def lost_success(layout: RunLayout, name: str, fingerprint: str) -> str | None:
+    """Why a success of this fingerprint no longer counts (an output missing or changed since),
+    so the next `run` reruns it; None when there is no such success or it verifies."""
+    marker = read_marker(layout.stage_dir(name))
+    if marker is None or marker.state != "succeeded" or marker.fingerprint != fingerprint:
+        return None
+    return success_problem(layout.stage_dir(name), fingerprint)
+
+
 class Backend(ABC):
     """Executes prepared runs. Subclasses set `name` and `Settings` and implement `apply`,
     `live_states` and `cancel` (and `render` where their jobs are files)."""
@@ -156,9 +165,11 @@ class Backend(ABC):
 
     def status(self, layout: RunLayout, record: RunRecord) -> list[StageStatus]:
         """Every stage's state, in topological order: markers first, then the backend's view;
-        a stage below one that will not succeed is blocked."""
+        a stage below one that will not succeed is blocked. A success whose outputs no longer
+        verify is pending again, with why, and so are the successes below it (as `run` sees them)."""
         live = self.live_states(layout, record)
         statuses: dict[str, StageStatus] = {}
+        rerun: set[str] = set()  # successes that no longer count, and those below them
         for name, info in record.stages.items():
             found = live.get(name) or StageStatus(name, info.kind, StageState.PENDING)
             marked = marker_state(layout, name, info.fingerprint)
@@ -167,6 +178,14 @@ class Backend(ABC):
                 state = StageState.CACHED if cached and marked == StageState.SUCCEEDED else marked
                 found = replace(found, state=state,
                                 note=failure_note(layout, name) if marked in DEAD else "")
+            lost = lost_success(layout, name, info.fingerprint) if marked is None else None
+            stale_up = [up for up in sorted(set(info.upstream.values())) if up in rerun]
+            if lost is not None:
+                found = replace(found, state=StageState.PENDING, note=f"{lost}: the next run reruns it")
+                rerun.add(name)
+            elif stale_up and found.state in (StageState.SUCCEEDED, StageState.CACHED):
+                found = replace(found, state=StageState.PENDING, note=f"upstream {stale_up[0]} runs again")
+                rerun.add(name)
             dead = [up for up in sorted(set(info.upstream.values())) if statuses[up].state in DEAD]
             if found.state in (StageState.PENDING, StageState.QUEUED) and dead:
                 found = replace(found, state=StageState.BLOCKED, note=f"upstream {dead[0]} will not succeed")

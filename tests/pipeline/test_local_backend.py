@@ -255,6 +255,22 @@ def test_a_deleted_or_cut_output_reruns_its_stage_and_dependents(tmp_path):
     assert prepare(fan_out_graph(), tmp_path).to_run == ["source", "a", "b", "c", "d", "join"]
 
 
+def test_status_says_a_success_whose_output_is_gone_runs_again_with_its_dependents(tmp_path):
+    from pipeline.backends.local import LocalBackend
+    from pipeline.run_record import read_record
+
+    drive(fan_out_graph(), tmp_path)
+    (tmp_path / "probe" / "b" / "output.txt").unlink()
+    layout = RunLayout(tmp_path.resolve(), "probe")
+    record = read_record(layout)
+    statuses = {s.name: s for s in LocalBackend.for_record(record).status(layout, record)}
+    assert {name: s.state.value for name, s in statuses.items()} == {
+        "source": "succeeded", "a": "succeeded", "b": "pending", "c": "succeeded", "d": "succeeded",
+        "join": "pending"}
+    assert statuses["b"].note == "output output.txt is missing: the next run reruns it"
+    assert statuses["join"].note == "upstream b runs again"
+
+
 def test_verify_hashes_every_output_even_when_size_and_mtime_are_kept(tmp_path):
     drive(fan_out_graph(), tmp_path)
     target = tmp_path / "probe" / "c" / "output.txt"
