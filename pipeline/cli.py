@@ -227,6 +227,7 @@ def _plan(args: argparse.Namespace, cluster: str):
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.backends.local import driver_for
     from pipeline.display import StatusView
+    from pipeline.prepare import rerun_lines
     from pipeline.runlock import acquire_run_lock
 
     loaded, layout, plan, backend = _plan(args, "local")
@@ -237,9 +238,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{layout.run_id}: all {len(plan.graph)} stages already succeeded (cached)")
             return EXIT_OK
         view = StatusView(f"{layout.run_id} ({layout.run_dir})", live=False if args.plain else None)
-        for name, reason in prepared.reasons.items():
-            if reason.startswith("output "):  # a success that no longer verifies: say why it reruns
-                print(f"{name}: runs again: its {reason}")
+        for line in rerun_lines(prepared.reasons):  # what ran before and runs again, and why
+            print(line)
         driver = driver_for(layout, prepared.record, on_change=view.update)
         with view:
             states = driver.run()

@@ -64,6 +64,27 @@ def cached_stages(plan: RunPlan, layout: RunLayout) -> tuple[set[str], dict[str,
     return cached, reasons
 
 
+def rerun_lines(reasons: dict[str, str]) -> list[str]:
+    """Why each stage that ran before runs again, as `run` prints it: one line per stage with a
+    reason of its own (its inputs or parameters changed, it failed, an output no longer verifies),
+    then one line for the successes that run again only because an upstream does. A stage never
+    run before says nothing (a first run would list every stage)."""
+    own: list[str] = []
+    following: list[str] = []
+    for name, reason in reasons.items():
+        if reason == "not run":
+            continue
+        if reason.startswith("upstream "):
+            following.append(f"{name} (after {reason.split()[1]})")
+        elif reason == "failed":
+            own.append(f"{name}: runs again: it failed before")
+        else:
+            own.append(f"{name}: runs again: {reason if reason.startswith('its ') else f'its {reason}'}")
+    if following:
+        own.append(f"run again as their upstream does: {', '.join(following)}")
+    return own
+
+
 def prepare_run(plan: RunPlan, layout: RunLayout, cluster: str, settings: dict[str, Any],
                 config_yaml: str | None, write_specs: bool = True) -> PreparedRun:
     """Write what the run needs; touch nothing when every stage is cached.

@@ -17,6 +17,7 @@ import pytest
 
 from contract.markers import read_marker
 from pipeline.layout import RunLayout
+from pipeline.prepare import rerun_lines
 from pipeline.processes import process_alive
 from tests.pipeline.probe_dag import drive, fan_out_graph, prepare
 
@@ -248,11 +249,30 @@ def test_a_deleted_or_cut_output_reruns_its_stage_and_dependents(tmp_path):
     prepared = prepare(fan_out_graph(), tmp_path)
     assert prepared.to_run == ["b", "join"]
     assert prepared.reasons == {"b": "output output.txt is missing", "join": "upstream b runs again"}
+    assert rerun_lines(prepared.reasons) == ["b: runs again: its output output.txt is missing",
+                                             "run again as their upstream does: join (after b)"]
     assert set(drive(fan_out_graph(), tmp_path).values()) == {"succeeded", "cached"}
     assert output(tmp_path, "join") == "sourceasourcebsourcecsourcedjoin"
 
     (tmp_path / "probe" / "source" / "output.txt").write_text("sou")  # cut short
     assert prepare(fan_out_graph(), tmp_path).to_run == ["source", "a", "b", "c", "d", "join"]
+
+
+def test_run_says_why_each_stage_that_ran_before_runs_again(tmp_path):
+    """A changed parameter and a failure each have their line; a stage never run before (join, blocked
+    by b's failure) has none. (Successes that rerun only because an upstream's output no longer
+    verifies share one line: test_a_deleted_or_cut_output_reruns_its_stage_and_dependents.)"""
+    drive(fan_out_graph(fail="b"), tmp_path)  # join is blocked: never run
+    prepared = prepare(fan_out_graph(fail="b", payloads={"a": "changed"}), tmp_path)
+    assert prepared.to_run == ["a", "b", "join"]
+    assert prepared.reasons == {"a": "its inputs or parameters changed", "b": "failed", "join": "not run"}
+    assert rerun_lines(prepared.reasons) == ["a: runs again: its inputs or parameters changed",
+                                             "b: runs again: it failed before"]
+    drive(fan_out_graph(), tmp_path)
+    prepared = prepare(fan_out_graph(payloads={"source": "again"}), tmp_path)
+    # An upstream's fingerprint is one of a stage's inputs: a changed source changes every fingerprint.
+    assert rerun_lines(prepared.reasons) == [f"{name}: runs again: its inputs or parameters changed"
+                                             for name in ("source", "a", "b", "c", "d", "join")]
 
 
 def test_status_says_a_success_whose_output_is_gone_runs_again_with_its_dependents(tmp_path):
