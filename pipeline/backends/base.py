@@ -134,20 +134,24 @@ class Backend(ABC):
         """Lock the run, prepare it, start it; returns one line saying where it went."""
         with acquire_run_lock(layout, f"submit --cluster {self.name}") as lock:
             before = {path: _read_or_none(path) for path in (layout.run_file, layout.config_path)}
-            prepared = self.prepare(plan, layout, config_yaml)
+            prepared = self.prepare(plan, layout, config_yaml, reversible=True)
             if not prepared.to_run:
                 return f"{layout.run_id}: all {len(prepared.graph)} stages already succeeded (cached); nothing submitted"
             try:
                 where = self.apply(prepared, lock.fd)
-            except BaseException:  # refused by the cluster: the run's record is as it was
+            except BaseException:  # refused by the cluster: the run and its stage dirs are as they were
+                prepared.changes.undo()
                 for path, content in before.items():
                     _restore(path, content)
                 raise
+            prepared.changes.settle()  # the stale stage dirs set aside go now that the run is taken
             return f"{layout.run_id}: submitted {len(prepared.to_run)} stage(s): {where}"
 
-    def prepare(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None) -> PreparedRun:
+    def prepare(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None,
+                reversible: bool = False) -> PreparedRun:
+        """`reversible`: the stage dirs' changes wait in `prepared.changes` (see prepare_run)."""
         return prepare_run(plan, layout, self.name, self.settings.model_dump(mode="json"), config_yaml,
-                           write_specs=self.writes_local_specs)
+                           write_specs=self.writes_local_specs, reversible=reversible)
 
     @abstractmethod
     def apply(self, prepared: PreparedRun, lock_fd: int) -> str:

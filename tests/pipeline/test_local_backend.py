@@ -243,6 +243,43 @@ def test_a_refused_second_run_with_a_changed_setting_changes_nothing(tmp_path):
     assert output(tmp_path, "join") == output(alone, "join")
 
 
+def _tree(run_dir: Path) -> dict[str, bytes | None]:
+    """Every path under the run (folders as None, files by content), but the run lock's file."""
+    return {str(p.relative_to(run_dir)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(run_dir.rglob("*")) if p.name != ".lock"}
+
+
+def test_a_submit_the_backend_refuses_changes_nothing_under_the_run(tmp_path):
+    """After a run with a failed stage and a success whose output is gone, a submit with a changed
+    setting would set stale stage dirs aside, clear old markers and write new specs; the backend's
+    apply refuses, and every file and folder under the run is as it was."""
+    from pipeline.backends.local import LocalBackend, LocalSettings
+    from pipeline.errors import BackendError
+    from tests.pipeline.probe_dag import RUN_ID, plan
+
+    class RefusingBackend(LocalBackend):
+        def apply(self, prepared, lock_fd):
+            assert (prepared.layout.run_dir / ".trash").is_dir()  # prepared: stale dirs set aside
+            raise BackendError("the scheduler refused the jobs")
+
+    drive(fan_out_graph(fail="b"), tmp_path)
+    (tmp_path / "probe" / "c" / "output.txt").unlink()
+    run_dir = tmp_path / "probe"
+    before = _tree(run_dir)
+    layout = RunLayout(tmp_path.resolve(), RUN_ID)
+    with pytest.raises(BackendError, match="refused"):
+        RefusingBackend(LocalSettings()).submit(plan(fan_out_graph(payloads={"a": "changed"}), tmp_path), layout, "x: 1\n")
+    assert _tree(run_dir) == before
+
+    class TakingBackend(LocalBackend):
+        def apply(self, prepared, lock_fd):
+            return "taken"
+
+    TakingBackend(LocalSettings()).submit(plan(fan_out_graph(payloads={"a": "changed"}), tmp_path), layout, None)
+    assert not any((run_dir / ".trash").iterdir())  # taken: what was set aside is deleted
+    assert read_marker(run_dir / "a") is None and read_marker(run_dir / "b") is None
+
+
 def test_a_deleted_or_cut_output_reruns_its_stage_and_dependents(tmp_path):
     drive(fan_out_graph(), tmp_path)
     (tmp_path / "probe" / "b" / "output.txt").unlink()
