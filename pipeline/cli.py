@@ -227,6 +227,7 @@ def _plan(args: argparse.Namespace, cluster: str):
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.backends.local import driver_for
     from pipeline.display import StatusView
+    from pipeline.prepare import rerun_lines
     from pipeline.runlock import acquire_run_lock
 
     loaded, layout, plan, backend = _plan(args, "local")
@@ -237,9 +238,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{layout.run_id}: all {len(plan.graph)} stages already succeeded (cached)")
             return EXIT_OK
         view = StatusView(f"{layout.run_id} ({layout.run_dir})", live=False if args.plain else None)
-        for name, reason in prepared.reasons.items():
-            if reason.startswith("output "):  # a success that no longer verifies: say why it reruns
-                print(f"{name}: runs again: its {reason}")
+        for line in rerun_lines(prepared.reasons):  # what ran before and runs again, and why
+            print(line)
         driver = driver_for(layout, prepared.record, on_change=view.update)
         with view:
             states = driver.run()
@@ -271,6 +271,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     print(backend.submit(plan, layout, yaml.safe_dump(loaded.raw, sort_keys=False)))
     if backend.pulls_images():
         _warn_unpinned(plan)
+    _warn_unpinned_hub_ids(plan)
     if args.watch:
         return _watch(backend, layout)
     return EXIT_OK
@@ -309,6 +310,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         print(path)
     if backend.pulls_images():
         _warn_unpinned(plan)
+    _warn_unpinned_hub_ids(plan)
     return EXIT_OK
 
 
@@ -337,6 +339,16 @@ def _warn_unpinned(plan) -> None:
         print(f"warning: image(s) {', '.join(f'{n} ({plan.image_refs[n]})' for n in unpinned)} not pinned by "
               "digest: `python -m pipeline images build|push|lock` fills images/lock.yaml "
               "(images.strict: true refuses unpinned images)", file=sys.stderr)
+
+
+def _warn_unpinned_hub_ids(plan) -> None:
+    """A hub id without a revision loads whatever the hub serves when each stage starts: one line
+    names each such id and where it is read (the study-scale profiles pin theirs)."""
+    from pipeline.inputs import unpinned_warning
+
+    warning = unpinned_warning(plan.graph)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _layout_for(args: argparse.Namespace) -> RunLayout:

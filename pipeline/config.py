@@ -28,6 +28,7 @@ from contract.params import (
     ReportParams,
     TrainParams,
 )
+from contract.params.base import REVISION_DOC, ExternalInput, Revision
 from contract.params.train import TrainStageParams
 from contract.recipe import PrecisionBackend, RecipeValue
 from contract.spec import is_dns1123_label
@@ -211,6 +212,11 @@ class StudyConfig(BaseModel):
         description="Base model: Hugging Face id (Qwen/Qwen3-8B) or a path (./, ../ or /) "
         "relative to this config file."
     )
+    model_revision: Revision = Field(
+        None,
+        description="Hub revision of model, for every stage that loads the base model (and the "
+        f"tokenizer, when it is the model's): {REVISION_DOC}",
+    )
     data: PreprocessParams = Field(description="Dataset and preprocessing (the preprocess stage).")
     train: TrainParams = Field(
         default_factory=TrainParams, description="Training settings shared by every run."
@@ -264,6 +270,15 @@ class StudyConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown stage kind '{unknown[0]}'; known: {', '.join(STAGE_KINDS)}")
         return {kind: value.get(kind, {}) for kind in STAGE_KINDS}
+
+    @field_validator("model_revision")
+    @classmethod
+    def _revision_of_a_hub_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")  # absent: the model's own error is reported
+        if value is not None and isinstance(model, str) and ExternalInput("model", model).is_local:
+            raise ValueError(f"model {model} is a local path; a revision pins hub ids only (drop it: "
+                             "local content is fingerprinted)")
+        return value
 
     @model_validator(mode="after")
     def _run_references(self) -> StudyConfig:

@@ -15,6 +15,7 @@ import xxhash
 
 from contract.files import hash_file
 from contract.params import ExternalInput
+from pipeline.graph import Graph
 
 
 class InputDigests:
@@ -47,3 +48,29 @@ def _local_digest(location: str) -> str:
             digest.update(f"{file.relative_to(path.parent).as_posix()}\0{file.stat().st_size}\0".encode())
             digest.update(hash_file(file).encode())
     return digest.hexdigest() if found else "missing"
+
+
+def unpinned_hub_ids(graph: Graph) -> dict[str, list[str]]:
+    """Hub id -> the `stage.field`s that read it without a revision, in graph order: what the
+    hub serves under that name may change between two stages of one run, or two runs."""
+    found: dict[str, list[str]] = {}
+    for stage in graph:
+        for external in stage.params.external_inputs():
+            if not external.is_pinned:
+                found.setdefault(external.location, []).append(f"{stage.name}.{external.field}")
+    return found
+
+
+def unpinned_warning(graph: Graph) -> str | None:
+    """One line naming each unpinned hub id and where it is read, or None when all are pinned."""
+    found = unpinned_hub_ids(graph)
+    if not found:
+        return None
+    named = ", ".join(f"{location} (read as {_first_few(readers)})" for location, readers in found.items())
+    return (f"warning: hub id(s) {named} not pinned to a revision: set model_revision, data.source_revision, "
+            "data.tokenizer_revision (see `python -m pipeline config`) to a commit hash")
+
+
+def _first_few(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

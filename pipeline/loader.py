@@ -245,10 +245,14 @@ def _resolve_at(node: Any, path: tuple[str, ...], base: Path, prefix: str = "") 
 
 
 def _default_tokenizer_to_model(raw: dict[str, Any]) -> None:
-    """The study's tokenizer is the model's unless data.tokenizer says otherwise."""
+    """The study's tokenizer is the model's, at the model's revision, unless data.tokenizer says
+    otherwise."""
     data = raw.get("data")
     if isinstance(data, dict) and "tokenizer" not in data and isinstance(raw.get("model"), str):
         data["tokenizer"] = raw["model"]
+        hub_model = not raw["model"].startswith(PATH_PREFIXES)  # else the config refuses model_revision
+        if hub_model and raw.get("model_revision") is not None and "tokenizer_revision" not in data:
+            data["tokenizer_revision"] = raw["model_revision"]
 
 
 def _describe(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from contract.markers import read_marker
+from contract.markers import success_problem
 from pipeline.errors import ConfigError
 from pipeline.layout import RunLayout
 from pipeline.run_record import RunRecord
@@ -26,10 +26,11 @@ def print_report(layout: RunLayout, record: RunRecord) -> int:
     if REPORT_STAGE not in record.stages:
         raise ConfigError(f"run {layout.run_id} has no report stage")
     stage_dir = layout.stage_dir(REPORT_STAGE)
-    marker = read_marker(stage_dir)
-    if marker is None or marker.state != "succeeded":
-        state = marker.state if marker else "not run yet"
-        print(f"error: {layout.run_id}: the report stage is {state}; "
+    # The cache's own test: a report of other inputs (a config changed since) or with an output
+    # gone or changed is not this run's report, and is said so rather than printed.
+    problem = success_problem(stage_dir, record.stages[REPORT_STAGE].fingerprint)
+    if problem is not None:
+        print(f"error: {layout.run_id}: no report to show: {_why_not(problem)}; "
               f"see `python -m pipeline status {layout.run_id}`", file=sys.stderr)
         return 1
     print((stage_dir / REPORT_TABLE).read_text())
@@ -38,6 +39,16 @@ def print_report(layout: RunLayout, record: RunRecord) -> int:
     for line in mlflow_link_lines(layout, record):
         print(line)
     return 0
+
+
+def _why_not(problem: str) -> str:
+    if problem == "not run":
+        return "the report stage has not run yet"
+    if problem == "failed":
+        return "the report stage failed"
+    if problem.startswith("its "):  # another fingerprint: an earlier config's report
+        return f"the report there is stale ({problem} since it was made; the next run remakes it)"
+    return f"the report stage's {problem} (the next run remakes it)"
 
 
 def mlflow_link_lines(layout: RunLayout, record: RunRecord) -> list[str]:

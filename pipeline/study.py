@@ -39,11 +39,13 @@ def build_study_graph(config: StudyConfig) -> Graph:
     ]
     report_inputs: dict[str, ReportInput] = {}
 
-    def eval_params(recipe: Recipe | str, model: str | None = None) -> StageParams:
-        return EvalStageParams.model_validate({**config.eval.model_dump(), "recipe": recipe, "model": model})
+    def eval_params(recipe: Recipe | str, model: str | None = None, revision: str | None = None) -> StageParams:
+        return EvalStageParams.model_validate({**config.eval.model_dump(), "recipe": recipe, "model": model,
+                                               "model_revision": revision})
 
     if config.eval_base:
-        stages.append(Stage(EVAL_BASE, "eval", eval_params("bf16", config.model), {"data": PREPROCESS},
+        stages.append(Stage(EVAL_BASE, "eval", eval_params("bf16", config.model, config.model_revision),
+                            {"data": PREPROCESS},
                             resources["eval"], images["eval"], tags={"run": BASE_MODEL, "recipe": "bf16"}))
         report_inputs[EVAL_BASE] = ReportInput(run=BASE_MODEL, phase="base", recipe="bf16",
                                                inference_format="bf16")
@@ -63,17 +65,21 @@ def build_study_graph(config: StudyConfig) -> Graph:
         updates: dict[str, object] = {}
         if run.init_from == BASE_MODEL:
             updates["model"] = train.model or config.model
+            updates["model_revision"] = train.model_revision if train.model else config.model_revision
         else:
             train_inputs["model"] = train_stage(run.init_from)
         if run.method == "qad":
             if run.teacher == BASE_MODEL:
-                updates["qad"] = train.qad.model_copy(update={"teacher_model": train.qad.teacher_model or config.model})
+                teacher = ({} if train.qad.teacher_model else
+                           {"teacher_model": config.model, "teacher_revision": config.model_revision})
+                updates["qad"] = train.qad.model_copy(update=teacher)
             else:
                 train_inputs["teacher"] = train_stage(run.teacher)
         train = train.model_copy(update=updates)
         if run.ptq:
             ptq = PtqStageParams.model_validate({**config.ptq.model_dump(), "recipe": recipe,
-                                                 "backend": run.backend, "model": train.model})
+                                                 "backend": run.backend, "model": train.model,
+                                                 "model_revision": train.model_revision})
             ptq_inputs = {"data": PREPROCESS}
             if "model" in train_inputs:
                 ptq_inputs["model"] = train_inputs["model"]
@@ -83,7 +89,7 @@ def build_study_graph(config: StudyConfig) -> Graph:
                                 resources["eval"], images["eval"], {**tags, "phase": "ptq"}))
             report_inputs[f"eval-ptq-{name}"] = row("ptq")
             train_inputs["model"] = f"ptq-{name}"
-            train = train.model_copy(update={"model": None})  # starts from the PTQ stage's model
+            train = train.model_copy(update={"model": None, "model_revision": None})  # starts from the PTQ stage's model
         stages.append(Stage(train_stage(name), "train", train, train_inputs,
                             config.run_resources(name), images["train"], tags))
         report_inputs[train_stage(name)] = row("trained")

@@ -44,6 +44,16 @@ def resolve_model_source(stage_dir: Path | None, model: str | None, field: str, 
     return model
 
 
+def source_revision(stage_dir: Path | None, revision: str | None) -> str | None:
+    """The hub revision to load `resolve_model_source`'s answer at: none for an upstream stage's
+    model dir (the run made it), the params' revision for a hub id (params refuse one with a path)."""
+    return None if stage_dir is not None else revision
+
+
+def _at(revision: str | None) -> str:
+    return f" at revision {revision}" if revision else ""
+
+
 def read_precision(model_dir: Path) -> dict[str, Any] | None:
     """The recipe record a model stage wrote next to its checkpoint; None for a plain HF dir."""
     path = Path(model_dir) / PRECISION_FILE
@@ -74,23 +84,26 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def load_causal_lm(source: str | Path, dtype: str, field: str, quantization_config: Any = None) -> nn.Module:
-    """`quantization_config` (e.g. a TorchAoConfig) quantizes the weights as they load."""
+def load_causal_lm(source: str | Path, dtype: str, field: str, quantization_config: Any = None,
+                   revision: str | None = None) -> nn.Module:
+    """`quantization_config` (e.g. a TorchAoConfig) quantizes the weights as they load; `revision`
+    pins a hub id (None: the hub's main, or a local dir as it is)."""
     from transformers import AutoModelForCausalLM
 
     # Passed only when given: an explicit None would drop the quantization_config a torchao checkpoint carries.
     quantization = {} if quantization_config is None else {"quantization_config": quantization_config}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **quantization)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], revision=revision, **quantization)
     except OSError as error:
-        raise StageInputError(f"{field}: cannot load {str(source)!r} ({_first_line(error)})") from None
+        raise StageInputError(f"{field}: cannot load {str(source)!r}{_at(revision)} ({_first_line(error)})") from None
 
 
-def load_tokenizer(source: str | Path, field: str) -> Any:
+def load_tokenizer(source: str | Path, field: str, revision: str | None = None) -> Any:
     """Called before the model is, so a missing tokenizer fails before any real work."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as error:
-        raise StageInputError(f"{field}: no tokenizer loadable from {str(source)!r} ({_first_line(error)})") from None
+        raise StageInputError(
+            f"{field}: no tokenizer loadable from {str(source)!r}{_at(revision)} ({_first_line(error)})") from None

@@ -6,7 +6,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.params.base import Device, ExternalInput, StageParams
+from contract.params.base import (
+    REVISION_DOC,
+    Device,
+    ExternalInput,
+    Revision,
+    StageParams,
+)
 from contract.recipe import RecipeValue
 
 
@@ -43,9 +49,12 @@ class EvalStageParams(EvalParams):
     model: str | None = Field(
         None, description="HF id or local dir of the model, when the spec has no 'model' input."
     )
+    model_revision: Revision = Field(
+        None, description=f"Hub revision of model: {REVISION_DOC}"
+    )
 
     def external_inputs(self) -> list[ExternalInput]:
-        found = [ExternalInput("model", self.model)] if self.model else []
+        found = [ExternalInput("model", self.model, self.model_revision)] if self.model else []
         if self.lm_eval_task_dir:
             found.append(ExternalInput("lm_eval_task_dir", self.lm_eval_task_dir))
         return found

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from contract.params.base import ExternalInput, StageParams
+from contract.params.base import REVISION_DOC, ExternalInput, Revision, StageParams
 
 
 class PreprocessParams(StageParams):
@@ -17,6 +17,10 @@ class PreprocessParams(StageParams):
         description="Dataset: a hub name (e.g. nvidia/OpenScience), a local dataset dir, or "
         "a .jsonl/.json/.parquet file or glob (JSON is read row by row; the rest with datasets)."
     )
+    source_revision: Revision = Field(
+        default=None,
+        description=f"Hub revision of source: {REVISION_DOC}",
+    )
     data_files: list[str] | None = Field(
         default=None,
         description="Files inside a hub/dir source to read (e.g. ['OS-Q3-235B-4.jsonl']); "
@@ -26,6 +30,11 @@ class PreprocessParams(StageParams):
         default="train", description="Split of a hub or saved-dataset source to read (local files are one split)."
     )
     tokenizer: str = Field(description="Tokenizer path or hub id; its chat template renders rows.")
+    tokenizer_revision: Revision = Field(
+        default=None,
+        description="Hub revision of tokenizer (default: the study's model_revision when the tokenizer "
+        f"is the model's): {REVISION_DOC}",
+    )
     input_column: str = Field(default="input", description="Column with the user turn.")
     output_column: str = Field(default="output", description="Column with the assistant turn.")
     messages_column: str | None = Field(
@@ -70,4 +79,5 @@ class PreprocessParams(StageParams):
         return self
 
     def external_inputs(self) -> list[ExternalInput]:
-        return [ExternalInput("source", self.source), ExternalInput("tokenizer", self.tokenizer)]
+        return [ExternalInput("source", self.source, self.source_revision),
+                ExternalInput("tokenizer", self.tokenizer, self.tokenizer_revision)]

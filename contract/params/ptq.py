@@ -6,7 +6,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from contract.params.base import Device, ExternalInput, StageParams
+from contract.params.base import (
+    REVISION_DOC,
+    Device,
+    ExternalInput,
+    Revision,
+    StageParams,
+)
 from contract.recipe import PrecisionBackend, RecipeValue
 
 
@@ -36,6 +42,9 @@ class PtqStageParams(PtqParams):
     model: str | None = Field(
         None, description="HF id or local dir of the model, when the spec has no 'model' input."
     )
+    model_revision: Revision = Field(
+        None, description=f"Hub revision of model: {REVISION_DOC}"
+    )
 
     def external_inputs(self) -> list[ExternalInput]:
-        return [ExternalInput("model", self.model)] if self.model else []
+        return [ExternalInput("model", self.model, self.model_revision)] if self.model else []

@@ -11,7 +11,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contract.params.base import Device, ExternalInput, StageParams
+from contract.params.base import (
+    REVISION_DOC,
+    Device,
+    ExternalInput,
+    Revision,
+    StageParams,
+)
 from contract.recipe import PrecisionBackend, RecipeValue
 
 
@@ -38,6 +44,18 @@ class QadParams(BaseModel):
         description="Teacher checkpoint (hub id or local HF dir) when the spec has no "
         "'teacher' input; default: the student's starting model, unquantized.",
     )
+    teacher_revision: Revision = Field(
+        default=None,
+        description="Hub revision of teacher_model (default: the study's model_revision when the "
+        f"teacher is the base model): {REVISION_DOC}",
+    )
+
+    @model_validator(mode="after")
+    def _revision_of_a_teacher(self) -> QadParams:
+        if self.teacher_revision is not None and self.teacher_model is None:
+            raise ValueError("teacher_revision: set without teacher_model (a base-model teacher is pinned "
+                             "by the top-level model_revision)")
+        return self
 
 
 class TrainParams(StageParams):
@@ -48,6 +66,11 @@ class TrainParams(StageParams):
         default=None,
         description="Hugging Face model id or local dir, loaded when the spec has no 'model' "
         "input (study: Qwen/Qwen3-8B).",
+    )
+    model_revision: Revision = Field(
+        default=None,
+        description="Hub revision of model (the top-level model_revision pins the study's model): "
+        f"{REVISION_DOC}",
     )
     dtype: Literal["bfloat16", "float32"] = Field(
         default="bfloat16",
@@ -137,6 +160,9 @@ class TrainParams(StageParams):
 
     @model_validator(mode="after")
     def _check(self) -> TrainParams:
+        if self.model_revision is not None and self.model is None:
+            raise ValueError("model_revision: set without model (the study's model is pinned by the "
+                             "top-level model_revision)")
         if self.global_batch % self.micro_batch:
             raise ValueError(
                 f"global_batch ({self.global_batch}) must be a multiple of "
@@ -166,7 +192,7 @@ class TrainStageParams(TrainParams):
     )
 
     def external_inputs(self) -> list[ExternalInput]:
-        found = [ExternalInput("model", self.model)] if self.model else []
+        found = [ExternalInput("model", self.model, self.model_revision)] if self.model else []
         if self.method == "qad" and self.qad.teacher_model:
-            found.append(ExternalInput("qad.teacher_model", self.qad.teacher_model))
+            found.append(ExternalInput("qad.teacher_model", self.qad.teacher_model, self.qad.teacher_revision))
         return found

@@ -77,6 +77,15 @@ def marker_state(layout: RunLayout, name: str, fingerprint: str) -> StageState |
     return StageState.SUCCEEDED if success_problem(layout.stage_dir(name), fingerprint) is None else None
 
 
+def lost_success(layout: RunLayout, name: str, fingerprint: str) -> str | None:
+    """Why a success of this fingerprint no longer counts (an output missing or changed since),
+    so the next `run` reruns it; None when there is no such success or it verifies."""
+    marker = read_marker(layout.stage_dir(name))
+    if marker is None or marker.state != "succeeded" or marker.fingerprint != fingerprint:
+        return None
+    return success_problem(layout.stage_dir(name), fingerprint)
+
+
 class Backend(ABC):
     """Executes prepared runs. Subclasses set `name` and `Settings` and implement `apply`,
     `live_states` and `cancel` (and `render` where their jobs are files)."""
@@ -125,20 +134,24 @@ class Backend(ABC):
         """Lock the run, prepare it, start it; returns one line saying where it went."""
         with acquire_run_lock(layout, f"submit --cluster {self.name}") as lock:
             before = {path: _read_or_none(path) for path in (layout.run_file, layout.config_path)}
-            prepared = self.prepare(plan, layout, config_yaml)
+            prepared = self.prepare(plan, layout, config_yaml, reversible=True)
             if not prepared.to_run:
                 return f"{layout.run_id}: all {len(prepared.graph)} stages already succeeded (cached); nothing submitted"
             try:
                 where = self.apply(prepared, lock.fd)
-            except BaseException:  # refused by the cluster: the run's record is as it was
+            except BaseException:  # refused by the cluster: the run and its stage dirs are as they were
+                prepared.changes.undo()
                 for path, content in before.items():
                     _restore(path, content)
                 raise
+            prepared.changes.settle()  # the stale stage dirs set aside go now that the run is taken
             return f"{layout.run_id}: submitted {len(prepared.to_run)} stage(s): {where}"
 
-    def prepare(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None) -> PreparedRun:
+    def prepare(self, plan: RunPlan, layout: RunLayout, config_yaml: str | None,
+                reversible: bool = False) -> PreparedRun:
+        """`reversible`: the stage dirs' changes wait in `prepared.changes` (see prepare_run)."""
         return prepare_run(plan, layout, self.name, self.settings.model_dump(mode="json"), config_yaml,
-                           write_specs=self.writes_local_specs)
+                           write_specs=self.writes_local_specs, reversible=reversible)
 
     @abstractmethod
     def apply(self, prepared: PreparedRun, lock_fd: int) -> str:
@@ -156,9 +169,11 @@ class Backend(ABC):
 
     def status(self, layout: RunLayout, record: RunRecord) -> list[StageStatus]:
         """Every stage's state, in topological order: markers first, then the backend's view;
-        a stage below one that will not succeed is blocked."""
+        a stage below one that will not succeed is blocked. A success whose outputs no longer
+        verify is pending again, with why, and so are the successes below it (as `run` sees them)."""
         live = self.live_states(layout, record)
         statuses: dict[str, StageStatus] = {}
+        rerun: set[str] = set()  # successes that no longer count, and those below them
         for name, info in record.stages.items():
             found = live.get(name) or StageStatus(name, info.kind, StageState.PENDING)
             marked = marker_state(layout, name, info.fingerprint)
@@ -167,6 +182,14 @@ class Backend(ABC):
                 state = StageState.CACHED if cached and marked == StageState.SUCCEEDED else marked
                 found = replace(found, state=state,
                                 note=failure_note(layout, name) if marked in DEAD else "")
+            lost = lost_success(layout, name, info.fingerprint) if marked is None else None
+            stale_up = [up for up in sorted(set(info.upstream.values())) if up in rerun]
+            if lost is not None:
+                found = replace(found, state=StageState.PENDING, note=f"{lost}: the next run reruns it")
+                rerun.add(name)
+            elif stale_up and found.state in (StageState.SUCCEEDED, StageState.CACHED):
+                found = replace(found, state=StageState.PENDING, note=f"upstream {stale_up[0]} runs again")
+                rerun.add(name)
             dead = [up for up in sorted(set(info.upstream.values())) if statuses[up].state in DEAD]
             if found.state in (StageState.PENDING, StageState.QUEUED) and dead:
                 found = replace(found, state=StageState.BLOCKED, note=f"upstream {dead[0]} will not succeed")

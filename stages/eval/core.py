@@ -38,6 +38,7 @@ from stages.hf_model import (
     load_tokenizer,
     read_precision,
     resolve_model_source,
+    source_revision,
 )
 from stages.runtime import StageContext, StageInputError
 from stages.versions import package_versions
@@ -83,10 +84,11 @@ def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.de
             return fake_quant_deployment(model, recipe), recipe, tokenizer
         return Deployment(model, "bf16", "none", None), recipe, tokenizer
     path = resolve_model_source(source, params.model, "params.model")
+    revision = source_revision(source, params.model_revision)
     precision = read_precision(Path(path)) if Path(path).is_dir() else None
     recipe = _check_recipe(params, precision["recipe"] if precision else None, Path(path))
-    tokenizer = load_tokenizer(path, "params.model")
-    model = load_causal_lm(path, params.dtype, "params.model").to(device).eval()
+    tokenizer = load_tokenizer(path, "params.model", revision)
+    model = load_causal_lm(path, params.dtype, "params.model", revision=revision).to(device).eval()
     if params.precision != "deployed" or recipe.inference_format == "bf16":
         return Deployment(model, "bf16", "none", None), recipe, tokenizer
     fmt = recipe.inference_format

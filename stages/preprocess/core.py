@@ -69,7 +69,7 @@ def preprocess(params: PreprocessParams, output_dir: Path, log: Any) -> dict[str
 
 
 def _preprocess(params: PreprocessParams, output_dir: Path, cache: Path, log: Any) -> dict[str, Any]:
-    tokenizer = load_tokenizer(params.tokenizer)
+    tokenizer = load_tokenizer(params.tokenizer, params.tokenizer_revision)
     columns = ChatColumns(params.input_column, params.output_column, params.messages_column, params.system_prompt)
     source = load_source(params, cache, log)
     missing = [name for name in columns.required() if name not in source.dataset.column_names]
@@ -121,12 +121,14 @@ def _efficiency(tokens: int, rows: int, seq_len: int) -> float:
     return round(tokens / (rows * seq_len), 4) if rows else 0.0
 
 
-def load_tokenizer(name: str) -> Any:
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    """`revision` pins a hub id (params refuse one with a local path)."""
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as error:
         text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise StageInputError(f"tokenizer: cannot load {name}: {text[:300]}") from None
+        at = f" at revision {revision}" if revision else ""
+        raise StageInputError(f"tokenizer: cannot load {name}{at}: {text[:300]}") from None
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -137,12 +137,16 @@ def _load_remote_or_dir(params: PreprocessParams, cache_dir: Path) -> SourceRows
             dataset = datasets.load_from_disk(str(path))
         elif path.is_dir() and (path / "dataset_dict.json").exists():
             dataset = datasets.load_from_disk(str(path))[params.split]
-        else:  # a hub name, or a folder of data files
-            dataset = datasets.load_dataset(params.source, data_files=params.data_files, split=params.split)
+        else:  # a hub name (at source_revision), or a folder of data files
+            # Offline (HF_HUB_OFFLINE), datasets falls back to its newest cached copy whatever the
+            # revision: pin with network access, or hand the stage a local copy.
+            dataset = datasets.load_dataset(params.source, data_files=params.data_files, split=params.split,
+                                            revision=params.source_revision)
     except KeyError:
         raise StageInputError(f"split: {params.source} has no split '{params.split}'") from None
     except Exception as error:
-        raise StageInputError(f"source: cannot load {params.source}: {_first_line(error)}") from None
+        at = f" at revision {params.source_revision}" if params.source_revision else ""
+        raise StageInputError(f"source: cannot load {params.source}{at}: {_first_line(error)}") from None
     if not isinstance(dataset, datasets.Dataset):
         raise StageInputError(f"source: {params.source} did not give one split; set split")
     return SourceRows(dataset=dataset, parts=[(params.source, 0, "row")])

@@ -32,6 +32,7 @@ from stages.hf_model import (
     load_causal_lm,
     load_tokenizer,
     resolve_model_source,
+    source_revision,
 )
 from stages.runtime import StageContext, StageInputError
 
@@ -57,8 +58,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise StageInputError(f"params.backend: ptq calibrates with modelopt or emulated, not {params.backend}")
     device = resolve_device(params.device)
     source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
-    tokenizer = load_tokenizer(source, "params.model")
-    model = load_causal_lm(source, params.dtype, "params.model").to(device).eval()
+    revision = source_revision(ctx.spec.inputs.get("model"), params.model_revision)
+    tokenizer = load_tokenizer(source, "params.model", revision)
+    model = load_causal_lm(source, params.dtype, "params.model", revision=revision).to(device).eval()
     split = TokenSplit(ctx.input_dir("data"), "train")
     loop = calibration_loop(split, params.calib_samples, params.calib_batch, device)
     samples = min(params.calib_samples, len(split))

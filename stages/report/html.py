@@ -117,7 +117,7 @@ def to_html(study: Study, title: str, description: str, plots: list[Path], recor
         f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
         f"<p>{_esc(description)}</p>" if description else "",
-        ("<p class='legend'><span style='background:#fff8e1'>within noise: the interval contains no difference</span>"
+        ("<p class='legend'><span style='background:#fff8e1'>within noise: the interval includes no difference (0 %, or a ratio of 1x)</span>"
          "<span style='background:#fdecea'>not comparable: a device was shared during the timed steps</span></p>"),
         _table(study),
         f"<h2>Paired differences in val loss (deployed)</h2><ul>{differences}</ul>" if differences else "",

@@ -148,7 +148,7 @@ def notes(study: Study) -> list[str]:
         (f"val loss: mean next-token cross entropy (nats/token) of the exported model in its inference "
          f"format on the held-out split; {level} interval: percentile bootstrap over validation sequences"),
         (f"val loss vs {study.baseline}: 100 x (val loss / {study.baseline}'s - 1), the interval a paired "
-         f"bootstrap over the same sequences; '{WITHIN_NOISE}': the interval contains no difference"),
+         f"bootstrap over the same sequences; '{WITHIN_NOISE}': the interval contains 0 (no difference is ruled out)"),
         (f"step time: mean seconds per optimizer step after the warm-up steps, {level} bootstrap interval "
          f"over steps; the ratio to {study.baseline} resamples both runs' steps"),
         (f"'{NOT_COMPARABLE}': this run or {study.baseline} shared its GPU or CPU cores with another stage "

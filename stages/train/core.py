@@ -30,6 +30,7 @@ from stages.hf_model import (
     quantizer_state,
     read_precision,
     resolve_model_source,
+    source_revision,
 )
 from stages.precision.modelopt_backend import SavedQuantizers
 from stages.runtime import StageContext, StageInputError
@@ -111,8 +112,9 @@ def _train(ctx: StageContext, params: TrainStageParams, world: World) -> dict[st
     seed_everything(params.seed, world.device)
     data = load_data(ctx, params, world)
     source = resolve_model_source(ctx.spec.inputs.get("model"), params.model, "params.model")
-    tokenizer = load_tokenizer(source, "params.model")
-    model = load_causal_lm(source, params.dtype, "params.model").to(world.device)
+    revision = source_revision(ctx.spec.inputs.get("model"), params.model_revision)
+    tokenizer = load_tokenizer(source, "params.model", revision)
+    model = load_causal_lm(source, params.dtype, "params.model", revision=revision).to(world.device)
     training = build_training(ctx, params, world, data, model, source)
     metrics_file = MetricsFile(ctx.output_dir, training.start) if world.is_main else None
     summary = train_loop(ctx, training.session, training.start, metrics_file)
@@ -328,7 +330,11 @@ def _load_teacher(ctx: StageContext, params: TrainStageParams, student_source: s
         ctx.spec.inputs.get("teacher"), params.qad.teacher_model or student_source, "params.qad.teacher_model",
         input_field="inputs.teacher",
     )
-    teacher = load_causal_lm(source, params.dtype, "params.qad.teacher_model").to(world.device)
+    # The default teacher is the student's starting model, at the student's revision.
+    revision = (params.qad.teacher_revision if params.qad.teacher_model
+                else source_revision(ctx.spec.inputs.get("model"), params.model_revision))
+    revision = source_revision(ctx.spec.inputs.get("teacher"), revision)
+    teacher = load_causal_lm(source, params.dtype, "params.qad.teacher_model", revision=revision).to(world.device)
     teacher.eval()
     teacher.requires_grad_(False)
     return shard(teacher, world, _compute_dtype(params))

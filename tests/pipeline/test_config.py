@@ -38,6 +38,12 @@ def test_study_scale_profile_has_the_seed_settings():
     assert config.data.seq_len == 4096 and config.data.val_fraction == 0.1
     assert config.model == "Qwen/Qwen3-8B" and config.data.source == "nvidia/OpenScience"
     assert config.resources["train"].gpus_per_node == 8
+    # The base model is pinned to a commit, and so is its tokenizer (the model's, at the same commit).
+    assert config.model_revision == "b968826d9c46dd6066d109eabc6255188de91218"
+    assert config.data.tokenizer == "Qwen/Qwen3-8B" and config.data.tokenizer_revision == config.model_revision
+    graph = build_study_graph(config)
+    assert {graph[name].params.model_revision for name in ("eval-base", "ptq-qat-nvfp4", "train-bf16")} == {
+        config.model_revision}
     assert {run: (r.recipe.name, r.backend) for run, r in config.runs.items() if r.enabled} == {
         "qat-nvfp4": ("nvfp4_qat", "modelopt"), "bf16": ("bf16", "te"), "fp8": ("fp8_delayed", "te"),
         "mxfp8": ("mxfp8", "te"), "nv4f-mx8b": ("nv4f_mx8b", "te")}
@@ -229,3 +235,22 @@ def test_config_help_describes_every_field(capsys):
                  "resources.<kind>.gpus_per_node (int, default 0)",
                  "data.seq_len (int, default 4096)"):
         assert line in out, line
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model_revision=main branch"], "--set model_revision=main branch: model_revision: 'main branch' is not a "
+     "hub revision: give a commit hash (40 hex digits, which pins the files) or a tag name"),
+    (["data.source_revision=../up"], "data.source_revision: '../up' is not a hub revision"),
+    (["model=./local-model"], "model_revision: model "),  # the profile's revision with a local model
+    (["train.model_revision=v1.0"], "train: model_revision: set without model"),
+])
+def test_a_bad_or_misplaced_revision_is_one_line_exit_2(capsys, overrides, expected):
+    args = [item for override in overrides for item in ("--set", override)]
+    assert main(["validate", "-c", "qwen3-8b-b200", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_a_tag_or_commit_is_a_revision_and_a_hub_tokenizer_keeps_its_own():
+    config = load_config("qwen3-8b-b200", ["model_revision=v1.0", "data.tokenizer=Qwen/Qwen3-0.6B"]).config
+    assert config.model_revision == "v1.0" and config.data.tokenizer_revision is None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from contract.params import ExternalInput
+from pipeline.inputs import InputDigests
 from pipeline.loader import load_config
 from pipeline.plan import plan_run
 
@@ -61,3 +63,24 @@ def test_a_local_base_model_is_read_by_content(tmp_path):
 def test_the_same_config_gives_the_same_fingerprints(tmp_path):
     study = smoke_copy(tmp_path)
     assert fingerprints(study) == fingerprints(study)
+
+
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def test_a_hub_id_is_read_at_its_revision():
+    digests = InputDigests()
+    assert digests(ExternalInput("model", "Qwen/Qwen3-8B", COMMIT_A)) == f"hub:Qwen/Qwen3-8B@{COMMIT_A}"
+    assert digests(ExternalInput("model", "Qwen/Qwen3-8B")) == "hub:Qwen/Qwen3-8B@unpinned"
+
+
+def test_a_hub_revision_changes_the_stages_that_load_it_and_their_dependents():
+    """The study-scale profile reads hub ids only (nothing here is opened). The tokenizer is pinned
+    on its own, so moving the model's revision leaves preprocess alone."""
+    study = "qwen3-8b-b200"
+    base = fingerprints(study, f"data.tokenizer_revision={COMMIT_A}", f"data.source_revision={COMMIT_A}")
+    model_moved = fingerprints(study, f"data.tokenizer_revision={COMMIT_A}", f"data.source_revision={COMMIT_A}",
+                               f"model_revision={COMMIT_B}")
+    assert sorted(name for name in base if base[name] == model_moved[name]) == ["preprocess"]
+    data_moved = fingerprints(study, f"data.tokenizer_revision={COMMIT_A}", f"data.source_revision={COMMIT_B}")
+    assert all(base[name] != data_moved[name] for name in base)  # every stage reads preprocess's output

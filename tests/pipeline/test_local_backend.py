@@ -17,6 +17,7 @@ import pytest
 
 from contract.markers import read_marker
 from pipeline.layout import RunLayout
+from pipeline.prepare import rerun_lines
 from pipeline.processes import process_alive
 from tests.pipeline.probe_dag import drive, fan_out_graph, prepare
 
@@ -242,17 +243,89 @@ def test_a_refused_second_run_with_a_changed_setting_changes_nothing(tmp_path):
     assert output(tmp_path, "join") == output(alone, "join")
 
 
+def _tree(run_dir: Path) -> dict[str, bytes | None]:
+    """Every path under the run (folders as None, files by content), but the run lock's file."""
+    return {str(p.relative_to(run_dir)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(run_dir.rglob("*")) if p.name != ".lock"}
+
+
+def test_a_submit_the_backend_refuses_changes_nothing_under_the_run(tmp_path):
+    """After a run with a failed stage and a success whose output is gone, a submit with a changed
+    setting would set stale stage dirs aside, clear old markers and write new specs; the backend's
+    apply refuses, and every file and folder under the run is as it was."""
+    from pipeline.backends.local import LocalBackend, LocalSettings
+    from pipeline.errors import BackendError
+    from tests.pipeline.probe_dag import RUN_ID, plan
+
+    class RefusingBackend(LocalBackend):
+        def apply(self, prepared, lock_fd):
+            assert (prepared.layout.run_dir / ".trash").is_dir()  # prepared: stale dirs set aside
+            raise BackendError("the scheduler refused the jobs")
+
+    drive(fan_out_graph(fail="b"), tmp_path)
+    (tmp_path / "probe" / "c" / "output.txt").unlink()
+    run_dir = tmp_path / "probe"
+    before = _tree(run_dir)
+    layout = RunLayout(tmp_path.resolve(), RUN_ID)
+    with pytest.raises(BackendError, match="refused"):
+        RefusingBackend(LocalSettings()).submit(plan(fan_out_graph(payloads={"a": "changed"}), tmp_path), layout, "x: 1\n")
+    assert _tree(run_dir) == before
+
+    class TakingBackend(LocalBackend):
+        def apply(self, prepared, lock_fd):
+            return "taken"
+
+    TakingBackend(LocalSettings()).submit(plan(fan_out_graph(payloads={"a": "changed"}), tmp_path), layout, None)
+    assert not any((run_dir / ".trash").iterdir())  # taken: what was set aside is deleted
+    assert read_marker(run_dir / "a") is None and read_marker(run_dir / "b") is None
+
+
 def test_a_deleted_or_cut_output_reruns_its_stage_and_dependents(tmp_path):
     drive(fan_out_graph(), tmp_path)
     (tmp_path / "probe" / "b" / "output.txt").unlink()
     prepared = prepare(fan_out_graph(), tmp_path)
     assert prepared.to_run == ["b", "join"]
     assert prepared.reasons == {"b": "output output.txt is missing", "join": "upstream b runs again"}
+    assert rerun_lines(prepared.reasons) == ["b: runs again: its output output.txt is missing",
+                                             "run again as their upstream does: join (after b)"]
     assert set(drive(fan_out_graph(), tmp_path).values()) == {"succeeded", "cached"}
     assert output(tmp_path, "join") == "sourceasourcebsourcecsourcedjoin"
 
     (tmp_path / "probe" / "source" / "output.txt").write_text("sou")  # cut short
     assert prepare(fan_out_graph(), tmp_path).to_run == ["source", "a", "b", "c", "d", "join"]
+
+
+def test_run_says_why_each_stage_that_ran_before_runs_again(tmp_path):
+    """A changed parameter and a failure each have their line; a stage never run before (join, blocked
+    by b's failure) has none. (Successes that rerun only because an upstream's output no longer
+    verifies share one line: test_a_deleted_or_cut_output_reruns_its_stage_and_dependents.)"""
+    drive(fan_out_graph(fail="b"), tmp_path)  # join is blocked: never run
+    prepared = prepare(fan_out_graph(fail="b", payloads={"a": "changed"}), tmp_path)
+    assert prepared.to_run == ["a", "b", "join"]
+    assert prepared.reasons == {"a": "its inputs or parameters changed", "b": "failed", "join": "not run"}
+    assert rerun_lines(prepared.reasons) == ["a: runs again: its inputs or parameters changed",
+                                             "b: runs again: it failed before"]
+    drive(fan_out_graph(), tmp_path)
+    prepared = prepare(fan_out_graph(payloads={"source": "again"}), tmp_path)
+    # An upstream's fingerprint is one of a stage's inputs: a changed source changes every fingerprint.
+    assert rerun_lines(prepared.reasons) == [f"{name}: runs again: its inputs or parameters changed"
+                                             for name in ("source", "a", "b", "c", "d", "join")]
+
+
+def test_status_says_a_success_whose_output_is_gone_runs_again_with_its_dependents(tmp_path):
+    from pipeline.backends.local import LocalBackend
+    from pipeline.run_record import read_record
+
+    drive(fan_out_graph(), tmp_path)
+    (tmp_path / "probe" / "b" / "output.txt").unlink()
+    layout = RunLayout(tmp_path.resolve(), "probe")
+    record = read_record(layout)
+    statuses = {s.name: s for s in LocalBackend.for_record(record).status(layout, record)}
+    assert {name: s.state.value for name, s in statuses.items()} == {
+        "source": "succeeded", "a": "succeeded", "b": "pending", "c": "succeeded", "d": "succeeded",
+        "join": "pending"}
+    assert statuses["b"].note == "output output.txt is missing: the next run reruns it"
+    assert statuses["join"].note == "upstream b runs again"
 
 
 def test_verify_hashes_every_output_even_when_size_and_mtime_are_kept(tmp_path):

@@ -172,8 +172,11 @@ def test_render_cli_writes_one_file_of_objects(tmp_path):
     assert sum(d["kind"] == "Job" for d in docs) == 28
 
 
+DATA_PINNED = ("--set", f"data.source_revision={'c' * 40}")  # the profile leaves it unpinned
+
+
 def test_the_study_scale_profile_names_its_unpinned_images_and_renders_digests_once_locked(tmp_path):
-    unlocked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", "images.lock_file=null")
+    unlocked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", "images.lock_file=null", *DATA_PINNED)
     assert unlocked.returncode == 0, unlocked.stderr
     assert unlocked.stderr.strip() == (
         "warning: image(s) cpu (faster-qat-cpu:dev), train (faster-qat-train:dev) not pinned by digest: "
@@ -184,7 +187,7 @@ def test_the_study_scale_profile_names_its_unpinned_images_and_renders_digests_o
     lock = tmp_path / "lock.yaml"
     lock.write_text(yaml.safe_dump({"images": {name: {"ref": ref, "pinned_by": "registry-digest"}
                                                 for name, ref in digests.items()}}))
-    locked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", f"images.lock_file={lock}",
+    locked = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", f"images.lock_file={lock}", *DATA_PINNED,
                  "--set", "images.refs={cpu: registry.example/faster-qat/cpu:dev, "
                  "train: registry.example/faster-qat/train:dev}")
     assert locked.returncode == 0 and locked.stderr == "", locked.stderr
@@ -192,6 +195,26 @@ def test_the_study_scale_profile_names_its_unpinned_images_and_renders_digests_o
     images = {c["image"] for d in docs if d["kind"] == "Job"
               for c in d["spec"]["template"]["spec"]["initContainers"] + d["spec"]["template"]["spec"]["containers"]}
     assert images == set(digests.values())
+
+
+def test_render_names_each_hub_id_no_revision_pins_and_where_it_is_read(tmp_path):
+    """The profile pins Qwen/Qwen3-8B (model and tokenizer) but not its dataset: one line says so.
+    Unpinning the model adds it, with the first stages that read it."""
+    pinned_model = cli(tmp_path, "-c", "qwen3-8b-b200")
+    assert pinned_model.returncode == 0, pinned_model.stderr
+    hub_lines = [line for line in pinned_model.stderr.splitlines() if line.startswith("warning: hub id")]
+    assert hub_lines == [
+        "warning: hub id(s) nvidia/OpenScience (read as preprocess.source) not pinned to a revision: set "
+        "model_revision, data.source_revision, data.tokenizer_revision (see `python -m pipeline config`) to a "
+        "commit hash"]
+    unpinned = cli(tmp_path, "-c", "qwen3-8b-b200", "--set", "model_revision=null", *DATA_PINNED)
+    hub_lines = [line for line in unpinned.stderr.splitlines() if line.startswith("warning: hub id")]
+    assert hub_lines == [
+        "warning: hub id(s) Qwen/Qwen3-8B (read as preprocess.tokenizer, eval-base.model, ptq-qat-nvfp4.model and "
+        "4 more) not pinned to a revision: set model_revision, data.source_revision, data.tokenizer_revision (see "
+        "`python -m pipeline config`) to a commit hash"]
+    every = cli(tmp_path, "-c", "qwen3-8b-b200", *DATA_PINNED)
+    assert not [line for line in every.stderr.splitlines() if line.startswith("warning: hub id")]
 
 
 def test_render_is_pure_and_deterministic_without_mlflow_or_cluster(tmp_path):
