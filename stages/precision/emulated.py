@@ -21,7 +21,9 @@ from torch import nn
 from contract.compat import emulated_refusal
 from contract.recipe import OperandSpec, Recipe
 from stages.precision.delayed import (
+    AmaxBank,
     AmaxHistory,
+    banks_for,
     histories_state,
     load_histories_state,
     roll_all,
@@ -42,8 +44,10 @@ class OperandQuantizer(AmaxHistory):
     """Fake-quantizes one operand role (e.g. `dgrad.grad_output`) along the last dim; under
     delayed scaling it is that role's amax history too."""
 
-    def __init__(self, spec: OperandSpec) -> None:
-        super().__init__(spec.amax_history_len, spec.amax_compute_algo)
+    def __init__(self, spec: OperandSpec, banks: dict[tuple[int, str], AmaxBank] | None = None) -> None:
+        delayed = spec.scaling == "delayed" and banks is not None
+        bank = banks_for(spec.amax_history_len, spec.amax_compute_algo, banks) if delayed else None
+        super().__init__(spec.amax_history_len, spec.amax_compute_algo, bank)
         self.spec = spec
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,12 +85,18 @@ class QuantizedLinear(OpaqueLinear):
     """Drop-in for nn.Linear: each forward quantizes from self.weight (cached per weight
     version). Fake quant can be switched off (QAT delay)."""
 
-    def __init__(self, linear: nn.Linear, recipe: Recipe, name: str) -> None:
+    def __init__(
+        self, linear: nn.Linear, recipe: Recipe, name: str, banks: dict[tuple[int, str], AmaxBank] | None = None
+    ) -> None:
+        """`banks`: where the delayed-scaling histories live (shared by a model's layers: delayed.py)."""
         super().__init__(linear)
         self.name = name
         self.recipe = recipe
         self.fake_quant_enabled = recipe.fake_quant_after_steps == 0
-        self.quantizers = {f"{gemm}.{operand}": OperandQuantizer(spec) for (gemm, operand), spec in recipe.operands()}
+        banks = {} if banks is None else banks
+        self.quantizers = {
+            f"{gemm}.{operand}": OperandQuantizer(spec, banks) for (gemm, operand), spec in recipe.operands()
+        }
         self.hadamard: torch.Tensor | None = None
         # Quantized weights by role, reused across the micro-batches of one optimizer step:
         # keyed on the weight's storage and version counter (an optimizer update bumps it), and
@@ -193,9 +203,9 @@ def convert_emulated(model: nn.Module, recipe: Recipe) -> list[QuantizedLinear]:
     refusal = emulated_refusal(recipe)
     if refusal:
         raise PrecisionUnavailable(refusal)
-    layers = []
+    layers, banks = [], {}
     for name in linear_names(model, recipe):
-        layer = QuantizedLinear(model.get_submodule(name), recipe, name)
+        layer = QuantizedLinear(model.get_submodule(name), recipe, name, banks)
         replace_module(model, name, layer)
         layers.append(layer)
     return layers

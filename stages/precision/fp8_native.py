@@ -32,7 +32,9 @@ from torch import nn
 from contract.compat import scaled_mm_refusal
 from contract.recipe import OperandSpec, Recipe
 from stages.precision.delayed import (
+    AmaxBank,
     AmaxHistory,
+    banks_for,
     histories_state,
     load_histories_state,
     roll_all,
@@ -68,9 +70,12 @@ class TensorScaling:
     """How one tensor of a layer (x, W or dy) finds its per-tensor scale: current scaling (its own
     amax) or delayed (an amax history: the cast records the amax it saw)."""
 
-    def __init__(self, spec: OperandSpec) -> None:
+    def __init__(self, spec: OperandSpec, banks: dict[tuple[int, str], AmaxBank]) -> None:
         self.dtype = FP8_DTYPES[spec.format]
-        self.history = AmaxHistory(spec.amax_history_len, spec.amax_compute_algo) if spec.scaling == "delayed" else None
+        self.history = None
+        if spec.scaling == "delayed":
+            length, algo = spec.amax_history_len, spec.amax_compute_algo
+            self.history = AmaxHistory(length, algo, banks_for(length, algo, banks))
 
     def quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(data, dequantization scale, data^T contiguous) of a 2-D x."""
@@ -105,7 +110,8 @@ def _quantize_input(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
 class ScaledMMLinear(OpaqueLinear):
     """Drop-in for nn.Linear holding the same Parameters; GEMMs in FP8 via torch._scaled_mm."""
 
-    def __init__(self, linear: nn.Linear, recipe: Recipe) -> None:
+    def __init__(self, linear: nn.Linear, recipe: Recipe, banks: dict[tuple[int, str], AmaxBank] | None = None) -> None:
+        """`banks`: where the delayed-scaling histories live (shared by a model's layers: delayed.py)."""
         super().__init__(linear)
         if self.in_features % 16 or self.out_features % 16:
             raise PrecisionUnavailable(
@@ -115,8 +121,9 @@ class ScaledMMLinear(OpaqueLinear):
         self.recipe = recipe
         self.x_dtype, self.w_dtype, self.g_dtype = check_recipe(recipe)
         # One scaling per tensor: check_recipe made sure both GEMMs that read a tensor ask alike.
-        self.scaling = {"input": TensorScaling(recipe.fprop.input), "weight": TensorScaling(recipe.fprop.weight),
-                        "grad_output": TensorScaling(recipe.dgrad.grad_output)}
+        banks = {} if banks is None else banks
+        self.scaling = {"input": TensorScaling(recipe.fprop.input, banks), "weight": TensorScaling(recipe.fprop.weight, banks),
+                        "grad_output": TensorScaling(recipe.dgrad.grad_output, banks)}
         self._cache: tuple[tuple[int, int], tuple[torch.Tensor, ...]] | None = None
         self._register()
 
@@ -204,9 +211,9 @@ def convert_scaled_mm(model: nn.Module, recipe: Recipe) -> dict[str, ScaledMMLin
     """Every linear the recipe quantizes, swapped in place; by name."""
     check_recipe(recipe)
     check_device()
-    layers = {}
+    layers, banks = {}, {}
     for name in linear_names(model, recipe):
-        layer = ScaledMMLinear(model.get_submodule(name), recipe)
+        layer = ScaledMMLinear(model.get_submodule(name), recipe, banks)
         replace_module(model, name, layer)
         layers[name] = layer
     return layers

@@ -15,6 +15,7 @@ from stages.precision import (
     load_recipe,
     prepare_model,
 )
+from stages.precision.delayed import AmaxBank, AmaxHistory, roll_all
 from stages.precision.emulated import OperandQuantizer, QuantizedLinear
 from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4
 
@@ -237,6 +238,27 @@ def test_delayed_scaling_uses_the_amax_history_of_previous_steps() -> None:
     quantizer(torch.tensor([0.5]))
     quantizer.roll()
     assert quantizer.history.tolist() == [0.5, 4.0]  # length 2: the 2.0 fell off
+
+
+def test_histories_of_one_bank_roll_apart_and_checkpoint_alone() -> None:
+    """A model's histories share one tensor (delayed.py); each still rolls only what it saw,
+    scales from its own rows, and leaves a checkpoint that is a copy, not a view of the bank."""
+    bank = AmaxBank(3, "max")
+    seen, idle = AmaxHistory(3, "max", bank), AmaxHistory(3, "max", bank)
+    for amax in (2.0, 5.0, 1.0):
+        seen.record(torch.tensor(amax))
+        roll_all([seen, idle])
+    assert seen.history.tolist() == [1.0, 5.0, 2.0] and seen.scaling_amax(torch.device("cpu")).item() == 5.0
+    assert idle.history is None and idle.steps_recorded == 0 and idle.scaling_amax(torch.device("cpu")) is None
+    saved = seen.state_dict()
+    seen.record(torch.tensor(9.0))
+    seen.roll()
+    assert saved["history"].tolist() == [1.0, 5.0, 2.0] and seen.history.tolist() == [9.0, 1.0, 5.0]
+    restored = AmaxHistory(3, "max", AmaxBank(3, "max"))
+    restored.load_state_dict(saved)
+    assert restored.history.tolist() == [1.0, 5.0, 2.0] and restored.steps_recorded == 3
+    with pytest.raises(ValueError, match="amax bank of length 3"):
+        AmaxHistory(4, "max", bank)
 
 
 def test_fp8_delayed_model_rolls_history_once_per_step(token_batch: torch.Tensor) -> None:
