@@ -33,7 +33,7 @@ from tests.k8s.dev_cluster import (
     wait_for,
 )
 from tests.pipeline.probe_dag import RUN_ID, fan_out_graph
-from tests.smoke import assert_same_losses
+from tests.smoke import TRIMMED_OUT, assert_same_losses, smoke_slice
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT_S + 1800)  # the first test may build the cluster and the image
 MOUNT = "/artifacts"
@@ -403,7 +403,6 @@ SMOKE_ON_CLUSTER = os.environ.get("FASTER_QAT_SLOW_TESTS") or os.environ.get("FA
 def smoke_overrides(namespace: str, cpu_image: str, train_image: str) -> list[str]:
     """The profile's model, data and task files are on this machine: pods see them through a
     read-only hostPath at the same path (k8s.host_mounts), as a shared filesystem would give."""
-    from tests.smoke import TRIMMED_OUT, smoke_slice
 
     overrides = [f"images.refs.cpu={cpu_image}", f"images.refs.train={train_image}", f"k8s.namespace={namespace}",
                  f"k8s.host_mounts=[{REPO / 'fixtures'}]", "k8s.tracking_uri=null", "k8s.poll_seconds=2",
@@ -419,6 +418,7 @@ def test_the_smoke_study_completes_through_submit(k8s_cluster, k8s_namespace, cl
     assert main(["submit", "--cluster", "k8s", "-c", "smoke", "--root", str(submitter),
                  *smoke_overrides(k8s_namespace, cluster_cpu_image, cluster_train_image)]) == 0
     states = finished_states(RunLayout(submitter, "smoke"), 1800)
+    assert len(states) == smoke_slice(TRIMMED_OUT)[1]
     assert set(states.values()) == {(StageState.SUCCEEDED, "")}, states
     assert_same_losses(artifact_root, smoke_root)
 
@@ -441,6 +441,7 @@ def test_the_smoke_study_completes_through_kubectl_apply_of_render(k8s_cluster, 
         return conditions if all({"Complete", "Failed"} & found for found in conditions.values()) else None
 
     conditions = wait_for(jobs_finished, 1800, "every Job to finish", every_s=3)
+    assert len(conditions) == smoke_slice(TRIMMED_OUT)[1]
     assert all("Complete" in found for found in conditions.values()), conditions
     assert_same_losses(artifact_root, smoke_root)
 

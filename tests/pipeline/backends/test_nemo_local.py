@@ -18,7 +18,7 @@ from pipeline.backends.nemo_settings import NemoRunSettings
 from pipeline.layout import RunLayout
 from pipeline.run_record import read_record
 from tests.pipeline.probe_dag import RUN_ID, fan_out_graph, plan
-from tests.smoke import BF16_ONLY_OUT, assert_same_losses, pipeline_cli, smoke_slice
+from tests.smoke import TRIMMED_OUT, assert_same_losses, pipeline_cli, smoke_slice
 
 pytestmark = pytest.mark.slow
 
@@ -52,14 +52,16 @@ def processes_of(run_dir: Path) -> list[str]:
 
 
 def test_the_smoke_study_on_the_local_executor_matches_the_local_run(nemorun_home, smoke_root, tmp_path):
+    """The QAT baseline and bf16 chains (11 stages; the Slurm executor's test runs the bf16 chain)."""
     root = tmp_path / "runs"
-    runs, stages = smoke_slice(BF16_ONLY_OUT)
+    runs, stages = smoke_slice(TRIMMED_OUT)
     submitted = pipeline_cli("submit", "--cluster", "nemo-run", "-c", "smoke", "--root", str(root),
                              "--set", f"nemo_run.python={sys.executable}", *runs)
     assert submitted.returncode == 0, submitted.stderr
     assert f"submitted {stages} stage(s): NeMo-Run experiment smoke_" in submitted.stdout
     layout = RunLayout(root.resolve(), "smoke")
     found = wait_finished(layout, 1200)
+    assert len(found) == stages
     assert {name: s.state for name, s in found.items()} == {name: StageState.SUCCEEDED for name in found}
 
     jobs = layout.read_jobs()  # one NeMo-Run experiment named after the run, a task per stage
