@@ -38,8 +38,9 @@ from contract.spec import TrackingRef
 
 RUN_KEY_TAG = "faster_qat.run_key"
 STAGE_KEY_TAG = "faster_qat.stage_key"
-# A study trains models: MLflow's "model training" kind, not its GenAI default (MLflow 3.17's UI
-# also takes the kind from the link `pipeline report` prints: stages/report/mlflow_view.py).
+# A study trains models: MLflow's "model training" kind, not its GenAI default. The tag is what
+# the API and older 3.x UIs read; 3.17's UI ignores it: the URL's `workflowType` decides (the link
+# `pipeline report` prints carries it), else the browser's last choice (stages/report/mlflow_view.py).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 TRACKING_DIR = "tracking"
@@ -154,6 +155,13 @@ class StageTracker:
                       "ts": int(time.time() * 1000), "stage": stage})
         self.flush()
 
+    def set_stage_tags(self, stage: str, tags: dict[str, str]) -> None:
+        """Tags on another stage's run of the same pipeline run (the report's yes/no facts about
+        a row: a tag, not a metric, so the chart view draws only numbers); sent once that run
+        exists."""
+        self._append({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}, "stage": stage})
+        self.flush()
+
     def set_experiment_tags(self, tags: dict[str, str]) -> None:
         """Tags of the study's experiment (e.g. a saved view of its runs page)."""
         self._append({"type": "experiment_tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -257,10 +265,10 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
             for chunk in _chunks(items, _MAX_PARAMS_PER_BATCH):
                 client.log_batch(state.run_id, params=chunk)
         elif kind == "tags":
-            target = state.parent_run_id if event.get("parent") else state.run_id
+            target = _event_target(event, state, stage_dir)
             client.log_batch(target, tags=[RunTag(k, v) for k, v in event["tags"].items()])
         elif kind == "metrics":
-            target = _metrics_target(event, state, stage_dir)
+            target = _event_target(event, state, stage_dir)
             items = [Metric(k, v, event["ts"], event["step"]) for k, v in event["metrics"].items()]
             for chunk in _chunks(items, _MAX_METRICS_PER_BATCH):
                 client.log_batch(target, metrics=chunk)
@@ -393,7 +401,8 @@ def stage_run_id(stage_dir: Path) -> str | None:
     return _SyncState.load(stage_dir / TRACKING_DIR / SYNCED_FILE).run_id
 
 
-def _metrics_target(event: dict[str, Any], state: _SyncState, stage_dir: Path) -> str:
+def _event_target(event: dict[str, Any], state: _SyncState, stage_dir: Path) -> str:
+    """The run a metrics or tags event goes to: the parent, another stage's, or this stage's."""
     if event.get("parent"):
         return state.parent_run_id
     if event.get("stage"):
@@ -401,7 +410,7 @@ def _metrics_target(event: dict[str, Any], state: _SyncState, stage_dir: Path) -
         run_id = stage_run_id(stage_dir.parent / event["stage"])
         if run_id is None:
             raise RuntimeError(f"{event['stage']}: its MLflow run does not exist yet; "
-                               "`python -m pipeline sync` sends these metrics once it does")
+                               f"`python -m pipeline sync` sends these {event['type']} once it does")
         return run_id
     return state.run_id
 

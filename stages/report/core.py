@@ -3,8 +3,8 @@
 Outputs: report.md, report.csv, report.html (table, plots, settings and versions; offline),
 rows.json, plots/*.png, mlflow_view.json (with tracking). In MLflow: the table becomes the
 parent run's description and the files its artifacts; each row's numbers go to the stage run it
-stands for under names shared by all (`study/*`, `study_ci/*`, `study_n/*`); a saved view of the
-runs page shows them side by side (stages/report/mlflow_view.py).
+stands for under names shared by all (`study/*`, `study_ci/*`, `study_n/*`; its yes/no facts as
+tags `study.*`); a saved view of the runs page shows them side by side (stages/report/mlflow_view.py).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for path in (out / "report.md", out / "report.csv", out / "report.html", *plots):
         ctx.tracker.log_artifact(path, "report")
         ctx.tracker.log_parent_artifact(path, "report")
-    ctx.tracker.set_parent_tags({"mlflow.note.content": markdown, "study.report": "report/report.html"})
+    ctx.tracker.set_parent_tags({"mlflow.note.content": markdown, "study.report": "report/report.html",
+                                 **_parent_tags(study)})
     ctx.tracker.log_parent_metrics(_parent_metrics(study))
     if ctx.spec.tracking is not None:
         _mlflow_comparison(ctx, study, set(ctx.spec.inputs), title)
@@ -80,12 +81,20 @@ def _parent_metrics(study: Study) -> dict[str, float]:
             for row in study.rows for name, value in mlflow_view.comparison_metrics(row).items()}
 
 
+def _parent_tags(study: Study) -> dict[str, str]:
+    """Per-row yes/no facts on the parent run too, named `study.<run>.<phase>.<fact>`."""
+    return {f"{mlflow_view.TAG_PREFIX}{row.run}.{row.phase}.{name.removeprefix(mlflow_view.TAG_PREFIX)}": value
+            for row in study.rows for name, value in mlflow_view.comparison_tags(row).items()}
+
+
 def _mlflow_comparison(ctx: StageContext, study: Study, stages: set[str], title: str) -> None:
     """Each row's metrics on its stage run, and a saved view of the runs page that compares them."""
     for row in study.rows:
         stage = mlflow_view.row_stage(row, stages)
         if stage is not None:
             ctx.tracker.log_stage_metrics(stage, mlflow_view.comparison_metrics(row))
+            if tags := mlflow_view.comparison_tags(row):
+                ctx.tracker.set_stage_tags(stage, tags)
     ids = ctx.tracker.mlflow_ids()
     if ids is None:  # MLflow unreachable since the stage started: `sync` delivers the metrics later
         ctx.log.warning("report: MLflow ids unknown (tracking offline); no saved view of the runs page")

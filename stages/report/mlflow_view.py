@@ -5,14 +5,26 @@ the runs page where they compare.
   trained run, eval-ptq-<run> for its PTQ model, eval-base for the base model), under the same
   names on every run: `study/*` the values, `study_ci/*` their intervals' bounds, `study_n/*`
   the sample sizes. The runs page sorts them as columns; its chart (compare) view draws each as
-  a bar chart, the `study` section first.
-- MLflow 3.17 chooses the GenAI or the model-training UI from its `workflowType` (the URL's
-  `workflowType` parameter, else the browser's last choice, GenAI by default; the experiment's
-  `mlflow.experimentKind` tag is what older 3.x read) and restores a runs page's columns, sort
-  and filter from a saved view: an experiment tag `mlflow.sharedViewState.<id>` whose value is
-  {"name", "createdAt", "state"} (state: the page's search facets and UI state as JSON), opened
-  by `#/experiments/<id>/runs?viewStateShareKey=<id>`. Sorting by a metric lists the nested
-  stage runs flat instead of folded under the parent.
+  a bar chart, the `study` section first. The row's yes/no facts (is the step-time ratio
+  comparable, is the loss difference within noise) are tags `study.*` on the same run: a
+  column, never an all-zero chart.
+- Only the link decides the view. MLflow 3.17's UI chooses the GenAI or the model-training view
+  in the browser: `WorkflowTypeProvider` (mlflow/server/js/src/common/contexts/
+  WorkflowTypeContext.tsx) takes the URL's `workflowType`, else localStorage
+  `mlflow.workflowType_v1` (the user's last switch), else `genai`; `useExperimentKind`
+  (experiment-tracking/utils/ExperimentKindUtils.ts) reads the experiment's
+  `mlflow.experimentKind` tag only when `shouldEnableWorkflowBasedNavigation()`
+  (common/utils/FeatureUtils.ts) is false, and it is hard-wired to true. No tag, server option
+  or environment variable reaches that choice, and the server never sees a route after '#', so
+  the plain `#/experiments/<id>/runs` opens the GenAI view in a fresh browser. The same holds
+  for the assistant panel: it opens once per browser profile on its own
+  (`AssistantFloatingButton`: when the page's host is localhost, 127.0.0.1 or ::1 and localStorage
+  `mlflow.assistant.fab.autoOpenedOnFirstLoad_v1` is unset), then stays as the user left it
+  (`mlflow.assistant.panelOpen_v1`).
+- A runs page's columns, sort and filter come back from a saved view: an experiment tag
+  `mlflow.sharedViewState.<id>` whose value is {"name", "createdAt", "state"} (state: the page's
+  search facets and UI state as JSON), opened by `#/experiments/<id>/runs?viewStateShareKey=<id>`.
+  Sorting by a metric lists the nested stage runs flat instead of folded under the parent.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from stages.report.rows import StudyRow
 # MLflow's chart view groups metrics into sections by the part of their name before "/": the
 # comparison first, then the intervals' bounds, then the sample sizes.
 PREFIX, INTERVAL_PREFIX, SIZE_PREFIX = "study/", "study_ci/", "study_n/"
+TAG_PREFIX = "study."  # the row's yes/no facts: tags, so the chart view holds only numbers
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 WORKFLOW_PARAM = "workflowType=machine_learning"  # MLflow 3.17: the model-training UI
 VIEW_FILE = "mlflow_view.json"  # in the report's folder: what `pipeline report` links to
@@ -41,13 +54,11 @@ def row_stage(row: StudyRow, stages: set[str]) -> str | None:
 
 def comparison_metrics(row: StudyRow) -> dict[str, float]:
     """The row's numbers under the names every stage run shares."""
-    values: dict[str, float | int | bool | None] = {
+    values: dict[str, float | int | None] = {
         PREFIX + "val_loss_deployed": row.val_loss,
         PREFIX + "val_loss_deployed_vs_baseline_pct": row.val_loss_vs_baseline_pct,
-        PREFIX + "val_loss_deployed_within_noise": row.val_loss_within_noise,
         PREFIX + "step_time_s": row.step_time_s,
         PREFIX + "step_time_vs_baseline": row.step_time_vs_baseline,
-        PREFIX + "step_time_comparable": row.step_time_comparable,
         INTERVAL_PREFIX + "val_loss_deployed_low": row.val_loss_low,
         INTERVAL_PREFIX + "val_loss_deployed_high": row.val_loss_high,
         INTERVAL_PREFIX + "val_loss_deployed_vs_baseline_pct_low": row.val_loss_vs_baseline_pct_low,
@@ -68,13 +79,22 @@ def comparison_metrics(row: StudyRow) -> dict[str, float]:
     return {name: float(value) for name, value in values.items() if value is not None}
 
 
+def comparison_tags(row: StudyRow) -> dict[str, str]:
+    """The row's yes/no facts, "true" or "false", where the row has them (the baseline has no
+    difference to itself)."""
+    facts = {TAG_PREFIX + "step_time_comparable": row.step_time_comparable,
+             TAG_PREFIX + "val_loss_deployed_within_noise": row.val_loss_within_noise}
+    return {name: str(value).lower() for name, value in facts.items() if value is not None}
+
+
 def view_columns(tasks: list[str]) -> list[str]:
     """The runs page's columns: what a researcher compares, its sample sizes, what the run was."""
     values = ["val_loss_deployed", "val_loss_deployed_vs_baseline_pct", "step_time_vs_baseline", "step_time_s",
-              *(f"accuracy_{task}" for task in tasks), "step_time_comparable", "val_loss_deployed_within_noise"]
+              *(f"accuracy_{task}" for task in tasks)]
+    facts = ["step_time_comparable", "val_loss_deployed_within_noise"]
     sizes = ["val_tokens", "step_time_steps", *(f"accuracy_{task}_questions" for task in tasks)]
-    return ([f"metrics.`{PREFIX}{name}`" for name in values] + [f"metrics.`{SIZE_PREFIX}{name}`" for name in sizes]
-            + ["tags.`recipe`", "tags.`backend`"])
+    return ([f"metrics.`{PREFIX}{name}`" for name in values] + [f"tags.`{TAG_PREFIX}{name}`" for name in facts]
+            + [f"metrics.`{SIZE_PREFIX}{name}`" for name in sizes] + ["tags.`recipe`", "tags.`backend`"])
 
 
 def view_state(parent_run_id: str, tasks: list[str]) -> dict[str, Any]:

@@ -91,6 +91,14 @@ def test_mlflow_holds_every_stage_and_the_ui_compares_the_runs(smoke_root, tmp_p
         assert metrics["study/step_time_s"] > 0 and metrics["study_n/step_time_steps"] == 5
         assert metrics["study_n/accuracy_mmlu_tiny_questions"] == 6
     assert "study/val_loss_deployed" in by_stage["eval-base"].data.metrics
+    # Its yes/no facts are tags (a column), not metrics (an all-zero chart in the chart view).
+    for run_name in RUNS:
+        row, tags = rows[(run_name, "trained")], by_stage[f"train-{run_name}"].data.tags
+        assert tags["study.step_time_comparable"] == row["step_time_comparable"].lower()
+        assert parent.data.tags[f"study.{run_name}.trained.step_time_comparable"] == row["step_time_comparable"].lower()
+        if run_name != "bf16":
+            assert tags["study.val_loss_deployed_within_noise"] == row["val_loss_within_noise"].lower()
+    assert not {name for run in nested for name in run.data.metrics if "comparable" in name or "within_noise" in name}
     experiment = client.get_experiment(experiment_id)
     view = json.loads((smoke_root / "smoke" / "report" / "mlflow_view.json").read_text())
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -109,8 +117,10 @@ def test_mlflow_holds_every_stage_and_the_ui_compares_the_runs(smoke_root, tmp_p
         runs_dom = render(f"{server.uri}/#{view['route']}", shots / "runs.png", window=(2600, 1000),
                           wait_for="study/accuracy_mmlu_tiny")
         for column in ("study/val_loss_deployed", "study/val_loss_deployed_vs_baseline_pct",
-                       "study/step_time_vs_baseline", "study/step_time_s", "study/accuracy_mmlu_tiny"):
+                       "study/step_time_vs_baseline", "study/step_time_s", "study/accuracy_mmlu_tiny",
+                       "study.step_time_comparable"):
             assert column in runs_dom, column
+        assert ">Model registry<" in runs_dom and ">Training runs<" not in runs_dom  # the model-training view
         assert "train-bf16" in runs_dom and "eval-base" in runs_dom and f"<strong>{len(nested)}</strong> matching runs" in runs_dom
         # The same view compared (the runs page's chart view): one chart per comparison metric.
         chart_titles = tuple(f">{metric}<" for metric in ("study/val_loss_deployed", "study/step_time_s",
@@ -119,10 +129,16 @@ def test_mlflow_holds_every_stage_and_the_ui_compares_the_runs(smoke_root, tmp_p
                             shots / "compare.png", window=(1600, 2400), wait_for=chart_titles)
         for title in chart_titles:
             assert title in charts_dom, title  # one chart per comparison metric
+        assert ">study/step_time_comparable<" not in charts_dom  # a yes/no fact is no chart
+        # Why the report prints a link: MLflow 3.17 picks the view in the browser (the URL's
+        # workflowType, else the browser's last switch, else GenAI) and reads no experiment tag
+        # for it (stages/report/mlflow_view.py), so the plain URL opens the GenAI view.
+        plain_dom = render(f"{server.uri}/#/experiments/{experiment_id}/runs", shots / "plain.png", wait_for="smoke")
+        assert ">Training runs<" in plain_dom and ">Model registry<" not in plain_dom
         parent_dom = render(f"{server.uri}/#/experiments/{experiment_id}/runs/{parent_id}"
                             f"?{WORKFLOW_PARAM}", shots / "parent.png")
         assert "nv4f-mx8b" in parent_dom and "qat-nvfp4" in parent_dom
-        for shot in ("runs.png", "compare.png", "parent.png"):
+        for shot in ("runs.png", "compare.png", "parent.png", "plain.png"):
             assert (shots / shot).stat().st_size > 20_000
     finally:
         server.stop()

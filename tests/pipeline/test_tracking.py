@@ -124,12 +124,17 @@ def test_the_report_logs_to_other_stage_runs_and_tags_the_study_experiment(tmp_p
     assert summary.mlflow_ids() == (experiment, parent_run_id_of(client, ref))
     summary.set_experiment_tags({"mlflow.sharedViewState.abc": '{"name": "compare"}'})
     summary.log_stage_metrics("a", {"study.val_loss_deployed": 6.5})
+    summary.set_stage_tags("a", {"study.step_time_comparable": "false"})
     summary.log_stage_metrics("late", {"study.val_loss_deployed": 7.5})  # that stage has no run yet
+    summary.set_stage_tags("late", {"study.step_time_comparable": "true"})
 
     assert client.get_experiment(experiment).tags["mlflow.sharedViewState.abc"] == '{"name": "compare"}'
-    assert client.get_run(stage_run_id(layout.stage_dir("a"))).data.metrics["study.val_loss_deployed"] == 6.5
-    assert pending_event_count(layout.stage_dir("summary")) == 1  # waits, in order, for its target
+    a = client.get_run(stage_run_id(layout.stage_dir("a"))).data
+    assert a.metrics["study.val_loss_deployed"] == 6.5 and a.tags["study.step_time_comparable"] == "false"
+    assert "study.step_time_comparable" not in client.get_run(stage_run_id(layout.stage_dir("summary"))).data.tags
+    assert pending_event_count(layout.stage_dir("summary")) == 2  # waits, in order, for its target
     late = StageTracker(layout.stage_dir("late"), ref, "late")
     late.start({"stage": "late"})
-    assert sync_stage_events(layout.stage_dir("summary"), ref) == 1
-    assert client.get_run(stage_run_id(layout.stage_dir("late"))).data.metrics["study.val_loss_deployed"] == 7.5
+    assert sync_stage_events(layout.stage_dir("summary"), ref) == 2
+    late_run = client.get_run(stage_run_id(layout.stage_dir("late"))).data
+    assert late_run.metrics["study.val_loss_deployed"] == 7.5 and late_run.tags["study.step_time_comparable"] == "true"
