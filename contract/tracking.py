@@ -11,8 +11,23 @@ acknowledged position is kept in `tracking/synced.json`, so a replay sends nothi
 No run id exists before the study runs: the experiment is found or made by name, the parent run
 by the pipeline run id (tag `faster_qat.run_key`), each stage's run by (run, stage, attempt) (tag
 `faster_qat.stage_key`; the attempt is written once into the stage's first event, so a resumed
-or retried stage keeps its run). A create whose response is lost is found by its key on the
-retry; two racers that both create settle on the earliest run and delete the other.
+or retried stage keeps its run).
+
+Runs have no unique key in MLflow, so a create is never retried blindly: it goes out once, without
+MLflow's HTTP retries; when its answer is lost (or a 5xx comes back) the key is searched, the run
+found is used, and only when none is found is the create sent again. A lost answer and a retry
+therefore leave exactly one run, deleted ones included.
+
+Racers (two pods of one stage attempt, stages making the parent run at once) can each search,
+find nothing and create: MLflow cannot stop that. They agree through a write-once claim per key:
+the only unique constraint MLflow's API offers is the experiment name, so the claim is an
+experiment named after the key (`faster_qat.claim/<sha256>/<generation>`), created with the chosen
+run id as a tag and deleted at once (hidden from the UI; the deleted name stays taken until
+`mlflow gc`). The first claim wins whatever the clocks or delays; every process uses the claimed
+run and deletes the other runs of the key it sees (each at least its own). Limits: a race still
+leaves the losers' runs behind as deleted runs (none is ever logged to); a claimed run that a
+user deletes moves the key to the claim's next generation (a new run); `mlflow gc` frees the
+claims' names, and the next election then finds the one surviving run.
 
 Event format (one JSON object a line): `create_run` {run_name, tags, attempt}, `params` {params},
 `tags` {tags, parent?}, `metrics` {metrics, step, ts, parent? | stage?}, `artifact` {path,
@@ -22,6 +37,7 @@ pipeline run's parent run (the report); `stage: NAME` another stage's run of the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -257,7 +273,7 @@ def sync_stage_events(stage_dir: Path, ref: TrackingRef) -> int:
                 key = f"{ref.run_key}/{event['run_name']}/{event.get('attempt', '0')}"
                 tags = {**event["tags"], "mlflow.parentRunId": state.parent_run_id}
                 state.run_id = get_or_create_run(client, experiment_id, STAGE_KEY_TAG, key,
-                                                 event["run_name"], tags, ref.settle_s)
+                                                 event["run_name"], tags)
         elif state.run_id is None:
             raise RuntimeError(f"{stage_dir}: tracking events without a create_run event")
         elif kind == "params":
@@ -333,28 +349,77 @@ def parent_run_id_of(client: Any, ref: TrackingRef, experiment_id: str | None = 
     """The pipeline run's parent run, found by its key or made (one per run id, ever)."""
     experiment_id = experiment_id or experiment_id_of(client, ref)
     return get_or_create_run(client, experiment_id, RUN_KEY_TAG, ref.run_key, ref.run_key,
-                             {"pipeline.run_id": ref.run_key}, ref.settle_s)
+                             {"pipeline.run_id": ref.run_key})
 
 
 def get_or_create_run(client: Any, experiment_id: str, key_tag: str, key: str, run_name: str,
-                      tags: dict[str, str], settle_s: float) -> str:
-    """The one active run tagged `key_tag=key`, made if none: idempotent under retries and races.
+                      tags: dict[str, str]) -> str:
+    """The one run tagged `key_tag=key`, made if none: idempotent under lost responses and races.
 
-    After creating, wait `settle_s` and look again: a racer that searched before our create
-    committed has made its own by then, and both keep the same (earliest) one."""
-    existing = _runs_with_key(client, experiment_id, key_tag, key)
-    if existing:
-        return _settle(client, existing)
-    try:
-        client.create_run(experiment_id, run_name=run_name, tags={**tags, key_tag: key})
-    except Exception:
-        # The response may be lost after the server made the run: look before failing.
-        existing = _runs_with_key(client, experiment_id, key_tag, key)
-        if not existing:
-            raise
-        return _settle(client, existing)
-    time.sleep(settle_s)
-    return _settle(client, _runs_with_key(client, experiment_id, key_tag, key))
+    The create is sent once (`_create_run_once`); when its answer does not come, the key tells
+    whether the server made the run. Racers that each made one agree through the key's claim
+    (`_elect`) and delete the runs that lost."""
+    candidates = (_runs_with_key(client, experiment_id, key_tag, key)
+                  or _create_or_find(client, experiment_id, key_tag, key, run_name, tags))
+    earliest = min(candidates, key=lambda run: (run.info.start_time, run.info.run_id))
+    chosen = _elect(client, experiment_id, key_tag, key, earliest.info.run_id)
+    for run in candidates:
+        if run.info.run_id != chosen:
+            _delete_quietly(client, run.info.run_id)
+    return chosen
+
+
+# A create whose answer is lost is tried again only after the key says the server did not make it.
+_CREATE_ATTEMPTS = (0.0, 0.5, 1.0)
+
+
+def _create_or_find(client: Any, experiment_id: str, key_tag: str, key: str, run_name: str,
+                    tags: dict[str, str]) -> list[Any]:
+    """[our new run], or the runs of the key when a create made one though its answer was lost."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt, delay in enumerate(_CREATE_ATTEMPTS):
+        time.sleep(delay)
+        try:
+            return [_create_run_once(client, experiment_id, run_name, {**tags, key_tag: key})]
+        except MlflowException as error:
+            if not _outcome_unknown(error) or attempt == len(_CREATE_ATTEMPTS) - 1:
+                raise
+            # No answer or a 5xx: a dead server fails this search too (fast: stages keep
+            # working), a live one says whether the create made the run.
+            found = _runs_with_key(client, experiment_id, key_tag, key)
+            if found:
+                return found
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _create_run_once(client: Any, experiment_id: str, run_name: str, tags: dict[str, str]) -> Any:
+    """`create_run` without MLflow's HTTP retries: a retried create whose first answer was lost
+    makes a second run (runs have no unique key), so the caller decides what to do instead."""
+    from mlflow.entities import Run, RunTag
+    from mlflow.protos.service_pb2 import CreateRun
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.utils.proto_json_utils import message_to_json, parse_dict
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    store = client._tracking_client.store
+    if not isinstance(store, RestStore):  # an embedded store commits or raises: no lost answer
+        return client.create_run(experiment_id, run_name=run_name, tags=tags)
+    endpoint = "/api/2.0/mlflow/runs/create"
+    body = CreateRun(experiment_id=str(experiment_id), run_name=run_name, start_time=int(time.time() * 1000),
+                     tags=[RunTag(k, v).to_proto() for k, v in tags.items()])
+    response = http_request(store.get_host_creds(), endpoint, "POST", max_retries=0,
+                            json=json.loads(message_to_json(body)))
+    response = verify_rest_response(response, endpoint)
+    answer = CreateRun.Response()
+    parse_dict(js_dict=response.json(), message=answer)
+    return Run.from_proto(answer.run)
+
+
+def _outcome_unknown(error: Any) -> bool:
+    """The server may have made the run: no answer, or a 5xx/429 (a 4xx is a definite no)."""
+    status = error.get_http_status_code()
+    return status >= 500 or status == 429
 
 
 def _runs_with_key(client: Any, experiment_id: str, key_tag: str, key: str) -> list[Any]:
@@ -362,15 +427,65 @@ def _runs_with_key(client: Any, experiment_id: str, key_tag: str, key: str) -> l
                               max_results=50)
 
 
-def _settle(client: Any, runs: list[Any]) -> str:
-    """Everyone keeps the earliest run of a key and deletes the others (a retry's or a racer's)."""
-    runs = sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
-    for extra in runs[1:]:
-        try:
-            client.delete_run(extra.info.run_id)
-        except Exception:  # already deleted by another racer
-            pass
-    return runs[0].info.run_id
+# The write-once register that makes racers agree: MLflow's one unique constraint reachable through
+# its API is the experiment name, so a key's claim is an experiment named after the key, created
+# with the chosen run id as a tag and deleted at once (hidden from the UI, the name stays taken).
+CLAIM_RUN_TAG = "faster_qat.claimed_run"
+_MAX_CLAIM_GENERATIONS = 100
+
+
+def _claim_name(experiment_id: str, key_tag: str, key: str, generation: int) -> str:
+    digest = hashlib.sha256(f"{experiment_id}\n{key_tag}\n{key}".encode()).hexdigest()[:32]
+    return f"faster_qat.claim/{digest}/{generation}"
+
+
+def _elect(client: Any, experiment_id: str, key_tag: str, key: str, candidate: str) -> str:
+    """The run of `key` every process uses: the first candidate written into the key's claim.
+    A claimed run deleted since (by a user) moves the key to its next claim generation."""
+    from mlflow.exceptions import MlflowException
+
+    for generation in range(_MAX_CLAIM_GENERATIONS):
+        name = _claim_name(experiment_id, key_tag, key, generation)
+        claim = client.get_experiment_by_name(name)
+        if claim is None:
+            try:
+                claim_id = client.create_experiment(name, tags={CLAIM_RUN_TAG: candidate, key_tag: key})
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":  # a racer's claim (or our own,
+                    raise  # made by a retry whose first answer was lost): read it below
+            else:
+                _hide_claim(client, claim_id)
+            claim = client.get_experiment_by_name(name)
+        chosen = claim.tags[CLAIM_RUN_TAG]
+        if chosen == candidate or _is_active(client, chosen):
+            return chosen
+    raise RuntimeError(f"{key_tag}={key}: {_MAX_CLAIM_GENERATIONS} claimed runs were deleted; "
+                       "use a new run id")
+
+
+def _is_active(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":  # purged by `mlflow gc`
+            return False
+        raise
+
+
+def _hide_claim(client: Any, claim_id: str) -> None:
+    try:
+        client.delete_experiment(claim_id)
+    except Exception:  # a claim left visible is only clutter: the name holds either way
+        pass
+
+
+def _delete_quietly(client: Any, run_id: str) -> None:
+    try:
+        client.delete_run(run_id)
+    except Exception:  # already deleted by another racer
+        pass
 
 
 def close_parent_run(ref: TrackingRef, status: str) -> None:

@@ -1,6 +1,6 @@
 """The parent run and a stage's run are made where the study runs, found or made by key: a create
-whose response is lost and retried, or two pods of one stage attempt racing, leave one run. Against
-a real `mlflow server`, behind a proxy that can drop a response."""
+whose response is lost and retried, or pods of one stage attempt racing, leave one run that every
+one of them logs to. Against a real `mlflow server`, behind a proxy that can drop a response."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from contract.spec import TrackingRef
 from contract.tracking import (
+    RUN_KEY_TAG,
     STAGE_KEY_TAG,
     experiment_id_of,
     get_or_create_run,
@@ -22,11 +24,12 @@ from contract.tracking import (
 
 
 class DroppingProxy:
-    """Forwards every request to the server; for the first `drop` calls to runs/create it lets
-    the server make the run, then closes the connection without answering (a lost response)."""
+    """Forwards every request to the server. Of the calls to runs/create, the first `refuse` get
+    a 503 without reaching the server; the next `drop` reach it (the run is made), then the
+    connection closes without an answer (a lost response)."""
 
-    def __init__(self, upstream_port: int, drop: int) -> None:
-        self.creates_seen = 0
+    def __init__(self, upstream_port: int, drop: int = 0, refuse: int = 0) -> None:
+        self.creates_seen = 0  # creates the client sent
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,17 +39,23 @@ class DroppingProxy:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                is_create = self.command == "POST" and self.path.endswith("/runs/create")
+                if is_create:
+                    proxy.creates_seen += 1
+                    if proxy.creates_seen <= refuse:
+                        self.send_response(503)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                 upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 answer = upstream.getresponse()
                 payload = answer.read()
-                if self.command == "POST" and self.path.endswith("/runs/create"):
-                    proxy.creates_seen += 1
-                    if proxy.creates_seen <= drop:
-                        self.close_connection = True
-                        self.connection.close()  # the run exists; its id never reaches the client
-                        return
+                if is_create and proxy.creates_seen <= refuse + drop:
+                    self.close_connection = True
+                    self.connection.close()  # the run exists; its id never reaches the client
+                    return
                 self.send_response(answer.status)
                 for key, value in answer.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -65,50 +74,94 @@ class DroppingProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
-def active_runs_with(client: MlflowClient, ref: TrackingRef, tag: str, key: str) -> list:
+def runs_with(client: MlflowClient, ref: TrackingRef, tag: str, key: str) -> list:
+    """Every run of the key, deleted ones included."""
     experiment = experiment_id_of(client, ref)
-    return client.search_runs([experiment], filter_string=f"tags.`{tag}` = '{key}'")
+    return client.search_runs([experiment], filter_string=f"tags.`{tag}` = '{key}'",
+                              run_view_type=ViewType.ALL)
 
 
 @pytest.mark.parametrize("retries", ["0", "3"])
-def test_a_lost_create_response_then_a_retry_leaves_one_parent_run(mlflow_server, monkeypatch, retries):
-    """With MLflow's own HTTP retries (3) the server sees two creates; without (0) the call fails
-    and the key finds the run: either way one run, and the same one is found again later."""
+def test_a_lost_create_response_leaves_exactly_one_parent_run(mlflow_server, monkeypatch, retries):
+    """Even with MLflow's own HTTP retries on (3), the create goes out once; the key finds the run
+    it made. One run in all, deleted ones counted, and the same one is found again later."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     mlflow_server.start()
     proxy = DroppingProxy(mlflow_server.port, drop=1)
-    ref = TrackingRef(tracking_uri=proxy.uri, experiment="idempotent", run_key="run-1", settle_s=0.2)
-    client = MlflowClient(tracking_uri=proxy.uri)
-    parent = parent_run_id_of(client, ref)
-    assert proxy.creates_seen >= 1
+    ref = TrackingRef(tracking_uri=proxy.uri, experiment="idempotent", run_key="run-1")
+    parent = parent_run_id_of(MlflowClient(tracking_uri=proxy.uri), ref)
+    assert proxy.creates_seen == 1
     direct = MlflowClient(tracking_uri=mlflow_server.uri)
-    runs = direct.search_runs([experiment_id_of(direct, ref)], filter_string="tags.`faster_qat.run_key` = 'run-1'")
-    assert [run.info.run_id for run in runs] == [parent]
+    runs = runs_with(direct, ref, RUN_KEY_TAG, "run-1")
+    assert [(run.info.run_id, run.info.lifecycle_stage) for run in runs] == [(parent, "active")]
     assert parent_run_id_of(direct, ref) == parent
 
 
-def _race(uri: str, barrier, results) -> None:
+def test_a_create_refused_before_the_server_is_sent_again_and_leaves_one_run(mlflow_server):
+    """A 503 from in front of the server (nothing made): the key finds nothing, the create goes
+    out again and makes the one run."""
+    mlflow_server.start()
+    proxy = DroppingProxy(mlflow_server.port, refuse=1)
+    ref = TrackingRef(tracking_uri=proxy.uri, experiment="idempotent", run_key="run-1")
+    client = MlflowClient(tracking_uri=proxy.uri)
+    experiment = experiment_id_of(client, ref)
+    stage_run = get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/train/a", "train", {"stage": "train"})
+    assert proxy.creates_seen == 2
+    runs = runs_with(MlflowClient(tracking_uri=mlflow_server.uri), ref, STAGE_KEY_TAG, "run-1/train/a")
+    assert [(run.info.run_id, run.info.lifecycle_stage) for run in runs] == [(stage_run, "active")]
+
+
+def test_a_claimed_run_deleted_by_a_user_is_replaced_once(mlflow_server):
+    mlflow_server.start()
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    ref = TrackingRef(tracking_uri=mlflow_server.uri, experiment="idempotent", run_key="run-1")
+    experiment = experiment_id_of(client, ref)
+    first = get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/eval/a", "eval", {})
+    client.delete_run(first)
+    second = get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/eval/a", "eval", {})
+    assert second != first
+    assert get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/eval/a", "eval", {}) == second
+    runs = runs_with(client, ref, STAGE_KEY_TAG, "run-1/eval/a")
+    assert sorted((run.info.run_id, run.info.lifecycle_stage) for run in runs) == sorted(
+        [(first, "deleted"), (second, "active")])
+
+
+RACERS = 3
+
+
+def _race(uri: str, index: int, barrier, results) -> None:
     client = MlflowClient(tracking_uri=uri)
-    ref = TrackingRef(tracking_uri=uri, experiment="racing", run_key="run-1", settle_s=1.0)
+    ref = TrackingRef(tracking_uri=uri, experiment="racing", run_key="run-1")
     experiment = experiment_id_of(client, ref)
     barrier.wait()
-    results.put(get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/train/attempt-a", "train",
-                                  {"stage": "train"}, ref.settle_s))
+    run_id = get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/train/attempt-a", "train",
+                               {"stage": "train"})
+    client.log_metric(run_id, "racer", index, step=index)
+    results.put(run_id)
 
 
-def test_two_pods_of_one_stage_attempt_racing_leave_one_run(mlflow_server):
+def test_pods_of_one_stage_attempt_racing_all_log_to_one_run(mlflow_server):
     mlflow_server.start()
     ref = TrackingRef(tracking_uri=mlflow_server.uri, experiment="racing", run_key="run-1")
-    experiment_id_of(MlflowClient(tracking_uri=mlflow_server.uri), ref)  # both see the experiment
+    experiment_id_of(MlflowClient(tracking_uri=mlflow_server.uri), ref)  # all see the experiment
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(2), context.Queue()
-    racers = [context.Process(target=_race, args=(mlflow_server.uri, barrier, results)) for _ in range(2)]
+    barrier, results = context.Barrier(RACERS), context.Queue()
+    racers = [context.Process(target=_race, args=(mlflow_server.uri, index, barrier, results))
+              for index in range(RACERS)]
     for racer in racers:
         racer.start()
-    chosen = {results.get(timeout=120) for _ in racers}
+    chosen = [results.get(timeout=120) for _ in racers]
     for racer in racers:
         racer.join(timeout=60)
+        assert racer.exitcode == 0
     client = MlflowClient(tracking_uri=mlflow_server.uri)
-    survivors = active_runs_with(client, ref, STAGE_KEY_TAG, "run-1/train/attempt-a")
-    assert len(chosen) == 1 and [run.info.run_id for run in survivors] == list(chosen)
+    runs = runs_with(client, ref, STAGE_KEY_TAG, "run-1/train/attempt-a")
+    active = [run for run in runs if run.info.lifecycle_stage == "active"]
+    assert len(set(chosen)) == 1 and [run.info.run_id for run in active] == chosen[:1]
+    history = client.get_metric_history(chosen[0], "racer")
+    assert sorted(metric.value for metric in history) == [float(index) for index in range(RACERS)]
+    # The runs that lost the race (if the racers made more than one) are deleted and empty.
+    for run in runs:
+        if run.info.run_id != chosen[0]:
+            assert run.info.lifecycle_stage == "deleted" and not run.data.metrics
