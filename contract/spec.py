@@ -53,8 +53,8 @@ class TrackingRef(BaseModel):
     artifact_location: str | None = Field(
         None, description="Artifact root of a new experiment (the embedded sqlite store's folder).")
     settle_s: float = Field(
-        1.0, ge=0, description="How long a stage waits after creating its run before looking for a "
-        "racer's (two pods of one attempt); 0 where one process per attempt is guaranteed (local).")
+        1.0, ge=0, description="Unused: racers now agree through a per-key claim (contract.tracking), "
+        "not by waiting; kept so run records written before still load.")
 
 
 class StageSpec(BaseModel):
