@@ -21,6 +21,15 @@ from contract.tracking import (
     get_or_create_run,
     parent_run_id_of,
 )
+from tests.e2e.mlflow_server import MlflowServer
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` for this file (each test has its own experiment): it starts slowly."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    with MlflowServer(folder / "mlflow.db", folder / "artifacts") as server:
+        yield server
 
 
 class DroppingProxy:
@@ -28,8 +37,10 @@ class DroppingProxy:
     a 503 without reaching the server; the next `drop` reach it (the run is made), then the
     connection closes without an answer (a lost response)."""
 
-    def __init__(self, upstream_port: int, drop: int = 0, refuse: int = 0) -> None:
+    def __init__(self, upstream_port: int, drop: int = 0, refuse: int = 0, hold: bool = False) -> None:
         self.creates_seen = 0  # creates the client sent
+        # With `hold`, the first create waits at the proxy until `release` is set (a slow racer).
+        self.create_arrived, self.release = threading.Event(), threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +53,9 @@ class DroppingProxy:
                 is_create = self.command == "POST" and self.path.endswith("/runs/create")
                 if is_create:
                     proxy.creates_seen += 1
+                    if hold and proxy.creates_seen == 1:
+                        proxy.create_arrived.set()
+                        proxy.release.wait(timeout=120)
                     if proxy.creates_seen <= refuse:
                         self.send_response(503)
                         self.send_header("Content-Length", "0")
@@ -87,9 +101,8 @@ def test_a_lost_create_response_leaves_exactly_one_parent_run(mlflow_server, mon
     it made. One run in all, deleted ones counted, and the same one is found again later."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-    mlflow_server.start()
     proxy = DroppingProxy(mlflow_server.port, drop=1)
-    ref = TrackingRef(tracking_uri=proxy.uri, experiment="idempotent", run_key="run-1")
+    ref = TrackingRef(tracking_uri=proxy.uri, experiment=f"lost-answer-{retries}", run_key="run-1")
     parent = parent_run_id_of(MlflowClient(tracking_uri=proxy.uri), ref)
     assert proxy.creates_seen == 1
     direct = MlflowClient(tracking_uri=mlflow_server.uri)
@@ -101,9 +114,8 @@ def test_a_lost_create_response_leaves_exactly_one_parent_run(mlflow_server, mon
 def test_a_create_refused_before_the_server_is_sent_again_and_leaves_one_run(mlflow_server):
     """A 503 from in front of the server (nothing made): the key finds nothing, the create goes
     out again and makes the one run."""
-    mlflow_server.start()
     proxy = DroppingProxy(mlflow_server.port, refuse=1)
-    ref = TrackingRef(tracking_uri=proxy.uri, experiment="idempotent", run_key="run-1")
+    ref = TrackingRef(tracking_uri=proxy.uri, experiment="refused-create", run_key="run-1")
     client = MlflowClient(tracking_uri=proxy.uri)
     experiment = experiment_id_of(client, ref)
     stage_run = get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/train/a", "train", {"stage": "train"})
@@ -113,9 +125,8 @@ def test_a_create_refused_before_the_server_is_sent_again_and_leaves_one_run(mlf
 
 
 def test_a_claimed_run_deleted_by_a_user_is_replaced_once(mlflow_server):
-    mlflow_server.start()
     client = MlflowClient(tracking_uri=mlflow_server.uri)
-    ref = TrackingRef(tracking_uri=mlflow_server.uri, experiment="idempotent", run_key="run-1")
+    ref = TrackingRef(tracking_uri=mlflow_server.uri, experiment="deleted-by-user", run_key="run-1")
     experiment = experiment_id_of(client, ref)
     first = get_or_create_run(client, experiment, STAGE_KEY_TAG, "run-1/eval/a", "eval", {})
     client.delete_run(first)
@@ -125,6 +136,35 @@ def test_a_claimed_run_deleted_by_a_user_is_replaced_once(mlflow_server):
     runs = runs_with(client, ref, STAGE_KEY_TAG, "run-1/eval/a")
     assert sorted((run.info.run_id, run.info.lifecycle_stage) for run in runs) == sorted(
         [(first, "deleted"), (second, "active")])
+
+
+def test_a_slow_racer_whose_run_looks_older_still_uses_the_run_already_in_use(mlflow_server):
+    """Racer B searches (nothing), stamps its run's start time and is held on the way to the server;
+    racer A makes, claims and logs to its run; then B's create lands with the EARLIER start time
+    (as with a clock behind). "Keep the earliest" would make B delete A's run under A; the claim
+    makes B use A's run and delete its own."""
+    proxy = DroppingProxy(mlflow_server.port, hold=True)
+    ref = TrackingRef(tracking_uri=mlflow_server.uri, experiment="slow-racer", run_key="run-1")
+    direct = MlflowClient(tracking_uri=mlflow_server.uri)
+    experiment = experiment_id_of(direct, ref)
+    key = "run-1/train/attempt-a"
+    slow: list[str] = []
+    racer_b = threading.Thread(target=lambda: slow.append(get_or_create_run(
+        MlflowClient(tracking_uri=proxy.uri), experiment, STAGE_KEY_TAG, key, "train", {"stage": "train"})))
+    racer_b.start()
+    assert proxy.create_arrived.wait(timeout=120)
+    run_a = get_or_create_run(direct, experiment, STAGE_KEY_TAG, key, "train", {"stage": "train"})
+    direct.log_metric(run_a, "racer", 0.0)
+    proxy.release.set()
+    racer_b.join(timeout=120)
+    assert slow == [run_a]
+    runs = {run.info.run_id: run for run in runs_with(direct, ref, STAGE_KEY_TAG, key)}
+    assert len(runs) == 2 and runs[run_a].info.lifecycle_stage == "active"
+    (run_b,) = set(runs) - {run_a}
+    assert runs[run_b].info.start_time < runs[run_a].info.start_time  # B's run looked older
+    assert runs[run_b].info.lifecycle_stage == "deleted"
+    direct.log_metric(run_a, "racer", 1.0)  # A's run is still open for logging
+    assert [m.value for m in direct.get_metric_history(run_a, "racer")] == [0.0, 1.0]
 
 
 RACERS = 3
@@ -142,7 +182,6 @@ def _race(uri: str, index: int, barrier, results) -> None:
 
 
 def test_pods_of_one_stage_attempt_racing_all_log_to_one_run(mlflow_server):
-    mlflow_server.start()
     ref = TrackingRef(tracking_uri=mlflow_server.uri, experiment="racing", run_key="run-1")
     experiment_id_of(MlflowClient(tracking_uri=mlflow_server.uri), ref)  # all see the experiment
     context = multiprocessing.get_context("spawn")
