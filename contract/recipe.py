@@ -12,6 +12,7 @@ means an operand with that format and default scaling.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -330,15 +331,25 @@ def load_recipe(name_or_path: str) -> Recipe:
                 f"recipe {name_or_path}: no such built-in recipe; choose one of "
                 f"{', '.join(builtin_recipe_names())} or give a YAML file path"
             )
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-    else:
-        path = Path(name_or_path)
-        try:  # a NUL byte or a name longer than the OS takes is no file either
-            is_file = path.is_file()
-        except (OSError, ValueError):
-            is_file = False
-        if not is_file:
-            raise RecipeError(f"recipe {name_or_path}: file not found")
+        return _builtin_recipe(name_or_path)
+    path = Path(name_or_path)
+    try:  # a NUL byte or a name longer than the OS takes is no file either
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
+        raise RecipeError(f"recipe {name_or_path}: file not found")
+    return _read_recipe(path, name_or_path)
+
+
+@functools.cache
+def _builtin_recipe(name: str) -> Recipe:
+    # Read once per process: a Recipe is frozen, so every field that names it shares one value
+    # (a study's `bf16` run and its eval-base stage hold the same object).
+    return _read_recipe(RECIPES_DIR / f"{name}.yaml", name)
+
+
+def _read_recipe(path: Path, name_or_path: str) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

@@ -16,6 +16,7 @@ import yaml
 from contract.spec import is_dns1123_label
 from pipeline.backends import CLUSTERS, backend_for, renderable_clusters
 from pipeline.backends.base import Backend
+from pipeline.backends.local_settings import LocalSettings
 from pipeline.errors import BackendError, ConfigError, one_line
 from pipeline.layout import RunLayout, list_runs
 from pipeline.run_record import RunRecord, read_record
@@ -240,7 +241,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         view = StatusView(f"{layout.run_id} ({layout.run_dir})", live=False if args.plain else None)
         for line in rerun_lines(prepared.reasons):  # what ran before and runs again, and why
             print(line)
-        driver = driver_for(layout, prepared.record, on_change=view.update)
+        driver = driver_for(layout, prepared.record, backend.settings, on_change=view.update)
         with view:
             states = driver.run()
     failed = [name for name, state in states.items() if state.value in ("failed", "blocked")]
@@ -258,11 +259,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _check_images(backend: Backend, plan) -> None:
     """--runtime docker: every image pinned, present and built from this checkout's stages."""
-    if backend.name == "local" and backend.settings.runtime == "docker":  # type: ignore[attr-defined]
+    settings = backend.settings
+    if isinstance(settings, LocalSettings) and settings.runtime == "docker":
         from pipeline.docker_runtime import DockerLauncher
         from pipeline.prepare import run_record
 
-        DockerLauncher(backend.settings.docker_network).check(run_record(plan, "local", {}, None))  # type: ignore[attr-defined]
+        DockerLauncher(settings.docker_network).check(run_record(plan, "local", {}, None))
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

@@ -6,12 +6,13 @@ them into a study: one dataset, a set of runs (recipe x backend x method), and w
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -49,6 +50,7 @@ from pipeline.resources import Resources
 # Stage names are `<prefix>-<run>` and k8s Job names `<run_id>-<stage>`: keep both in 63.
 MAX_RUN_NAME = 24
 BASE_MODEL = "base"
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
 
 
 class RunConfig(BaseModel):
@@ -240,6 +242,10 @@ class StudyConfig(BaseModel):
     nemo_run: NemoRunSettings | None = Field(
         None, description="NeMo-Run executor and stage environment (submit/render --cluster nemo-run)."
     )
+    # Each enabled run's merged params, built once by `_run_references`; study.py reads them here.
+    _train: dict[str, TrainStageParams] = PrivateAttr(default_factory=dict)
+    _export: dict[str, ExportParams] = PrivateAttr(default_factory=dict)
+    _resources: dict[str, Resources] = PrivateAttr(default_factory=dict)
 
     @field_validator("study")
     @classmethod
@@ -295,43 +301,34 @@ class StudyConfig(BaseModel):
                     )
             if run.evaluate and not run.export:
                 raise ValueError(f"runs.{name}.evaluate: needs export: true (eval reads the export)")
-            try:
-                self.train_params(name)
-            except ValueError as error:
-                raise ValueError(f"runs.{name}.train: {error}") from None
-            try:
-                self.export_params(name)
-            except ValueError as error:
-                raise ValueError(f"runs.{name}.export_overrides: {error}") from None
-            try:
-                self.run_resources(name)
-            except ValueError as error:
-                raise ValueError(f"runs.{name}.resources: {error}") from None
+            merged_train = {**self.train.model_dump(), **run.train,
+                            "recipe": run.recipe, "backend": run.backend, "method": run.method}
+            self._train[name] = _validated(TrainStageParams, merged_train, f"runs.{name}.train")
+            self._export[name] = _validated(ExportParams, {**self.export.model_dump(), **run.export_overrides},
+                                            f"runs.{name}.export_overrides")
+            self._resources[name] = _validated(Resources, {**self.resources["train"].model_dump(), **run.resources},
+                                               f"runs.{name}.resources")
         return self
 
     def train_params(self, run_name: str) -> TrainStageParams:
-        """The study's train settings with the run's overrides, recipe, backend and method."""
-        run = self.runs[run_name]
-        merged = {**self.train.model_dump(), **run.train}
-        try:
-            return TrainStageParams.model_validate(
-                {**merged, "recipe": run.recipe, "backend": run.backend, "method": run.method})
-        except Exception as error:
-            raise ValueError(_first_error(error)) from None
+        """An enabled run's train params: the study's train settings with the run's overrides,
+        recipe, backend and method (validated once, with the config)."""
+        return self._train[run_name]
 
     def export_params(self, run_name: str) -> ExportParams:
-        merged = {**self.export.model_dump(), **self.runs[run_name].export_overrides}
-        try:
-            return ExportParams.model_validate(merged)
-        except Exception as error:
-            raise ValueError(_first_error(error)) from None
+        """An enabled run's export settings with its `export_overrides`."""
+        return self._export[run_name]
 
     def run_resources(self, run_name: str) -> Resources:
-        base = self.resources["train"].model_dump()
-        try:
-            return Resources.model_validate({**base, **self.runs[run_name].resources})
-        except Exception as error:
-            raise ValueError(_first_error(error)) from None
+        """An enabled run's train resources with its `resources` overrides."""
+        return self._resources[run_name]
+
+
+def _validated(model: type[ParamsT], data: dict[str, Any], where: str) -> ParamsT:
+    try:
+        return model.model_validate(data)
+    except Exception as error:
+        raise ValueError(f"{where}: {_first_error(error)}") from None
 
 
 def _first_error(error: Exception) -> str:

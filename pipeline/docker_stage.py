@@ -93,7 +93,7 @@ def _run_and_follow(client: Any, image: Any, args: argparse.Namespace, spec: Any
         image.id, args.command, name=args.name, detach=True, network_mode=args.network,
         user=f"{os.getuid()}:{os.getgid()}", working_dir=str(args.root.resolve()), volumes=volumes,
         environment={"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "PIPELINE_JOB_ID": args.name,
-                     # the driver's placement record, under the mounted root (stages/device_sharing.py)
+                     # the driver's placement record, under the mounted root (contract/device_sharing.py)
                      **{k: os.environ[k] for k in (LEDGER_ENV,) if k in os.environ}},
         device_requests=[DeviceRequest(device_ids=gpus, capabilities=[["gpu"]])] if gpus else None,
         shm_size=f"{int(args.shm_gb * 1024)}m", init=True,

@@ -18,7 +18,7 @@ from contract.params import (
     ReportStageParams,
     StageParams,
 )
-from contract.recipe import Recipe
+from contract.recipe import Recipe, load_recipe
 from pipeline.config import BASE_MODEL, StudyConfig
 from pipeline.graph import Graph, Stage
 
@@ -39,16 +39,17 @@ def build_study_graph(config: StudyConfig) -> Graph:
     ]
     report_inputs: dict[str, ReportInput] = {}
 
-    def eval_params(recipe: Recipe | str, model: str | None = None, revision: str | None = None) -> StageParams:
+    def eval_params(recipe: Recipe, model: str | None = None, revision: str | None = None) -> StageParams:
         return EvalStageParams.model_validate({**config.eval.model_dump(), "recipe": recipe, "model": model,
                                                "model_revision": revision})
 
     if config.eval_base:
-        stages.append(Stage(EVAL_BASE, "eval", eval_params("bf16", config.model, config.model_revision),
+        base = load_recipe("bf16")  # the value a run naming bf16 holds too: a built-in is read once
+        stages.append(Stage(EVAL_BASE, "eval", eval_params(base, config.model, config.model_revision),
                             {"data": PREPROCESS},
-                            resources["eval"], images["eval"], tags={"run": BASE_MODEL, "recipe": "bf16"}))
-        report_inputs[EVAL_BASE] = ReportInput(run=BASE_MODEL, phase="base", recipe="bf16",
-                                               inference_format="bf16")
+                            resources["eval"], images["eval"], tags={"run": BASE_MODEL, "recipe": base.name}))
+        report_inputs[EVAL_BASE] = ReportInput(run=BASE_MODEL, phase="base", recipe=base.name,
+                                               inference_format=base.inference_format)
 
     for name, run in config.runs.items():
         if not run.enabled:

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -86,9 +86,13 @@ def lost_success(layout: RunLayout, name: str, fingerprint: str) -> str | None:
     return success_problem(layout.stage_dir(name), fingerprint)
 
 
-class Backend(ABC):
-    """Executes prepared runs. Subclasses set `name` and `Settings` and implement `apply`,
-    `live_states` and `cancel` (and `render` where their jobs are files)."""
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+class Backend(ABC, Generic[SettingsT]):
+    """Executes prepared runs. Subclasses set `name` and `Settings` (the model `SettingsT` names:
+    `class SlurmBackend(Backend[SlurmSettings])`) and implement `apply`, `live_states` and
+    `cancel` (and `render` where their jobs are files)."""
 
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]]
@@ -96,8 +100,8 @@ class Backend(ABC):
     # Where the stages see the artifact root when it is not this machine's path (a pod's mount).
     writes_local_specs: ClassVar[bool] = True
 
-    def __init__(self, settings: BaseModel) -> None:
-        self.settings = settings
+    def __init__(self, settings: SettingsT) -> None:
+        self.settings: SettingsT = settings
 
     @classmethod
     def settings_from(cls, config: Any, options: dict[str, Any]) -> BaseModel:

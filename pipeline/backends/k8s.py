@@ -52,7 +52,7 @@ def new_attempt() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-class K8sBackend(Backend):
+class K8sBackend(Backend[K8sSettings]):
     name = "k8s"
     Settings = K8sSettings
     renderable = True

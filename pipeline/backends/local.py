@@ -40,10 +40,9 @@ def visible_gpu_ids() -> list[int]:
     return list(range(sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))))
 
 
-def driver_for(layout: RunLayout, record: RunRecord,
+def driver_for(layout: RunLayout, record: RunRecord, settings: LocalSettings,
                on_change: Callable[[list[StageStatus]], None]) -> LocalDriver:
     """The driver of a prepared run, with the launcher its runtime needs (checked first)."""
-    settings = LocalSettings.model_validate(record.settings)
     if settings.runtime == "docker":
         from pipeline.docker_runtime import DockerLauncher
 
@@ -54,7 +53,7 @@ def driver_for(layout: RunLayout, record: RunRecord,
     return LocalDriver(layout, record, settings, visible_gpu_ids(), on_change=on_change, launcher=launcher)
 
 
-class LocalBackend(Backend):
+class LocalBackend(Backend[LocalSettings]):
     name = "local"
     Settings = LocalSettings
 

@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     record = read_record(layout)
     from pipeline.backends.local import driver_for
 
-    driver = driver_for(layout, record, on_change=lambda statuses: None)
+    # A process of its own: the settings `submit` was given reach it in the run's record.
+    settings = LocalSettings.model_validate(record.settings)
+    driver = driver_for(layout, record, settings, on_change=lambda statuses: None)
     states = driver.run()
     failed = [name for name, state in states.items() if state in (StageState.FAILED, StageState.BLOCKED)]
     print(" ".join(f"{name}={state.value}" for name, state in states.items()), flush=True)

@@ -1,7 +1,7 @@
 """The local driver's part in comparable step times: it records where each stage ran, and with
 `report.timing: isolated` it runs each train stage alone.
 
-- Record: `<run>/placements.jsonl` (stages/device_sharing.py reads it): a line when a stage
+- Record: `<run>/placements.jsonl` (contract/device_sharing.py reads it): a line when a stage
   starts, with the GPUs it was handed, and one when it ends. A train stage finds the file through
   PIPELINE_PLACEMENTS and writes down who ran beside it during its steps.
 - Isolation: a train stage starts only when nothing else runs, nothing starts while it runs, and

@@ -47,7 +47,7 @@ LAUNCH_TIMEOUT_S = 600.0
 _OPEN = (StageState.RUNNING, StageState.QUEUED, StageState.PENDING, StageState.BLOCKED)
 
 
-class NemoRunBackend(Backend):
+class NemoRunBackend(Backend[NemoRunSettings]):
     name = "nemo-run"
     Settings = NemoRunSettings
     renderable = True

@@ -108,13 +108,13 @@ def _timestamp(text: str) -> float | None:
         return None
 
 
-class SlurmBackend(Backend):
+class SlurmBackend(Backend[SlurmSettings]):
     name = "slurm"
     Settings = SlurmSettings
     renderable = True
 
     def pulls_images(self) -> bool:
-        return self.settings.container is not None  # type: ignore[attr-defined]
+        return self.settings.container is not None
 
     def render(self, plan: RunPlan, layout: RunLayout, output_dir: Path) -> list[Path]:
         """`<stage>.sbatch` for every stage, `submit.sh` and `run.json`; submits nothing."""

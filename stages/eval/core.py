@@ -12,7 +12,6 @@ precision (what ran), activation_scaling, packer (of the evaluated weights), rec
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from contract.files import write_json_atomic
 from contract.formats import deployed_format
 from contract.params.eval import EvalStageParams
 from contract.recipe import Recipe
+from stages.deployment.export_record import read_export_record
 from stages.device import resolve_device
 from stages.eval.deployed import (
     Deployment,
@@ -43,39 +43,37 @@ from stages.hf_model import (
 from stages.runtime import StageContext, StageInputError
 from stages.versions import package_versions
 
-EXPORT_FILE = "export.json"
 SEQUENCES_FILE = "val_sequences.json"  # SequenceLosses: what the report's intervals resample
 
 
-def _check_recipe(params: EvalStageParams, recorded: dict[str, Any] | None, where: Path) -> Recipe:
+def _check_recipe(params: EvalStageParams, recorded: Recipe | None, where: Path) -> Recipe:
     asked = params.recipe
     if recorded is None:
         return asked
-    recipe = Recipe.model_validate(recorded)
-    if recipe.name != asked.name:
-        raise StageInputError(f"params.recipe: {asked.name} but {where} was made with recipe {recipe.name}")
-    return recipe
+    if recorded.name != asked.name:
+        raise StageInputError(f"params.recipe: {asked.name} but {where} was made with recipe {recorded.name}")
+    return recorded
 
 
 def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.device) -> tuple[Deployment, Recipe, Any]:
     dtype = DTYPES[params.dtype]
     source = ctx.spec.inputs.get("model")
-    if source is not None and (Path(source) / EXPORT_FILE).exists():
-        export = json.loads((Path(source) / EXPORT_FILE).read_text())
-        recipe = _check_recipe(params, export["recipe"], Path(source))
-        quantized = export["checkpoints"].get("quantized")
+    export = read_export_record(Path(source)) if source is not None else None
+    if export is not None:
+        recipe = _check_recipe(params, export.recipe, Path(source))
+        quantized = export.checkpoints.quantized
         if params.precision == "deployed" and quantized:
             qdir = Path(source) / quantized
             tokenizer = load_tokenizer(qdir, "inputs.model")
-            if export["packer"] == "torchao":  # transformers loads it back as torchao's quantized tensors
+            if export.packer == "torchao":  # transformers loads it back as torchao's quantized tensors
                 model = load_causal_lm(qdir, params.dtype, "inputs.model").to(device).eval()
-                return Deployment(model, recipe.inference_format, export["activation_scaling"], "torchao"), recipe, tokenizer
+                return Deployment(model, recipe.inference_format, export.activation_scaling, "torchao"), recipe, tokenizer
             model, fmt, scaling = load_unified(qdir, recipe, dtype, device)
-            return Deployment(model, fmt, scaling, export["packer"]), recipe, tokenizer
-        if params.precision == "deployed" and deployed_format(recipe.inference_format) and not export.get("quantized_skipped"):
+            return Deployment(model, fmt, scaling, export.packer), recipe, tokenizer
+        if params.precision == "deployed" and deployed_format(recipe.inference_format) and not export.quantized_skipped:
             raise StageInputError(f"inputs.model: {source} has no quantized checkpoint for {recipe.inference_format}; "
                                   "set eval.precision: bf16 or export.quantized_checkpoint: true")
-        bdir = Path(source) / (export["checkpoints"].get("bf16") or "")
+        bdir = Path(source) / (export.checkpoints.bf16 or "")
         if not (bdir / "config.json").exists():
             raise StageInputError(f"inputs.model: {source} has no bf16 checkpoint; set export.bf16_checkpoint: true")
         tokenizer = load_tokenizer(bdir, "inputs.model")
@@ -86,7 +84,7 @@ def load_deployment(ctx: StageContext, params: EvalStageParams, device: torch.de
     path = resolve_model_source(source, params.model, "params.model")
     revision = source_revision(source, params.model_revision)
     precision = read_precision(Path(path)) if Path(path).is_dir() else None
-    recipe = _check_recipe(params, precision["recipe"] if precision else None, Path(path))
+    recipe = _check_recipe(params, Recipe.model_validate(precision["recipe"]) if precision else None, Path(path))
     tokenizer = load_tokenizer(path, "params.model", revision)
     model = load_causal_lm(path, params.dtype, "params.model", revision=revision).to(device).eval()
     if params.precision != "deployed" or recipe.inference_format == "bf16":

@@ -35,6 +35,7 @@ from contract.recipe import OperandSpec, Recipe
 from stages.deployment.packing import UNPACKERS, input_amax_from_scale
 from stages.deployment.torchao import activation_scaling
 from stages.deployment.unified import pack_device, pack_linear
+from stages.precision.surgery import linear_names, replace_module
 
 QUANT_ALGO_FORMAT = {fmt.quant_algo: name for name, fmt in INFERENCE_FORMATS.items() if fmt.quant_algo}
 
@@ -75,11 +76,6 @@ class Deployment:
     packer: str | None  # who packed the evaluated weights (export's packer, "ours" in memory)
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def deploy_packed(model: nn.Module, recipe: Recipe, tensors: dict[str, dict[str, torch.Tensor]], fmt: str) -> str:
     """Replace each packed linear by a DeployedLinear; returns the activation scaling used."""
     static = True
@@ -90,14 +86,13 @@ def deploy_packed(model: nn.Module, recipe: Recipe, tensors: dict[str, dict[str,
         static = static and amax is not None
         amax = None if amax is None else amax.to(device)
         weight = UNPACKERS[fmt]({k: v.to(device) for k, v in packed.items()})
-        _swap(model, name, DeployedLinear(weight, linear.bias, recipe.fprop.input, amax))
+        replace_module(model, name, DeployedLinear(weight, linear.bias, recipe.fprop.input, amax))
     return "static" if static else "dynamic"
 
 
 def pack_in_memory(model: nn.Module, recipe: Recipe, fmt: str, model_dir: Path) -> Deployment:
     from stages.deployment.amax import linear_amax
     from stages.hf_model import quantizer_state
-    from stages.precision.surgery import linear_names
 
     amax = linear_amax(model, linear_names(model, recipe), quantizer_state(model_dir), fmt)
     device = pack_device()  # where an export on this machine packs, so both deploy the same bytes

@@ -7,12 +7,13 @@ Output dir:
                  hf_quant_config.json, quantization_config in config.json;
                  int4 or int8_int4 (TorchAO QAT): a torchao-quantized HF checkpoint
                  (torchao_export.py)
-  export.json    {recipe, inference_format, packer ("modelopt" | "ours" | "torchao" | null),
-                  activation_scaling ("static": input_scale from calibration | "dynamic" |
-                  "none": bf16 activations), source_backend, checkpoints: {bf16, quantized},
-                  calibrated_in_export, quantized_skipped: why there is no quantized/ for a
-                  quantized recipe (torchao cannot quantize so on this machine, e.g. int4
-                  weight-only without its GPU kernels) or null}
+  export.json    stages/deployment/export_record.py's ExportRecord: {recipe, inference_format,
+                  packer ("modelopt" | "ours" | "torchao" | null), activation_scaling ("static":
+                  input_scale from calibration | "dynamic" | "none": bf16 activations),
+                  source_backend, checkpoints: {bf16, quantized}, calibrated_in_export,
+                  quantized_skipped: why there is no quantized/ for a quantized recipe (torchao
+                  cannot quantize so on this machine, e.g. int4 weight-only without its GPU
+                  kernels) or null}
 Calibration: the model dir's `quantizer_state.safetensors` amax (ptq, ModelOpt QAT); a model
 without calibrated input amax (SFT with emulated/te) is calibrated here when the stage has a
 `data` input (first `calib_samples` train rows), else it is exported without input_scale
@@ -29,10 +30,10 @@ from typing import Any
 
 import torch
 
-from contract.files import write_json_atomic
 from contract.formats import INFERENCE_FORMATS, deployed_format
 from contract.params.export import ExportParams
 from stages.deployment.amax import linear_amax
+from stages.deployment.export_record import Checkpoints, ExportRecord
 from stages.deployment.torchao import activation_scaling as torchao_activation_scaling
 from stages.deployment.torchao import write_torchao_checkpoint
 from stages.deployment.unified import write_unified_checkpoint
@@ -47,11 +48,8 @@ from stages.hf_model import (
 from stages.precision.errors import PrecisionUnavailable
 from stages.runtime import StageContext, StageInputError
 
-EXPORT_FILE = "export.json"
 BF16_DIR = "bf16"
 QUANTIZED_DIR = "quantized"
-
-
 
 
 def choose_packer(requested: str, model_dir: Path) -> str:
@@ -78,11 +76,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_dir, "inputs.model")
     model = load_causal_lm(model_dir, "bfloat16", "inputs.model").eval()
     summary: dict[str, Any] = {"recipe": recipe.name, "inference_format": recipe.inference_format}
-    checkpoints: dict[str, str | None] = {"bf16": None, "quantized": None}
+    checkpoints = Checkpoints()
     if params.bf16_checkpoint:
         model.save_pretrained(ctx.output_dir / BF16_DIR, safe_serialization=True)
         tokenizer.save_pretrained(ctx.output_dir / BF16_DIR)
-        checkpoints["bf16"] = BF16_DIR
+        checkpoints.bf16 = BF16_DIR
     deployed = deployed_format(recipe.inference_format) if params.quantized_checkpoint else None
     fmt = deployed.name if deployed else None
     skipped = None
@@ -100,7 +98,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         else:
             packer = "torchao"
             activation_scaling = torchao_activation_scaling(recipe)
-            checkpoints["quantized"] = QUANTIZED_DIR
+            checkpoints.quantized = QUANTIZED_DIR
     elif fmt is not None:
         packer = choose_packer(params.packer, model_dir)
         target = ctx.output_dir / QUANTIZED_DIR
@@ -118,19 +116,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
             amax = linear_amax(model, names, state, fmt)
             write_unified_checkpoint(model, tokenizer, target, fmt, amax)
             activation_scaling = "static" if all(a.input is not None for a in amax.values()) else "dynamic"
-        checkpoints["quantized"] = QUANTIZED_DIR
-    write_json_atomic(
-        ctx.output_dir / EXPORT_FILE,
-        {"recipe": recipe.model_dump(mode="json"), "inference_format": recipe.inference_format,
-         "packer": packer, "activation_scaling": activation_scaling,
-         "source_backend": precision.get("backend"), "checkpoints": checkpoints,
-         "calibrated_in_export": calibrated_here, "quantized_skipped": skipped},
-    )
+        checkpoints.quantized = QUANTIZED_DIR
+    ExportRecord(recipe=recipe, inference_format=recipe.inference_format, packer=packer,
+                 activation_scaling=activation_scaling, source_backend=precision.get("backend"),
+                 checkpoints=checkpoints, calibrated_in_export=calibrated_here,
+                 quantized_skipped=skipped).write(ctx.output_dir)
     ctx.tracker.set_tags({"packer": packer or "none", "inference_format": recipe.inference_format})
     if skipped:
         ctx.tracker.set_tags({"quantized_skipped": skipped[:250]})
     return {**summary, "packer": packer or "none", "activation_scaling": activation_scaling or "none",
-            "quantized_checkpoint": checkpoints["quantized"] is not None}
+            "quantized_checkpoint": checkpoints.quantized is not None}
 
 
 def _has_input_amax(state: dict[str, torch.Tensor], names: list[str]) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from contract.formats import ELEMENT_FORMATS, ElementFormat
 from contract.recipe import OperandSpec
+from stages.precision.dtypes import ELEMENT_DTYPES
 from stages.precision.fp8 import fake_quantize_fp8
 from stages.precision.mx import fake_quantize_mxfp8
 from stages.precision.nvfp4 import fake_quantize_nvfp4
@@ -25,7 +26,7 @@ FakeQuantize = Callable[[torch.Tensor, OperandSpec, "torch.Tensor | None"], torc
 @dataclass(frozen=True)
 class Format:
     describes: ElementFormat
-    dtype: torch.dtype | None  # the element's torch dtype where torch has one
+    dtype: torch.dtype | None  # the element's torch dtype where torch has one (dtypes.py)
     fake_quantize: FakeQuantize | None
 
     @property
@@ -49,21 +50,21 @@ def _nvfp4(x: torch.Tensor, spec: OperandSpec, amax: torch.Tensor | None) -> tor
     return fake_quantize_nvfp4(x, spec.block_2d, spec.stochastic_rounding, arithmetic=spec.nvfp4_arithmetic)
 
 
-_QUANTIZERS: dict[str, tuple[torch.dtype | None, FakeQuantize | None]] = {
-    "bf16": (torch.bfloat16, _bf16),
-    "fp8_e4m3": (torch.float8_e4m3fn, _fp8),
-    "fp8_e5m2": (torch.float8_e5m2, _fp8),
-    "mxfp8": (torch.float8_e4m3fn, _mx),
-    "mxfp8_e5m2": (torch.float8_e5m2, _mx),
-    "nvfp4": (None, _nvfp4),  # two E2M1 codes a byte; torch has no fp4 dtype to compute in
-    "int4": (None, None),  # torchao QAT: its own fake quantizers
-    "int8": (torch.int8, None),
+_QUANTIZERS: dict[str, FakeQuantize | None] = {
+    "bf16": _bf16,
+    "fp8_e4m3": _fp8,
+    "fp8_e5m2": _fp8,
+    "mxfp8": _mx,
+    "mxfp8_e5m2": _mx,
+    "nvfp4": _nvfp4,
+    "int4": None,  # torchao QAT: its own fake quantizers
+    "int8": None,
 }
 assert set(_QUANTIZERS) == set(ELEMENT_FORMATS), "every described format is registered"
-assert all((q is not None) == ELEMENT_FORMATS[n].emulated for n, (_, q) in _QUANTIZERS.items())
+assert all((q is not None) == ELEMENT_FORMATS[n].emulated for n, q in _QUANTIZERS.items())
 
 FORMATS: dict[str, Format] = {
-    name: Format(ELEMENT_FORMATS[name], dtype, quantize) for name, (dtype, quantize) in _QUANTIZERS.items()
+    name: Format(ELEMENT_FORMATS[name], ELEMENT_DTYPES.get(name), quantize) for name, quantize in _QUANTIZERS.items()
 }
 
 

@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+from stages.precision.dtypes import FP8_DTYPES
+
 AMAX_EPS = 1e-12  # torchao.float8.float8_utils.EPS: an all-zero tensor gets a finite scale
 
 

@@ -39,8 +39,8 @@ from stages.precision.delayed import (
     load_histories_state,
     roll_all,
 )
+from stages.precision.dtypes import FP8_DTYPES
 from stages.precision.errors import PrecisionUnavailable
-from stages.precision.fp8 import FP8_DTYPES
 from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
 from stages.precision.surgery import linear_names, replace_module
 

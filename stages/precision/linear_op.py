@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from stages.precision.dtypes import FP8_DTYPES
 from stages.precision.kernels.dispatch import ActivationMemo
 
 # Eager mode: one quantization of x shared by the linears that read the same x.
@@ -57,9 +58,9 @@ KINDS: dict[str, tuple[Callable[[torch.Tensor], list[torch.Tensor]], tuple[int, 
     "input_cols": (lambda x: [torch.empty_like(x), x.new_empty(x.shape[:-1].numel(), x.shape[-1])], (1,), False),
     # emulated QAT (STE): the backward multiplies the fake-quantized x the forward multiplied
     "quantized_input": (lambda x: [torch.empty_like(x)], (0,), False),
-    # native FP8: x as FP8 [M, K], its fp32 dequantization scale, x^T as FP8 [K, M] for wgrad
-    "fp8_e4m3": (_fp8_parts(torch.float8_e4m3fn), (1, 2), False),
-    "fp8_e5m2": (_fp8_parts(torch.float8_e5m2), (1, 2), False),
+    # native FP8 (one kind per format): x as FP8 [M, K], its fp32 dequantization scale, x^T as
+    # FP8 [K, M] for wgrad
+    **{name: (_fp8_parts(dtype), (1, 2), False) for name, dtype in FP8_DTYPES.items()},
 }
 
 OWN_QUANTIZER = "layer"  # input_key of a layer whose input quantizer is its own (stateful)

@@ -35,6 +35,7 @@ from stages.precision.linear_op import (
     _QuantizedLinearFunction,
 )
 from stages.precision.nvfp4 import fake_quantize_nvfp4
+from stages.precision.surgery import replace_module
 
 KIND = "quantized_input"  # linear_op.KINDS: the backward multiplies the fake-quantized x
 NVFP4_BLOCK_SIZES = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
@@ -161,8 +162,6 @@ class CompiledQuantLinear(OpaqueLinear):
 
 def convert_for_compile(model: nn.Module) -> list[CompiledQuantLinear]:
     """Every ModelOpt QuantLinear of `model` (after `mtq.quantize` or a restore) -> CompiledQuantLinear."""
-    from stages.precision.emulated import replace_module
-
     names = [name for name, module in model.named_modules() if _is_quant_linear(module)]
     if not names:
         raise PrecisionUnavailable("compiled ModelOpt QAT: the model has no ModelOpt QuantLinear; set compile: false")

@@ -13,11 +13,11 @@ from typing import NamedTuple
 import torch
 
 from stages.precision.blocks import divide, from_blocks, to_blocks
+from stages.precision.dtypes import MX_DTYPES
 
 MX_BLOCK = 32
 E8M0_BIAS = 127
 E8M0_NAN = 255
-ELEM_DTYPES = {"mxfp8": torch.float8_e4m3fn, "mxfp8_e5m2": torch.float8_e5m2}
 # floor(log2(max normal)) of the element format: 8 for E4M3 (448), 15 for E5M2 (57344).
 ELEM_EMAX = {torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}
 
@@ -86,4 +86,4 @@ def dequantize_mxfp8(q: MxQuantized, dtype: torch.dtype = torch.float32) -> torc
 
 def fake_quantize_mxfp8(x: torch.Tensor, fmt: str = "mxfp8", scale_rounding: str = "rceil") -> torch.Tensor:
     """Quantize-dequantize along the last dim in x's dtype. Drop a fused kernel in here later."""
-    return dequantize_mxfp8(quantize_mxfp8(x, ELEM_DTYPES[fmt], scale_rounding), x.dtype)
+    return dequantize_mxfp8(quantize_mxfp8(x, MX_DTYPES[fmt], scale_rounding), x.dtype)

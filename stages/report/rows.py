@@ -2,7 +2,7 @@
 
 Read from the stage folders (the source of truth, readable during an MLflow outage):
 - train stages: `metrics.jsonl` (step times, losses, when each step ended) and the summary's
-  `device_sharing` record (stages/device_sharing.py);
+  `device_sharing` record (contract/device_sharing.py);
 - eval stages: the summary (val loss, accuracy and its number of questions) and
   `val_sequences.json` (each validation sequence's loss sum and label tokens).
 Intervals come from stages/report/stats.py; val-loss differences are paired over the same

@@ -60,6 +60,15 @@ def test_overrides_change_one_run_and_add_or_drop_runs():
     assert graph["train-extra"].params.recipe.name == "fp8_delayed"
 
 
+def test_the_graph_takes_the_params_the_config_built_and_one_value_per_recipe():
+    config = load_config("smoke").config
+    graph = build_study_graph(config)
+    assert graph["export-fp8"].params is config.export_params("fp8")  # validated once, with the config
+    assert graph["train-fp8"].params.lr == config.train_params("fp8").lr
+    # A built-in recipe is read once: eval-base's bf16 is the very value the bf16 run holds.
+    assert graph["eval-base"].params.recipe is config.runs["bf16"].recipe is graph["train-bf16"].params.recipe
+
+
 def test_relative_paths_resolve_against_the_config_file():
     config = load_config("smoke").config
     repo = Path(__file__).resolve().parents[2]

@@ -13,14 +13,12 @@ import weakref
 import torch
 
 from contract.recipe import OperandSpec
+from stages.precision.dtypes import FP8_DTYPES, MX_DTYPES
 from stages.precision.errors import PrecisionUnavailable
-
-_MX = {"mxfp8": torch.float8_e4m3fn, "mxfp8_e5m2": torch.float8_e5m2}
-_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def kernel_covers(spec: OperandSpec) -> bool:
-    if spec.format in _MX or spec.format in _FP8:
+    if spec.format in MX_DTYPES or spec.format in FP8_DTYPES:
         return True
     return spec.format == "nvfp4" and not spec.block_2d and not spec.stochastic_rounding
 
@@ -41,18 +39,18 @@ def fake_quantize_cuda(x: torch.Tensor, spec: OperandSpec, amax: torch.Tensor | 
     if not x.is_cuda or not kernel_covers(spec):
         return None
     ops = _ops()
-    if spec.format in _FP8:
-        return ops.fake_fp8(x, _FP8[spec.format], amax)
-    if spec.format in _MX:
-        return ops.fake_mxfp8(x, _MX[spec.format], spec.scale_rounding)
+    if spec.format in FP8_DTYPES:
+        return ops.fake_fp8(x, FP8_DTYPES[spec.format], amax)
+    if spec.format in MX_DTYPES:
+        return ops.fake_mxfp8(x, MX_DTYPES[spec.format], spec.scale_rounding)
     return ops.fake_nvfp4(x, spec.nvfp4_arithmetic)
 
 
 def fused_pair_supported(row_spec: OperandSpec, col_spec: OperandSpec) -> bool:
     """Whether the fused kernel runs this (row, column) pair: rows nvfp4 or MX, columns MX."""
-    if col_spec.format not in _MX or not kernel_covers(row_spec) or row_spec.format not in (*_MX, "nvfp4"):
+    if col_spec.format not in MX_DTYPES or not kernel_covers(row_spec) or row_spec.format not in (*MX_DTYPES, "nvfp4"):
         return False
-    return row_spec.format not in _MX or row_spec.scale_rounding == col_spec.scale_rounding
+    return row_spec.format not in MX_DTYPES or row_spec.scale_rounding == col_spec.scale_rounding
 
 
 def fused_rows_and_cols(
@@ -64,7 +62,7 @@ def fused_rows_and_cols(
     if not x2.is_cuda or x2.dim() != 2 or not fused_pair_supported(row_spec, col_spec):
         return None
     return _ops().fake_rows_and_cols(
-        x2, row_spec.format, _MX[col_spec.format], col_spec.scale_rounding, row_spec.nvfp4_arithmetic
+        x2, row_spec.format, MX_DTYPES[col_spec.format], col_spec.scale_rounding, row_spec.nvfp4_arithmetic
     )
 
 

@@ -139,6 +139,22 @@ def test_bf16_precision_of_an_export_without_bf16_checkpoint_is_refused(tmp_path
     assert "has no bf16 checkpoint; set export.bf16_checkpoint: true" in read_marker(out).error
 
 
+def test_an_export_record_is_read_typed_and_a_broken_one_is_one_line(tmp_path: Path, ptq_and_export: tuple[Path, Path]) -> None:
+    from stages.deployment.export_record import read_export_record
+    from stages.runtime import StageInputError
+
+    _, export = ptq_and_export
+    record = read_export_record(export)
+    assert (record.recipe.name, record.packer, record.activation_scaling) == ("nvfp4_qat", "ours", "static")
+    assert (record.checkpoints.bf16, record.checkpoints.quantized) == (None, "quantized")
+    assert read_export_record(tmp_path) is None  # no export.json: a train/ptq/HF dir
+    (tmp_path / "export.json").write_text(json.dumps({**record.model_dump(mode="json"), "activation_scaling": None}))
+    with pytest.raises(StageInputError) as refused:
+        read_export_record(tmp_path)
+    assert str(refused.value) == (f"inputs.model: {tmp_path / 'export.json'}: packer and activation_scaling: "
+                                  "both set (a quantized checkpoint) or both null")
+
+
 def test_a_recipe_other_than_the_models_is_refused(tmp_path: Path, data_dir: Path, ptq_and_export: tuple[Path, Path]) -> None:
     ptq, _ = ptq_and_export
     out = tmp_path / "eval"

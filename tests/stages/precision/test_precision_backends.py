@@ -171,7 +171,6 @@ def test_delayed_scaling_state_carries_the_amax_history_to_a_fresh_model() -> No
 
 def test_the_torch_free_format_list_is_what_the_emulated_quantizers_implement() -> None:
     from contract.compat import EMULATED_FORMATS
-    from stages.precision.fp8 import FP8_DTYPES
-    from stages.precision.mx import ELEM_DTYPES
+    from stages.precision.dtypes import FP8_DTYPES, MX_DTYPES
 
-    assert set(EMULATED_FORMATS) == {"bf16", *FP8_DTYPES, *ELEM_DTYPES, "nvfp4"}
+    assert set(EMULATED_FORMATS) == {"bf16", *FP8_DTYPES, *MX_DTYPES, "nvfp4"}
