@@ -8,7 +8,7 @@ that launch on the launching thread (the main thread runs the forward, autograd'
 the backward) and to the phase (a `record_function` range) the gap falls in. Gaps whose work was
 already queued are dependency waits (events between streams, copies); they are counted apart.
 
-  summary = summarize(idle_gaps(json.load(open("trace.json"))))
+  summary = summarize(*idle_gaps(json.load(open("trace.json"))))
 """
 
 from __future__ import annotations

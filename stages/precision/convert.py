@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from contract.recipe import GEMM_OPERANDS, PrecisionBackend, Recipe
+from stages.precision.delayed import AmaxHistory, histories_state, load_histories_state
 from stages.precision.errors import PrecisionUnavailable
 
 if TYPE_CHECKING:
@@ -44,8 +45,8 @@ class PreparedModel:
     backend: str
     _autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext, repr=False)
     _on_step: Callable[[int], None] = field(default=lambda step: None, repr=False)
-    _state: Callable[[], dict[str, Any]] = field(default=dict, repr=False)
-    _load_state: Callable[[dict[str, Any]], None] = field(default=lambda state: None, repr=False)
+    # The delayed-scaling amax histories by `<linear name>/<role>` (emulated, scaled_mm backends).
+    _amax_histories: Callable[[], dict[str, AmaxHistory]] = field(default=dict, repr=False)
     converted: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # backend-specific, added to describe()
 
@@ -62,10 +63,10 @@ class PreparedModel:
         """What a training checkpoint must keep besides the weights: the quantizers' own state
         (the delayed-scaling amax histories of backends emulated and scaled_mm; empty for
         stateless recipes)."""
-        return self._state()
+        return histories_state(self._amax_histories())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load_state(state)
+        load_histories_state(self._amax_histories(), state)
 
     def modelopt_state(self) -> dict[str, Any]:
         """Backend modelopt: `mto.modelopt_state` of the model (its quantizer modules and config),
@@ -120,8 +121,7 @@ def prepare_model(
         prepared = PreparedModel(
             model, recipe, backend,
             _on_step=lambda step: emulated.step_emulated(layers, recipe, step),
-            _state=lambda: emulated.delayed_scaling_state(layers),
-            _load_state=lambda state: emulated.load_delayed_scaling_state(layers, state),
+            _amax_histories=lambda: emulated.amax_histories(layers),
         )
     elif backend == "scaled_mm":
         from stages.precision import fp8_native
@@ -130,8 +130,7 @@ def prepare_model(
         prepared = PreparedModel(
             model, recipe, backend,
             _on_step=lambda step: fp8_native.step_scaled_mm(fp8_layers),
-            _state=lambda: fp8_native.delayed_scaling_state(fp8_layers),
-            _load_state=lambda state: fp8_native.load_delayed_scaling_state(fp8_layers, state),
+            _amax_histories=lambda: fp8_native.amax_histories(fp8_layers),
         )
     elif backend == "te":
         from stages.precision.te_backend import convert_te

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
+from stages.precision.errors import PrecisionUnavailable
+
 
 class AmaxBank:
     """Histories of one length and algorithm, as rows of one [rows, length] tensor (newest first)."""
 
     def __init__(self, length: int, algo: str) -> None:
         self.length, self.algo = length, algo
-        self.rows = 0
         self.device: torch.device | None = None  # tensors are made on first use, where it is
         self.history = self.pending = self.scaling = torch.empty(0)
         self._pending_rows: list[torch.Tensor] = []  # one 0-dim view per row, made once
@@ -39,17 +40,17 @@ class AmaxBank:
         if self.device is not None:
             raise RuntimeError("an amax bank takes its rows before its first use")
         self.recorded.append(0)
-        self.rows += 1
-        return self.rows - 1
+        return len(self.recorded) - 1
 
     def on(self, device: torch.device) -> None:
         """Make (or move) the tensors on `device`."""
         if self.device == device:
             return
         if self.device is None:
-            self.history = torch.zeros(self.rows, self.length, device=device)
-            self.pending = torch.zeros(self.rows, device=device)
-            self.scaling = torch.zeros(self.rows, device=device)
+            rows = len(self.recorded)
+            self.history = torch.zeros(rows, self.length, device=device)
+            self.pending = torch.zeros(rows, device=device)
+            self.scaling = torch.zeros(rows, device=device)
         else:
             self.history, self.pending, self.scaling = (t.to(device) for t in (self.history, self.pending, self.scaling))
         self.device = device
@@ -62,7 +63,7 @@ class AmaxBank:
         used = tuple(sorted(rows & self.used))
         if not used:
             return
-        if len(used) == self.rows:
+        if len(used) == len(self.recorded):
             self.history.copy_(torch.cat([self.pending[:, None], self.history[:, :-1]], dim=1))
             self.pending.zero_()
         else:
@@ -87,7 +88,6 @@ class AmaxHistory:
         self.bank = bank if bank is not None else AmaxBank(length, algo)
         if (self.bank.length, self.bank.algo) != (length, algo):
             raise ValueError(f"amax bank of length {self.bank.length} ({self.bank.algo}) for a history of {length} ({algo})")
-        self.length = length
         self.row = self.bank.add()
 
     @property
@@ -98,11 +98,6 @@ class AmaxHistory:
     def history(self) -> torch.Tensor | None:
         """[length], newest first; None until a step has been recorded."""
         return self.bank.history[self.row] if self.steps_recorded else None
-
-    @property
-    def pending_amax(self) -> torch.Tensor | None:
-        """max |x| seen during this optimizer step; None when no tensor was seen."""
-        return self.bank.pending[self.row] if self.row in self.bank.used else None
 
     def scaling_amax(self, device: torch.device) -> torch.Tensor | None:
         """The amax this step scales with. None until a step has been recorded: the caller then
@@ -136,8 +131,9 @@ class AmaxHistory:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         history = state["history"]
-        if history is not None and history.shape != (self.length,):
-            raise ValueError(f"amax history of {tuple(history.shape)} values, recipe has amax_history_len {self.length}")
+        length = self.bank.length
+        if history is not None and history.shape != (length,):
+            raise ValueError(f"amax history of {tuple(history.shape)} values, recipe has amax_history_len {length}")
         bank = self.bank
         bank.on(bank.device or (history.device if history is not None else torch.device("cpu")))
         bank.history[self.row] = 0.0 if history is None else history.to(bank.device)
@@ -175,14 +171,14 @@ def histories_state(histories: dict[str, AmaxHistory]) -> dict[str, dict[str, An
 
 
 def load_histories_state(histories: dict[str, AmaxHistory], state: dict[str, dict[str, Any]]) -> None:
-    """ValueError naming the keys or the history when a checkpoint's state does not fit."""
+    """PrecisionUnavailable naming the keys or the history when a checkpoint's state does not fit."""
     if set(state) != set(histories):
         missing, unknown = sorted(set(histories) - set(state)), sorted(set(state) - set(histories))
-        raise ValueError(
+        raise PrecisionUnavailable(
             f"checkpoint's delayed-scaling state does not fit the recipe (missing {missing[:3]}, unknown {unknown[:3]})"
         )
     for key, history in histories.items():
         try:
             history.load_state_dict(state[key])
         except ValueError as error:
-            raise ValueError(f"checkpoint's delayed-scaling state for {key}: {error}") from None
+            raise PrecisionUnavailable(f"checkpoint's delayed-scaling state for {key}: {error}") from None

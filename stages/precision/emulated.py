@@ -12,7 +12,6 @@ forward x_q and W_q, and the quantizer itself passes gradients straight through.
 from __future__ import annotations
 
 import zlib
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +19,7 @@ from torch import nn
 
 from contract.compat import emulated_refusal
 from contract.recipe import OperandSpec, Recipe
-from stages.precision.delayed import (
-    AmaxBank,
-    AmaxHistory,
-    banks_for,
-    histories_state,
-    load_histories_state,
-    roll_all,
-)
+from stages.precision.delayed import AmaxBank, AmaxHistory, banks_for, roll_all
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.formats import FORMATS, fake_quantizer
 from stages.precision.kernels.dispatch import (
@@ -221,10 +213,10 @@ def step_emulated(layers: list[QuantizedLinear], recipe: Recipe, step: int) -> N
         layer.clear_weight_cache()
     SHARED_INPUTS.clear()
     if recipe.uses_delayed_scaling:
-        roll_all(list(_delayed_quantizers(layers).values()))
+        roll_all(list(amax_histories(layers).values()))
 
 
-def _delayed_quantizers(layers: list[QuantizedLinear]) -> dict[str, OperandQuantizer]:
+def amax_histories(layers: list[QuantizedLinear]) -> dict[str, OperandQuantizer]:
     """The delayed-scaling quantizers, keyed `<linear name>/<gemm.operand>`."""
     return {
         f"{layer.name}/{role}": quantizer
@@ -233,14 +225,3 @@ def _delayed_quantizers(layers: list[QuantizedLinear]) -> dict[str, OperandQuant
         if quantizer.spec.scaling == "delayed"
     }
 
-
-def delayed_scaling_state(layers: list[QuantizedLinear]) -> dict[str, dict[str, Any]]:
-    """What a checkpoint keeps of the emulated layers: each delayed-scaling amax history."""
-    return histories_state(_delayed_quantizers(layers))
-
-
-def load_delayed_scaling_state(layers: list[QuantizedLinear], state: dict[str, dict[str, Any]]) -> None:
-    try:
-        load_histories_state(_delayed_quantizers(layers), state)
-    except ValueError as error:
-        raise PrecisionUnavailable(str(error)) from None

@@ -31,14 +31,7 @@ from torch import nn
 
 from contract.compat import scaled_mm_refusal
 from contract.recipe import OperandSpec, Recipe
-from stages.precision.delayed import (
-    AmaxBank,
-    AmaxHistory,
-    banks_for,
-    histories_state,
-    load_histories_state,
-    roll_all,
-)
+from stages.precision.delayed import AmaxBank, AmaxHistory, banks_for, roll_all
 from stages.precision.dtypes import FP8_DTYPES
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
@@ -84,13 +77,9 @@ class TensorScaling:
         from stages.precision.kernels import ops
 
         amax = self.history.scaling_amax(x2.device)
-        if amax is None:  # no history yet: this tensor's own amax, recorded (as the emulated backend)
+        if amax is None:  # no history yet: this tensor's own amax (as the emulated backend)
             amax = ops.amax(x2)
-            self.history.record(amax)
-            q, q_t, _ = ops.fp8(x2, self.dtype, amax, transposed=True)
-        else:
-            q, q_t, _ = ops.fp8(x2, self.dtype, amax, transposed=True,
-                                record_amax=self.history.pending_buffer(x2.device))
+        q, q_t, _ = ops.fp8(x2, self.dtype, amax, transposed=True, record_amax=self.history.pending_buffer(x2.device))
         return q.data, q.scale, q_t
 
 
@@ -119,7 +108,7 @@ class ScaledMMLinear(OpaqueLinear):
                 f"{self.out_features}; list the layer in high_precision or choose backend emulated"
             )
         self.recipe = recipe
-        self.x_dtype, self.w_dtype, self.g_dtype = check_recipe(recipe)
+        check_recipe(recipe)
         # One scaling per tensor: check_recipe made sure both GEMMs that read a tensor ask alike.
         banks = {} if banks is None else banks
         self.scaling = {"input": TensorScaling(recipe.fprop.input, banks), "weight": TensorScaling(recipe.fprop.weight, banks),
@@ -150,12 +139,12 @@ class ScaledMMLinear(OpaqueLinear):
         return super().forward(x)
 
     def kind(self, x: torch.Tensor) -> str:
-        return _KIND[self.x_dtype]
+        return _KIND[self.scaling["input"].dtype]
 
     def input_key(self) -> str:
         if self.scaling["input"].history is not None:  # each layer records its own amax
             return OWN_QUANTIZER
-        return f"scaled_mm:{_KIND[self.x_dtype]}"
+        return f"scaled_mm:{_KIND[self.scaling['input'].dtype]}"
 
     def quantize_input(self, x: torch.Tensor, kind: str) -> list[torch.Tensor]:
         return list(self.scaling["input"].quantize(x.reshape(-1, x.shape[-1])))
@@ -236,17 +225,6 @@ def amax_histories(layers: dict[str, ScaledMMLinear]) -> dict[str, AmaxHistory]:
         for tensor, scaling in layer.scaling.items()
         if scaling.history is not None
     }
-
-
-def delayed_scaling_state(layers: dict[str, ScaledMMLinear]) -> dict[str, dict]:
-    return histories_state(amax_histories(layers))
-
-
-def load_delayed_scaling_state(layers: dict[str, ScaledMMLinear], state: dict[str, dict]) -> None:
-    try:
-        load_histories_state(amax_histories(layers), state)
-    except ValueError as error:
-        raise PrecisionUnavailable(str(error)) from None
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> torch.Tensor:
