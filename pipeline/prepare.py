@@ -155,8 +155,6 @@ def prepare_run(plan: RunPlan, layout: RunLayout, cluster: str, settings: dict[s
         if not reversible:
             changes.settle()
     if config_yaml is not None:
-        from contract.files import write_atomic
-
         write_atomic(layout.config_path, config_yaml)
     write_record(layout.run_file, record)
     return prepared
