@@ -29,7 +29,7 @@ from stages.precision.kernels.dispatch import (
 )
 from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
 from stages.precision.nvfp4 import apply_hadamard, hadamard_16
-from stages.precision.surgery import linear_names, replace_module
+from stages.precision.surgery import input_owners, linear_names, replace_module
 
 
 class OperandQuantizer(AmaxHistory):
@@ -78,16 +78,21 @@ class QuantizedLinear(OpaqueLinear):
     version). Fake quant can be switched off (QAT delay)."""
 
     def __init__(
-        self, linear: nn.Linear, recipe: Recipe, name: str, banks: dict[tuple[int, str], AmaxBank] | None = None
+        self, linear: nn.Linear, recipe: Recipe, name: str, banks: dict[tuple[int, str], AmaxBank] | None = None,
+        input_owner: QuantizedLinear | None = None,
     ) -> None:
-        """`banks`: where the delayed-scaling histories live (shared by a model's layers: delayed.py)."""
+        """`banks`: where the delayed-scaling histories live (shared by a model's layers: delayed.py);
+        `input_owner`: a layer reading the same x, whose fprop input quantizer (one amax history
+        under delayed scaling) this one uses."""
         super().__init__(linear)
         self.name = name
         self.recipe = recipe
         self.fake_quant_enabled = recipe.fake_quant_after_steps == 0
         banks = {} if banks is None else banks
+        shared = {} if input_owner is None else {"fprop.input": input_owner.quantizers["fprop.input"]}
         self.quantizers = {
-            f"{gemm}.{operand}": OperandQuantizer(spec, banks) for (gemm, operand), spec in recipe.operands()
+            role: shared[role] if role in shared else OperandQuantizer(spec, banks)
+            for role, spec in ((f"{gemm}.{operand}", spec) for (gemm, operand), spec in recipe.operands())
         }
         self.hadamard: torch.Tensor | None = None
         # Quantized weights by role, reused across the micro-batches of one optimizer step:
@@ -99,7 +104,7 @@ class QuantizedLinear(OpaqueLinear):
             gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             signs = torch.randint(0, 2, (16,), generator=gen) * 2 - 1
             self.hadamard = hadamard_16(signs)
-        self._register()
+        self._register(input_owner)
 
     def cached_weight(self, role: str, weight: torch.Tensor, quantize, cache: bool = True) -> torch.Tensor:
         """quantize(weight), computed once per weight version (delayed scaling: never cached,
@@ -135,7 +140,7 @@ class QuantizedLinear(OpaqueLinear):
         return "input_cols" if fuse else "input"
 
     def input_key(self) -> str:
-        if self.recipe.fprop.input.scaling == "delayed":  # each layer records its own amax
+        if self.recipe.fprop.input.scaling == "delayed":  # stateful: the layer (or its input owner) records the amax
             return OWN_QUANTIZER
         return f"emulated:{self.recipe.fprop.input.model_dump_json()}|{self.recipe.wgrad.input.model_dump_json()}"
 
@@ -195,12 +200,13 @@ def convert_emulated(model: nn.Module, recipe: Recipe) -> list[QuantizedLinear]:
     refusal = emulated_refusal(recipe)
     if refusal:
         raise PrecisionUnavailable(refusal)
-    layers, banks = [], {}
-    for name in linear_names(model, recipe):
-        layer = QuantizedLinear(model.get_submodule(name), recipe, name, banks)
-        replace_module(model, name, layer)
-        layers.append(layer)
-    return layers
+    names = linear_names(model, recipe)
+    owners, banks, layers = input_owners(model, names), {}, {}
+    for name in names:
+        owner = layers.get(owners[name])
+        layers[name] = QuantizedLinear(model.get_submodule(name), recipe, name, banks, owner)
+        replace_module(model, name, layers[name])
+    return list(layers.values())
 
 
 def step_emulated(layers: list[QuantizedLinear], recipe: Recipe, step: int) -> None:

@@ -20,7 +20,8 @@ so a compiled decoder layer stays one graph.
 Delayed scaling (the fp8_delayed recipe, Transformer Engine's DelayedScaling): each layer's x, W
 and dy scale from their own amax history (delayed.py, as the emulated backend keeps it), so a
 cast is one pass over the tensor that also records its amax, where current scaling reads it
-twice (amax, then cast). Each layer then quantizes its own x: q/k/v share nothing.
+twice (amax, then cast). Siblings that read the same x (q/k/v, gate/up: surgery.input_owners)
+hold one x history, which is what each of theirs would hold, so they still quantize x once.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from stages.precision.delayed import AmaxBank, AmaxHistory, banks_for, roll_all
 from stages.precision.dtypes import FP8_DTYPES
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
-from stages.precision.surgery import linear_names, replace_module
+from stages.precision.surgery import input_owners, linear_names, replace_module
 
 
 def check_recipe(recipe: Recipe) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -99,8 +100,13 @@ def _quantize_input(x: torch.Tensor, kind: str) -> list[torch.Tensor]:
 class ScaledMMLinear(OpaqueLinear):
     """Drop-in for nn.Linear holding the same Parameters; GEMMs in FP8 via torch._scaled_mm."""
 
-    def __init__(self, linear: nn.Linear, recipe: Recipe, banks: dict[tuple[int, str], AmaxBank] | None = None) -> None:
-        """`banks`: where the delayed-scaling histories live (shared by a model's layers: delayed.py)."""
+    def __init__(
+        self, linear: nn.Linear, recipe: Recipe, banks: dict[tuple[int, str], AmaxBank] | None = None,
+        input_owner: ScaledMMLinear | None = None,
+    ) -> None:
+        """`banks`: where the delayed-scaling histories live (shared by a model's layers: delayed.py);
+        `input_owner`: a layer reading the same x, whose x scaling (one amax history under
+        delayed scaling) this one uses."""
         super().__init__(linear)
         if self.in_features % 16 or self.out_features % 16:
             raise PrecisionUnavailable(
@@ -111,10 +117,13 @@ class ScaledMMLinear(OpaqueLinear):
         check_recipe(recipe)
         # One scaling per tensor: check_recipe made sure both GEMMs that read a tensor ask alike.
         banks = {} if banks is None else banks
-        self.scaling = {"input": TensorScaling(recipe.fprop.input, banks), "weight": TensorScaling(recipe.fprop.weight, banks),
-                        "grad_output": TensorScaling(recipe.dgrad.grad_output, banks)}
+        self.scaling = {
+            "input": TensorScaling(recipe.fprop.input, banks) if input_owner is None else input_owner.scaling["input"],
+            "weight": TensorScaling(recipe.fprop.weight, banks),
+            "grad_output": TensorScaling(recipe.dgrad.grad_output, banks),
+        }
         self._cache: tuple[tuple[int, int], tuple[torch.Tensor, ...]] | None = None
-        self._register()
+        self._register(input_owner)
 
     def weight_fp8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(fprop's B = W_q^T [K,N] (a view of W_q [N,K]), dequantization scale, dgrad's B =
@@ -142,7 +151,7 @@ class ScaledMMLinear(OpaqueLinear):
         return _KIND[self.scaling["input"].dtype]
 
     def input_key(self) -> str:
-        if self.scaling["input"].history is not None:  # each layer records its own amax
+        if self.scaling["input"].history is not None:  # stateful: the layer (or its input owner) records the amax
             return OWN_QUANTIZER
         return f"scaled_mm:{_KIND[self.scaling['input'].dtype]}"
 
@@ -200,11 +209,11 @@ def convert_scaled_mm(model: nn.Module, recipe: Recipe) -> dict[str, ScaledMMLin
     """Every linear the recipe quantizes, swapped in place; by name."""
     check_recipe(recipe)
     check_device()
-    layers, banks = {}, {}
-    for name in linear_names(model, recipe):
-        layer = ScaledMMLinear(model.get_submodule(name), recipe, banks)
-        replace_module(model, name, layer)
-        layers[name] = layer
+    names = linear_names(model, recipe)
+    owners, banks, layers = input_owners(model, names), {}, {}
+    for name in names:
+        layers[name] = ScaledMMLinear(model.get_submodule(name), recipe, banks, layers.get(owners[name]))
+        replace_module(model, name, layers[name])
     return layers
 
 

@@ -15,9 +15,11 @@ same x the compiler's common-subexpression pass leaves one call, and the graph k
 are shared (its memory planning may reuse a buffer once its last reader ran; a Python-side memo
 returning the same tensors from three calls would hide that from it). In eager mode a memo
 keyed on x's identity does the sharing instead. A layer whose quantizer has state of its own
-(delayed scaling records each layer's amax) has the key OWN_QUANTIZER and passes its handle as
-`layer`: nothing is shared, and every layer still runs the same graph (a key naming the layer
-would be a constant in it: a recompile per layer, and past dynamo's limit of 8, eager layers).
+(delayed scaling records each layer's amax) has the key OWN_QUANTIZER and passes the handle of
+its input owner as `layer`: siblings that read the same x (surgery.input_owners) hold one
+quantizer, so their calls are equal and one remains, as for a stateless key; every layer still
+runs the same graph (a key naming the layer would be a constant in it: a recompile per layer,
+and past dynamo's limit of 8, eager layers).
 
 `handle` finds the layer: a CPU int64 tensor, so one compiled graph serves every decoder layer
 (an int would be a constant: a recompile per layer). `kind` says which quantized forms exist
@@ -79,11 +81,23 @@ class OpaqueLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
 
-    def _register(self) -> None:
-        # A plain attribute, not a buffer: .to(device) leaves it on the CPU (reading it costs no
-        # GPU sync) and state_dict leaves it out.
-        self.handle = torch.tensor(next(_HANDLES), dtype=torch.int64)
-        _LAYERS[int(self.handle)] = weakref.ref(self)
+    def _register(self, input_owner: OpaqueLinear | None = None) -> None:
+        """`input_owner`: a layer reading the same x whose input quantizer this layer uses (its
+        own one, stateful, is then the owner's: surgery.input_owners)."""
+        number = next(_HANDLES)
+        if "handle" in self.__dict__:
+            # A copy (deepcopy, unpickling): its siblings' input_handle is this same tensor
+            # object (the copy's memo), so it takes the new number in place.
+            self.handle.fill_(number)
+        else:
+            # A plain attribute, not a buffer: .to(device) leaves it on the CPU (reading it costs
+            # no GPU sync) and state_dict leaves it out.
+            self.handle = torch.tensor(number, dtype=torch.int64)
+        _LAYERS[number] = weakref.ref(self)
+        if input_owner is not None:
+            self.input_handle = input_owner.handle
+        elif "input_handle" not in self.__dict__:
+            self.input_handle = self.handle
         self._input_key = key = self.input_key()  # a str once: the compiled forward only reads it
         if key != OWN_QUANTIZER:  # stateless: any layer of the same key quantizes alike
             _INPUT_QUANTIZERS.setdefault(key, self.stateless_input_quantizer())
@@ -126,16 +140,17 @@ class OpaqueLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind, key = self.kind(x), self._input_key
-        own = self.handle if key == OWN_QUANTIZER else None
+        own = self.input_handle if key == OWN_QUANTIZER else None
         if self.input_passthrough():
             parts = [x.detach()]  # an op may not return its input; this needs no op
-        elif torch.compiler.is_compiling() or own is not None:
+        elif torch.compiler.is_compiling():
             parts = quantize_input(x.detach(), key, kind, own)  # shared through the graph (see module doc)
         else:
-            parts = SHARED_INPUTS.get(x, (key, kind))
+            shared_as = (key, kind, None if own is None else int(own))
+            parts = SHARED_INPUTS.get(x, shared_as)
             if parts is None:
-                parts = quantize_input(x.detach(), key, kind, None)
-                SHARED_INPUTS.put(x, (key, kind), parts)
+                parts = quantize_input(x.detach(), key, kind, own)
+                SHARED_INPUTS.put(x, shared_as, parts)
         return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self.handle, kind, *parts)
 
 

@@ -1,5 +1,6 @@
 """Linear-layer surgery every precision backend shares: which nn.Linear modules a recipe converts
-(all but its `high_precision` globs) and swapping a module in place by its qualified name."""
+(all but its `high_precision` globs), which of them read the same x, and swapping a module in
+place by its qualified name."""
 
 from __future__ import annotations
 
@@ -24,6 +25,30 @@ def linear_names(model: nn.Module, recipe: Recipe) -> list[str]:
         for name, module in model.named_modules()
         if type(module) is nn.Linear and not stays_high_precision(name, recipe.high_precision)
     ]
+
+
+# Sibling linears that read the same x, by Hugging Face model_type: decoders whose attention is
+# self-attention only. A cross-attention's k/v read other states than its q (Mllama, BART), so a
+# model type not listed here shares nothing: slower, never wrong.
+_SAME_INPUT_SIBLINGS: dict[str, tuple[tuple[str, ...], ...]] = {
+    model_type: (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    for model_type in ("qwen3", "qwen2", "llama", "mistral")
+}
+
+
+def input_owners(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Each name's input owner: the first of `names` among its siblings that read the same x
+    (itself when it has none), so their quantizers of x can be one."""
+    config = getattr(model, "config", None)
+    groups = _SAME_INPUT_SIBLINGS.get(getattr(config, "model_type", None), ())
+    converted = set(names)
+    owners = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        siblings = next((group for group in groups if child in group), (child,))
+        qualified = [f"{parent}.{sibling}" if parent else sibling for sibling in siblings]
+        owners[name] = next(sibling for sibling in qualified if sibling in converted)
+    return owners
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -128,6 +128,8 @@ def _per_stream_zeros(device: torch.device, stream: int, shape: tuple[int, ...])
 
 def _amax_bits(amax_value: torch.Tensor) -> torch.Tensor:
     """A given amax as the kernels read it: its fp32 bits as one int32."""
+    if amax_value.dtype == torch.float32 and amax_value.dim() == 0:  # delayed scaling's history rows: one view
+        return amax_value.view(torch.int32)
     return amax_value.to(torch.float32).reshape(()).contiguous().view(torch.int32)
 
 

@@ -586,6 +586,9 @@ def test_scaled_mm_delayed_scaling_state_goes_into_a_checkpoint_and_back() -> No
     prepared.on_step(1)
     state = prepared.state_dict()
     assert "model.layers.0.self_attn.q_proj/input" in state and len(state) == 3 * len(prepared.converted)
+    attn = model.model.layers[0].self_attn  # q/k/v read one x: one history (surgery.input_owners)
+    assert attn.q_proj.scaling["input"] is attn.v_proj.scaling["input"] is not attn.o_proj.scaling["input"]
+    assert torch.equal(state["model.layers.0.self_attn.v_proj/input"]["history"], state["model.layers.0.self_attn.q_proj/input"]["history"])
     fresh = prepare_model(tiny_qwen3().to("cuda", torch.bfloat16), load_recipe("fp8_delayed"), "scaled_mm")
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh.state_dict()[key]["history"], value["history"]) for key, value in state.items())

@@ -166,6 +166,43 @@ def test_delayed_scaling_layers_record_their_own_amax_under_compile() -> None:
     assert q.quantizers["fprop.weight"].history[0] != k.quantizers["fprop.weight"].history[0]
 
 
+def test_siblings_under_delayed_scaling_quantize_their_shared_x_once_under_compile(monkeypatch) -> None:
+    """q/k/v (gate/up) hold one x history, so their quantize_input calls are equal and one remains."""
+    torch._dynamo.reset()
+    model = tiny_qwen3()
+    prepare_model(model, load_recipe("fp8_delayed"), "emulated")
+    calls = record_quantizer_inputs(monkeypatch)
+    losses_and_grads(model, compiled=True)
+    assert len(calls) == 2 * 2 * 4  # micro-batches x layers x distinct inputs (q/k/v, o, gate/up, down)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_one_x_history_for_siblings_trains_exactly_as_a_history_each(compiled: bool) -> None:
+    """Sharing is exact: each sibling's own history would have recorded the same amax of the same x."""
+    torch._dynamo.reset()
+    shared_model = tiny_qwen3()
+    own_model = copy.deepcopy(shared_model)
+    own_model.config.model_type = "a model type without known siblings"  # surgery.input_owners: none
+    shared = prepare_model(shared_model, load_recipe("fp8_delayed"), "emulated")
+    own = prepare_model(own_model, load_recipe("fp8_delayed"), "emulated")
+    attn = shared_model.model.layers[0].self_attn
+    assert attn.q_proj.quantizers["fprop.input"] is attn.v_proj.quantizers["fprop.input"]
+    own_attn = own_model.model.layers[0].self_attn
+    assert own_attn.q_proj.quantizers["fprop.input"] is not own_attn.v_proj.quantizers["fprop.input"]
+    for step in (1, 2):  # the second step scales from the first step's history
+        shared_losses, shared_grads = losses_and_grads(shared_model, compiled, backend="aot_eager")
+        own_losses, own_grads = losses_and_grads(own_model, compiled, backend="aot_eager")
+        assert shared_losses == own_losses
+        for a, b in zip(shared_grads, own_grads, strict=True):
+            assert torch.equal(a, b)
+        shared.on_step(step)
+        own.on_step(step)
+    shared_state, own_state = shared.state_dict(), own.state_dict()
+    assert shared_state.keys() == own_state.keys()
+    for key, state in own_state.items():
+        assert torch.equal(shared_state[key]["history"], state["history"]), key
+
+
 def test_a_deep_copy_is_a_layer_of_its_own() -> None:
     model = tiny_qwen3()
     prepare_model(model, load_recipe("mxfp8"), "emulated")
@@ -173,3 +210,6 @@ def test_a_deep_copy_is_a_layer_of_its_own() -> None:
     original, copied = model.model.layers[0].mlp.up_proj, twin.model.layers[0].mlp.up_proj
     assert int(original.handle) != int(copied.handle)
     assert linear_op._layer(copied.handle) is copied
+    # A sibling's input quantizer is its owner's: in the copy, the copied owner's.
+    gate = twin.model.layers[0].mlp.gate_proj
+    assert copied.input_handle is gate.handle and int(gate.handle) != int(model.model.layers[0].mlp.gate_proj.handle)
