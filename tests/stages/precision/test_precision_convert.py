@@ -18,6 +18,7 @@ from stages.precision import (
 from stages.precision.delayed import AmaxBank, AmaxHistory, roll_all
 from stages.precision.emulated import OperandQuantizer, QuantizedLinear
 from stages.precision.nvfp4 import apply_hadamard, fake_quantize_nvfp4
+from stages.precision.surgery import input_owners, linear_names
 
 
 def one_linear(seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
@@ -259,6 +260,18 @@ def test_histories_of_one_bank_roll_apart_and_checkpoint_alone() -> None:
     assert restored.history.tolist() == [1.0, 5.0, 2.0] and restored.steps_recorded == 3
     with pytest.raises(ValueError, match="amax bank of length 3"):
         AmaxHistory(4, "max", bank)
+
+
+def test_siblings_that_read_one_x_have_the_first_converted_one_as_input_owner() -> None:
+    model = tiny_qwen3(layers=1)
+    names = linear_names(model, recipe_with("fp8_delayed", high_precision=["lm_head", "*.q_proj"]))
+    owners = {name.removeprefix("model.layers.0."): owner.removeprefix("model.layers.0.")
+              for name, owner in input_owners(model, names).items()}
+    assert owners == {"self_attn.k_proj": "self_attn.k_proj", "self_attn.v_proj": "self_attn.k_proj",
+                      "self_attn.o_proj": "self_attn.o_proj", "mlp.gate_proj": "mlp.gate_proj",
+                      "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+    model.config.model_type = "mllama"  # a cross-attention's k/v read other states than its q: nothing shared
+    assert all(owner == name for name, owner in input_owners(model, names).items())
 
 
 def test_fp8_delayed_model_rolls_history_once_per_step(token_batch: torch.Tensor) -> None:
