@@ -27,14 +27,17 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] int64
     labels: torch.Tensor  # [B, T] int64, IGNORE_INDEX where masked; aligned with input_ids
     position_ids: torch.Tensor  # [B, T] int64
+    # Whether a row holds several sequences (its positions restart), found where the rows are
+    # read, on the host: stages.hf_model.causal_lm_logits says why.
+    packed: bool
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.labels, self.position_ids)))
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.labels, self.position_ids)), self.packed)
 
     def pin_memory(self) -> Batch:
         """In page-locked memory, so `to(cuda)` copies without blocking the host until the GPU has
         finished the work queued before the copy (a copy from pageable memory does)."""
-        return Batch(*(t.pin_memory() for t in (self.input_ids, self.labels, self.position_ids)))
+        return Batch(*(t.pin_memory() for t in (self.input_ids, self.labels, self.position_ids)), self.packed)
 
     @property
     def label_tokens(self) -> int:
@@ -64,7 +67,14 @@ class TokenSplit:
         picked = self.dataset[indices]
         if any(isinstance(picked[c], list) for c in COLUMNS):  # ragged rows come back as lists
             raise StageInputError(f"inputs.data: {self.path}: rows are not all the same length")
-        return Batch(*(torch.as_tensor(picked[c]).long() for c in COLUMNS))
+        input_ids, labels, position_ids = (torch.as_tensor(picked[c]).long() for c in COLUMNS)
+        return Batch(input_ids, labels, position_ids, packed=bool(sequence_breaks(position_ids).any()))
+
+
+def sequence_breaks(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True where a row's next sequence begins (its positions do not go on by 1);
+    its cumulative sum along T numbers each token's sequence, as transformers does."""
+    return torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
 
 
 @dataclass(frozen=True)

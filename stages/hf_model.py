@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.batches import Batch, sequence_breaks
 from stages.runtime import StageInputError
 
 MODEL_DIR = "model"
@@ -107,3 +108,33 @@ def load_tokenizer(source: str | Path, field: str, revision: str | None = None) 
     except (OSError, ValueError) as error:
         raise StageInputError(
             f"{field}: no tokenizer loadable from {str(source)!r}{_at(revision)} ({_first_line(error)})") from None
+
+
+def causal_lm_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's logits for a batch, with its attention masks made from what the host knows.
+
+    Given position_ids and no mask, transformers finds out whether rows are packed by reading a
+    device tensor on the host in every forward (masking_utils.find_packed_sequence_indices). That
+    read waits for the GPU to finish everything queued, so the host loses the lead it built during
+    the backward and each micro-batch's forward runs at the host's pace: the train stage's fp8
+    step on an H200 was 1.5-5% slower than the same step in bench.step, which never reads back.
+    `Batch.packed` was found on the host; from it, the masks transformers would build (equal
+    bits, tests/stages/test_hf_model.py). A model whose masks are made otherwise (sliding-window
+    layers, attention other than sdpa) gets transformers' own."""
+    masks = _causal_masks(model.config, batch)
+    return model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=masks, use_cache=False).logits
+
+
+def _causal_masks(config: Any, batch: Batch) -> dict[str, torch.Tensor | None] | None:
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return None
+    if not batch.packed:
+        return {"full_attention": None}  # sdpa's is_causal, as transformers chooses for unpacked rows
+    positions = batch.position_ids
+    sequence = sequence_breaks(positions).cumsum(-1)
+    tokens = positions.shape[-1]
+    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=positions.device).tril()
+    # [B, 1, T, T], True where a token attends: earlier tokens of its own sequence.
+    return {"full_attention": ((sequence[:, :, None] == sequence[:, None, :]) & causal)[:, None]}

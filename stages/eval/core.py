@@ -34,6 +34,7 @@ from stages.eval.deployed import (
 )
 from stages.hf_model import (
     DTYPES,
+    causal_lm_logits,
     load_causal_lm,
     load_tokenizer,
     read_precision,
@@ -123,7 +124,7 @@ def validation_losses(model: torch.nn.Module, data_dir: Path, micro_batch: int, 
     tokens: list[int] = []
     for batch in validation_batches(split, micro_batch, 0, 1, max_batches):
         batch = batch.to(device)
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        logits = causal_lm_logits(model, batch)
         logits, labels = shifted(logits, batch.labels)
         per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                                     ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)

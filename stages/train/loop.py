@@ -18,6 +18,7 @@ from stages.batches import (
     TrainOrder,
     validation_batches,
 )
+from stages.hf_model import causal_lm_logits
 from stages.losses import cross_entropy_sum, kl_sum
 from stages.train.distributed import World, all_reduce_sum
 
@@ -75,7 +76,7 @@ def train_step(session: Session, step: int) -> StepResult:
             s.model.set_requires_gradient_sync(index == len(batches) - 1)
         teacher_logits = _teacher_logits(s.teacher, batch) if s.teacher is not None else None
         with s.prepared.autocast():
-            logits = _logits(s.model, batch)
+            logits = causal_lm_logits(s.model, batch)
             ce = cross_entropy_sum(logits, batch.labels)
             objective = ce
             if teacher_logits is not None:
@@ -109,7 +110,7 @@ def validate(session: Session) -> float:
     for batch in validation_batches(s.val, s.params.micro_batch, s.world.rank, s.world.world_size, s.params.val_batches):
         batch = batch.to(s.world.device)
         with s.prepared.autocast():
-            sums[0] += cross_entropy_sum(_logits(s.model, batch), batch.labels).double()
+            sums[0] += cross_entropy_sum(causal_lm_logits(s.model, batch), batch.labels).double()
         sums[1] += batch.label_tokens
     s.model.train()
     total, count = all_reduce_sum(sums, s.world).tolist()
@@ -124,18 +125,14 @@ def calibration_loop(split: TokenSplit, order: TrainOrder, micro_batch: int, n_b
         with torch.no_grad():
             for index in range(n_batches):
                 rows = [order.row(i) for i in range(index * micro_batch, (index + 1) * micro_batch)]
-                _logits(model, split.rows(rows).to(device))
+                causal_lm_logits(model, split.rows(rows).to(device))
 
     return forward_loop
 
 
-def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-
-
 def _teacher_logits(teacher: nn.Module, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
-        return _logits(teacher, batch)
+        return causal_lm_logits(teacher, batch)
 
 
 def _clip(model: nn.Module, max_norm: float | None) -> torch.Tensor:
