@@ -280,13 +280,12 @@ def run_variant(
     finally:
         gc.enable()
     peak_mem = torch.cuda.max_memory_allocated()
+    stem = f"{name}{'_compiled' if compiled else ''}"
     if profile_dir is not None:
-        stem = f"{name}{'_compiled' if compiled else ''}"
         result.gpu_idle_ms = profile_step(lambda: train_step(warmup + steps), profile_dir / f"{stem}.txt")
         profile_host(lambda: train_step(warmup + steps + 1), profile_dir / f"{stem}_host.txt")
         del events[-2:]
     if timeline_dir is not None:
-        stem = f"{name}{'_compiled' if compiled else ''}"
         summary = timeline_step(lambda: train_step(warmup + steps + 2), timeline_dir / f"{stem}.json")
         result.notes.append(
             f"timeline: idle {summary['idle_ms']} ms of {summary['window_ms']} ms, host-bound {summary['host_bound_idle_ms']} ms"

@@ -29,7 +29,7 @@ from stages.precision.kernels.dispatch import (
 )
 from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
 from stages.precision.nvfp4 import apply_hadamard, hadamard_16
-from stages.precision.surgery import input_owners, linear_names, replace_module
+from stages.precision.surgery import linear_names, swap_linears
 
 
 class OperandQuantizer(AmaxHistory):
@@ -89,11 +89,11 @@ class QuantizedLinear(OpaqueLinear):
         self.recipe = recipe
         self.fake_quant_enabled = recipe.fake_quant_after_steps == 0
         banks = {} if banks is None else banks
-        shared = {} if input_owner is None else {"fprop.input": input_owner.quantizers["fprop.input"]}
-        self.quantizers = {
-            role: shared[role] if role in shared else OperandQuantizer(spec, banks)
-            for role, spec in ((f"{gemm}.{operand}", spec) for (gemm, operand), spec in recipe.operands())
-        }
+        self.quantizers: dict[str, OperandQuantizer] = {}
+        for (gemm, operand), spec in recipe.operands():
+            role = f"{gemm}.{operand}"
+            shared = input_owner is not None and role == "fprop.input"
+            self.quantizers[role] = input_owner.quantizers[role] if shared else OperandQuantizer(spec, banks)
         self.hadamard: torch.Tensor | None = None
         # Quantized weights by role, reused across the micro-batches of one optimizer step:
         # keyed on the weight's storage and version counter (an optimizer update bumps it), and
@@ -200,12 +200,9 @@ def convert_emulated(model: nn.Module, recipe: Recipe) -> list[QuantizedLinear]:
     refusal = emulated_refusal(recipe)
     if refusal:
         raise PrecisionUnavailable(refusal)
-    names = linear_names(model, recipe)
-    owners, banks, layers = input_owners(model, names), {}, {}
-    for name in names:
-        owner = layers.get(owners[name])
-        layers[name] = QuantizedLinear(model.get_submodule(name), recipe, name, banks, owner)
-        replace_module(model, name, layers[name])
+    banks: dict[tuple[int, str], AmaxBank] = {}
+    layers = swap_linears(model, linear_names(model, recipe),
+                          lambda name, linear, owner: QuantizedLinear(linear, recipe, name, banks, owner))
     return list(layers.values())
 
 

@@ -36,7 +36,7 @@ from stages.precision.delayed import AmaxBank, AmaxHistory, banks_for, roll_all
 from stages.precision.dtypes import FP8_DTYPES
 from stages.precision.errors import PrecisionUnavailable
 from stages.precision.linear_op import OWN_QUANTIZER, SHARED_INPUTS, OpaqueLinear
-from stages.precision.surgery import input_owners, linear_names, replace_module
+from stages.precision.surgery import linear_names, swap_linears
 
 
 def check_recipe(recipe: Recipe) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -209,12 +209,9 @@ def convert_scaled_mm(model: nn.Module, recipe: Recipe) -> dict[str, ScaledMMLin
     """Every linear the recipe quantizes, swapped in place; by name."""
     check_recipe(recipe)
     check_device()
-    names = linear_names(model, recipe)
-    owners, banks, layers = input_owners(model, names), {}, {}
-    for name in names:
-        layers[name] = ScaledMMLinear(model.get_submodule(name), recipe, banks, layers.get(owners[name]))
-        replace_module(model, name, layers[name])
-    return layers
+    banks: dict[tuple[int, str], AmaxBank] = {}
+    return swap_linears(model, linear_names(model, recipe),
+                        lambda name, linear, owner: ScaledMMLinear(linear, recipe, banks, owner))
 
 
 def step_scaled_mm(layers: dict[str, ScaledMMLinear]) -> None:

@@ -5,6 +5,8 @@ place by its qualified name."""
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 
@@ -27,6 +29,8 @@ def linear_names(model: nn.Module, recipe: Recipe) -> list[str]:
     ]
 
 
+L = TypeVar("L", bound=nn.Module)
+
 # Sibling linears that read the same x, by Hugging Face model_type: decoders whose attention is
 # self-attention only. A cross-attention's k/v read other states than its q (Mllama, BART), so a
 # model type not listed here shares nothing: slower, never wrong.
@@ -41,14 +45,25 @@ def input_owners(model: nn.Module, names: list[str]) -> dict[str, str]:
     (itself when it has none), so their quantizers of x can be one."""
     config = getattr(model, "config", None)
     groups = _SAME_INPUT_SIBLINGS.get(getattr(config, "model_type", None), ())
-    converted = set(names)
+    order = {name: index for index, name in enumerate(names)}
     owners = {}
     for name in names:
         parent, _, child = name.rpartition(".")
         siblings = next((group for group in groups if child in group), (child,))
         qualified = [f"{parent}.{sibling}" if parent else sibling for sibling in siblings]
-        owners[name] = next(sibling for sibling in qualified if sibling in converted)
+        owners[name] = min((sibling for sibling in qualified if sibling in order), key=order.__getitem__)
     return owners
+
+
+def swap_linears(model: nn.Module, names: list[str], build: Callable[[str, nn.Linear, L | None], L]) -> dict[str, L]:
+    """Each named nn.Linear replaced in place by `build(name, linear, input_owner)`, in `names`
+    order; `input_owner` is the layer already built whose quantizer of x this one shares
+    (input_owners), None when it is its own."""
+    owners, layers = input_owners(model, names), {}
+    for name in names:
+        layers[name] = build(name, model.get_submodule(name), layers.get(owners[name]))
+        replace_module(model, name, layers[name])
+    return layers
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

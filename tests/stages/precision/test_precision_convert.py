@@ -270,6 +270,9 @@ def test_siblings_that_read_one_x_have_the_first_converted_one_as_input_owner() 
     assert owners == {"self_attn.k_proj": "self_attn.k_proj", "self_attn.v_proj": "self_attn.k_proj",
                       "self_attn.o_proj": "self_attn.o_proj", "mlp.gate_proj": "mlp.gate_proj",
                       "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}
+    # The owner is the first in the order given (the order layers are built in), not the group's.
+    k, q, v = (f"model.layers.0.self_attn.{p}_proj" for p in "kqv")
+    assert input_owners(model, [k, q, v]) == {k: k, q: k, v: k}
     model.config.model_type = "mllama"  # a cross-attention's k/v read other states than its q: nothing shared
     assert all(owner == name for name, owner in input_owners(model, names).items())
 
